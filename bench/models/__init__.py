@@ -1,0 +1,22 @@
+"""Model families on one routing core. ``build_model(cfg, task_type)`` is the entry point."""
+from __future__ import annotations
+
+from torch import nn
+
+from bench.models.config import FAMILIES, PRESETS, MoEConfig, ModelConfig, model_config
+from bench.models.rnn import RNNLM, RNNSeq2Seq
+from bench.models.transformer import ModelOutput, TransformerLM, TransformerSeq2Seq
+
+TASK_TYPES = ("lm", "translation")
+
+
+def build_model(cfg: ModelConfig, task_type: str = "lm") -> nn.Module:
+    """A plain ``nn.Module`` for ``cfg``: an LM (idx -> logits) or a seq2seq translation model."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task type {task_type!r} is not allowed: expected one of {', '.join(TASK_TYPES)}")
+    if cfg.is_rnn:
+        return RNNLM(cfg) if task_type == "lm" else RNNSeq2Seq(cfg)
+    return TransformerLM(cfg) if task_type == "lm" else TransformerSeq2Seq(cfg)
+
+
+__all__ = ["FAMILIES", "PRESETS", "MoEConfig", "ModelConfig", "ModelOutput", "build_model", "model_config"]

@@ -1,0 +1,198 @@
+"""Model configuration: one dataclass for every family, named size presets, validation.
+
+Presets give the *dense* shapes (transformer families) and the *moe-rnn* shapes (RNN families);
+``switch``/``moe`` and ``lstm`` configs are derived from them with the FLOP-matching helpers in
+``bench.flops`` so that a preset name always means "compute-matched to the same dense model".
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from bench.config import ConfigError, apply_overrides, from_dict
+
+FAMILIES = ("dense", "switch", "moe", "moe-rnn", "lstm")
+TRANSFORMER_FAMILIES = ("dense", "switch", "moe")
+RNN_FAMILIES = ("moe-rnn", "lstm")
+SPARSE_FAMILIES = ("switch", "moe", "moe-rnn")
+
+
+@dataclass
+class MoEConfig:
+    # --- experts -------------------------------------------------------------------------
+    num_experts: int = 8
+    top_k: int = 1
+    d_expert: Optional[int] = None  # hidden width of each expert; None = the model's d_ff
+    moe_every: int = 2  # transformer: every moe_every-th FFN is MoE (Switch paper: every other)
+    expert_dropout: float = 0.0  # dropout inside each expert, separate from model dropout
+    # --- router --------------------------------------------------------------------------
+    router: Literal["switch", "topk", "noisy_topk"] = "switch"
+    renormalize: bool = False  # topk: renormalise the k chosen gates to sum to 1 (GShard)
+    jitter_eps: float = 0.0  # switch: multiplicative input jitter U[1-eps, 1+eps]; paper 1e-2
+    # --- capacity (Switch eq. 3) ----------------------------------------------------------
+    capacity_factor: Optional[float] = 1.25  # training; None = dropless
+    eval_capacity_factor: Optional[float] = 2.0  # evaluation; None = dropless
+    group_size: Optional[int] = None  # tokens per routing group; None = the whole micro-batch
+    drop_policy: Literal["position", "probability"] = "position"
+    dispatch: Literal["auto", "padded", "sorted"] = "auto"  # expert compute kernel (see moe.py)
+    # --- auxiliary loss weights -----------------------------------------------------------
+    load_balance_weight: float = 1e-2  # Switch eq. 4 alpha
+    z_loss_weight: float = 1e-3  # ST-MoE router z-loss; 0 switches it off
+    importance_weight: float = 0.0  # Shazeer 2017 eq. 6 w_importance
+    load_weight: float = 0.0  # Shazeer 2017 eq. 11 w_load
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.num_experts < 1:
+            p.append(f"num_experts={self.num_experts} is not allowed: must be >= 1")
+        if self.top_k < 1 or self.top_k > max(self.num_experts, 1):
+            p.append(f"top_k={self.top_k} is not allowed: must be in [1, num_experts={self.num_experts}]")
+        if self.router == "switch" and self.top_k != 1:
+            p.append(f"top_k={self.top_k} is not allowed with router='switch': switch routing is top-1 (use router='topk')")
+        if self.moe_every < 1:
+            p.append(f"moe_every={self.moe_every} is not allowed: must be >= 1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                p.append(f"{name}={v} is not allowed: must be > 0, or null for dropless routing")
+        if self.d_expert is not None and self.d_expert < 1:
+            p.append(f"d_expert={self.d_expert} is not allowed: must be >= 1 or null (= d_ff)")
+        if self.group_size is not None and self.group_size < 1:
+            p.append(f"group_size={self.group_size} is not allowed: must be >= 1 or null")
+        if not 0 <= self.expert_dropout < 1:
+            p.append(f"expert_dropout={self.expert_dropout} is not allowed: must be in [0, 1)")
+        if not 0 <= self.jitter_eps < 1:
+            p.append(f"jitter_eps={self.jitter_eps} is not allowed: must be in [0, 1)")
+        for name in ("load_balance_weight", "z_loss_weight", "importance_weight", "load_weight"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 0")
+        return p
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dense"
+    # --- shape -----------------------------------------------------------------------------
+    d_model: int = 256  # transformer width / LSTM hidden and embedding size
+    n_layers: int = 4  # transformer blocks (per stack for seq2seq) / LSTM layers (MoE after the first)
+    n_heads: int = 4
+    d_ff: int = 1024  # dense FFN width (experts default to it too, see moe.d_expert)
+    activation: Literal["relu", "gelu"] = "relu"
+    # --- set from the task -----------------------------------------------------------------
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    # --- regularisation and init -----------------------------------------------------------
+    dropout: float = 0.1
+    init_scale: float = 0.1  # truncated normal, sigma = sqrt(init_scale / fan_in) (Switch Table 3)
+    tie_embeddings: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.family in SPARSE_FAMILIES
+
+    @property
+    def expert_width(self) -> int:
+        return self.moe.d_expert or self.d_ff
+
+    @property
+    def is_rnn(self) -> bool:
+        return self.family in RNN_FAMILIES
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Transformer block ``index`` (0-based) holds an MoE FFN: every moe_every-th one."""
+        return self.family in ("switch", "moe") and (index + 1) % self.moe.moe_every == 0
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.family not in FAMILIES:
+            p.append(f"family={self.family!r} is not allowed: expected one of {', '.join(FAMILIES)}")
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 1")
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            p.append(f"d_model={self.d_model} is not allowed with n_heads={self.n_heads}: d_model must be divisible by n_heads")
+        if self.family in RNN_FAMILIES and self.n_layers < 2:
+            p.append(f"n_layers={self.n_layers} is not allowed for {self.family}: the MoE/FFN sits between LSTM layers, so >= 2")
+        if not 0 <= self.dropout < 1:
+            p.append(f"dropout={self.dropout} is not allowed: must be in [0, 1)")
+        if self.init_scale <= 0:
+            p.append(f"init_scale={self.init_scale} is not allowed: must be > 0")
+        return p
+
+
+# Size presets. "transformer" is the dense model the transformer families are matched to;
+# "rnn" is the moe-rnn model the lstm control is matched to.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Trains in minutes on a 2-core CPU (3.3M params dense at vocab 65).
+    "tiny": {
+        "transformer": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
+        "rnn": dict(d_model=256, n_layers=2, d_ff=256),
+        "moe": dict(num_experts=8),
+        "rnn_moe": dict(num_experts=16, top_k=4),
+    },
+    # A few GPU-minutes; an hour-scale CPU run.
+    "small": {
+        "transformer": dict(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
+        "rnn": dict(d_model=512, n_layers=2, d_ff=512),
+        "moe": dict(num_experts=16),
+        "rnn_moe": dict(num_experts=32, top_k=4),
+    },
+    # Paper-scale shapes: T5-Base / Switch-Base (d=768, 12 layers, 128 experts) and the
+    # Shazeer 2017 LM (512-unit LSTMs, experts 512 -> 1024 -> 512, k = 4).
+    "base": {
+        "transformer": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+        "rnn": dict(d_model=512, n_layers=2, d_ff=1024),
+        "moe": dict(num_experts=128),
+        "rnn_moe": dict(num_experts=256, top_k=4),
+    },
+}
+
+# Router defaults per sparse family (the papers' settings).
+FAMILY_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "switch": dict(router="switch", top_k=1),
+    "moe": dict(router="topk", top_k=2, renormalize=True),
+    # Shazeer 2017: noisy top-4, no capacity limit, importance + load losses at 0.1 each.
+    "moe-rnn": dict(
+        router="noisy_topk", top_k=4, capacity_factor=None, eval_capacity_factor=None,
+        load_balance_weight=0.0, z_loss_weight=0.0, importance_weight=0.1, load_weight=0.1,
+    ),
+}
+
+
+def model_config(
+    family: str,
+    preset: str = "tiny",
+    overrides: dict[str, Any] | list[str] | None = None,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+) -> ModelConfig:
+    """The validated config of ``family`` at size ``preset``, with task sizes and overrides."""
+    from bench import flops  # matching helpers live with the FLOP accounting
+
+    problems = []
+    if family not in FAMILIES:
+        problems.append(f"model={family!r} is not allowed: expected one of {', '.join(FAMILIES)}")
+    if preset not in PRESETS:
+        problems.append(f"preset={preset!r} is not allowed: expected one of {', '.join(PRESETS)}")
+    if problems:
+        raise ConfigError(problems)
+    shapes = PRESETS[preset]
+    task = {k: v for k, v in dict(vocab_size=vocab_size, max_seq_len=max_seq_len).items() if v}
+    if family in TRANSFORMER_FAMILIES:
+        cfg = from_dict(ModelConfig, dict(family="dense", **shapes["transformer"], **task))
+        if family != "dense":
+            cfg = flops.match_sparse_to_dense(cfg, family, shapes["moe"]["num_experts"])
+    else:
+        moe = dict(FAMILY_MOE_DEFAULTS["moe-rnn"], **shapes["rnn_moe"])
+        cfg = from_dict(ModelConfig, dict(family="moe-rnn", **shapes["rnn"], **task, moe=moe))
+        if family == "lstm":
+            cfg = flops.match_lstm_to_moe_rnn(cfg)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, context=f"{family} config")
+    return cfg
+
+
+def with_moe(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))

@@ -1,0 +1,144 @@
+"""The one MoE implementation every sparse family uses: expert bank, dispatch and combine.
+
+    x (N, d) --Router--> Routing (expert, gate, slot, keep)
+             --dispatch--> per-expert buffers --experts--> combine: y_t = sum_j gate_tj * E_j(x_t)
+
+Tokens over capacity get y = 0 from the MoE; the block's residual connection carries them.
+Two kernels compute the experts, with identical results (tested against a per-token loop):
+- ``padded``: scatter into an (E, slots, d) buffer and run two batched matmuls (static shapes,
+  what TPU/GShard implementations do; the buffer is trimmed to the fullest expert's load).
+- ``sorted``: sort assignments by expert and run each expert on its contiguous rows.
+``auto`` picks by the measurement in ``moe-bench perf`` (see ``AUTO_SORTED_MAX_EXPERTS``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.models.config import MoEConfig
+from bench.models.routing import Router, Routing
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+# From `moe-bench perf` on a 2-core CPU: the sorted per-expert loop wins for small expert counts
+# (no padding FLOPs), the padded batched matmul once per-expert matmuls get small.
+AUTO_SORTED_MAX_EXPERTS = 32
+
+
+def trunc_normal_(weight: Tensor, fan_in: int, scale: float) -> Tensor:
+    """Switch Transformer init (Table 3): truncated normal, sigma = sqrt(scale / fan_in), +-2 sigma."""
+    std = math.sqrt(scale / fan_in)
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN d_model -> d_ff -> d_model (no biases, as T5/Switch); one expert's shape."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0,
+                 init_scale: float = 0.1):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.act = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+        trunc_normal_(self.w1.weight, d_model, init_scale)
+        trunc_normal_(self.w2.weight, d_ff, init_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.act(self.w1(x))))
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports per forward: the weighted aux loss (with grad) and detached stats."""
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+class MoELayer(nn.Module):
+    """Router + expert bank. forward(x (..., d), mask) -> (y (..., d), MoEAux)."""
+
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str = "relu",
+                 init_scale: float = 0.1):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.num_experts
+        self.router = Router(d_model, cfg)
+        self.router.reset_parameters(init_scale)
+        self.w1 = nn.Parameter(trunc_normal_(torch.empty(E, d_model, d_ff), d_model, init_scale))
+        self.w2 = nn.Parameter(trunc_normal_(torch.empty(E, d_ff, d_model), d_ff, init_scale))
+        self.act = ACTIVATIONS[activation]
+        self.expert_dropout = nn.Dropout(cfg.expert_dropout)
+
+    def kernel(self) -> str:
+        if self.cfg.dispatch != "auto":
+            return self.cfg.dispatch
+        return "sorted" if self.cfg.num_experts <= AUTO_SORTED_MAX_EXPERTS else "padded"
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, d)
+        rows = flat if mask is None else flat[mask.reshape(-1)]  # padding is not routed
+        routing = self.router(rows)
+        y_rows, slots = self.combine(rows, routing)
+        if mask is None:
+            y = y_rows
+        else:
+            y = flat.new_zeros(flat.shape).index_put((mask.reshape(-1),), y_rows)
+        cfg = self.cfg
+        loss = (cfg.load_balance_weight * routing.losses["load_balance"]
+                + cfg.z_loss_weight * routing.losses["z_loss"]
+                + cfg.importance_weight * routing.losses["importance"]
+                + cfg.load_weight * routing.losses["load"])
+        stats = {name: v.detach() for name, v in routing.losses.items()}
+        stats.update(routing.metrics)
+        stats["routed_tokens"] = torch.tensor(rows.shape[0])
+        stats["slots_computed"] = torch.tensor(slots)  # expert rows actually multiplied
+        return y.view(shape), MoEAux(loss, stats)
+
+    def combine(self, x: Tensor, routing: Routing) -> tuple[Tensor, int]:
+        """y_t = sum_j gate_tj * expert_{e_tj}(x_t) over kept assignments. x: (T, d)."""
+        T, k = routing.expert_index.shape
+        keep = routing.keep.reshape(-1)
+        token = torch.arange(T, device=x.device).repeat_interleave(k)[keep]  # (A,) kept assignments
+        expert = routing.expert_index.reshape(-1)[keep]
+        gate = routing.gates.reshape(-1)[keep]
+        if self.kernel() == "sorted":
+            out, slots = self._sorted_experts(x, token, expert)
+        else:
+            position = routing.position.reshape(-1)[keep]
+            group = token // (T // routing.num_groups)
+            out, slots = self._padded_experts(x, token, expert, position, group, routing.num_groups)
+        weighted = out * gate.unsqueeze(-1).to(out.dtype)
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, weighted), slots
+
+    def _expert_ffn(self, h: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        return torch.matmul(self.expert_dropout(self.act(torch.matmul(h, w1))), w2)
+
+    def _sorted_experts(self, x: Tensor, token: Tensor, expert: Tensor) -> tuple[Tensor, int]:
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
+        rows = x[token[order]]  # (A, d) grouped by expert
+        # unbind (not w1[e]): its backward stacks the E gradients once instead of
+        # materialising a full (E, d, f) gradient per expert.
+        w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)
+        outs = [self._expert_ffn(chunk, w1s[e], w2s[e])
+                for e, chunk in enumerate(rows.split(counts)) if counts[e]]
+        out_sorted = torch.cat(outs) if outs else rows.new_zeros(0, self.w2.shape[-1])
+        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # back to assignment order
+        return out, rows.shape[0]
+
+    def _padded_experts(self, x: Tensor, token: Tensor, expert: Tensor, position: Tensor,
+                        group: Tensor, num_groups: int) -> tuple[Tensor, int]:
+        E, d = self.cfg.num_experts, x.shape[-1]
+        # Trim the buffer to the fullest expert (<= capacity): same result, fewer wasted FLOPs.
+        used = int(position.max()) + 1 if position.numel() else 0
+        slot = expert * (num_groups * used) + group * used + position  # (A,)
+        buf = x.new_zeros(E * num_groups * used, d).index_copy_(0, slot, x[token])
+        h = self._expert_ffn(buf.view(E, num_groups * used, d), self.w1, self.w2)  # (E, G*C, d)
+        return h.reshape(-1, d)[slot], buf.shape[0]

@@ -1,0 +1,193 @@
+"""Pre-LN Transformers: a causal decoder-only LM and an encoder-decoder for translation.
+
+Families ``dense``, ``switch`` and ``moe`` are this one file: every ``moe_every``-th FFN slot is an
+``MoELayer`` (top-1 switch or top-k) instead of a dense ``FeedForward``. Plain torch, no Lightning.
+Shapes: B batch, T target/sequence length, S source length, C = d_model, nh heads, hs head size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.models.config import ModelConfig
+from bench.models.moe import FeedForward, MoEAux, MoELayer, trunc_normal_
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, vocab)
+    aux_loss: Tensor  # weighted sum of every MoE layer's auxiliary losses (0 for dense models)
+    moe_stats: list[dict[str, Tensor]] = field(default_factory=list)  # one dict per MoE layer
+
+
+def collect_aux(auxes: list[MoEAux], like: Tensor) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    total = like.new_zeros((), dtype=torch.float32)
+    for a in auxes:
+        total = total + a.loss
+    return total, [a.stats for a in auxes]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``memory`` is None, else cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        C = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(C, C, bias=False)
+            self.kv = nn.Linear(C, 2 * C, bias=False)
+        else:
+            self.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.proj = nn.Linear(C, C, bias=False)
+        self.dropout = cfg.dropout
+        for lin in self.modules():
+            if isinstance(lin, nn.Linear):
+                trunc_normal_(lin.weight, lin.in_features, cfg.init_scale)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, causal: bool = False,
+                key_mask: Tensor | None = None) -> Tensor:
+        B, T, C = x.shape
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(memory).split(C, dim=-1)
+        else:
+            q, k, v = self.qkv(x).split(C, dim=-1)
+        nh, hs = self.n_heads, C // self.n_heads
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, -1, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, -1, nh, hs).transpose(1, 2)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S) True = attend
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)) [+ CrossAttn(LN(x), memory)] + FFN-or-MoE(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, cross: bool = False):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln_cross = nn.LayerNorm(cfg.d_model) if cross else None
+        self.cross = Attention(cfg, cross=True) if cross else None
+        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        if moe:
+            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.init_scale)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, causal: bool, mask: Tensor | None = None, memory: Tensor | None = None,
+                memory_mask: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+        x = x + self.drop(self.attn(self.ln_attn(x), causal=causal, key_mask=None if causal else mask))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.ln_cross(x), memory=memory, key_mask=memory_mask))
+        h = self.ln_ffn(x)
+        aux = None
+        if isinstance(self.ffn, MoELayer):
+            h, aux = self.ffn(h, mask=mask)
+        else:
+            h = self.ffn(h)
+        return x + self.drop(h), aux
+
+
+class Embedding(nn.Module):
+    """Token + learned position embeddings (GPT-2 style), std 0.02."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.max_len = cfg.max_seq_len
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_len}")
+        return self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))  # (B, T, C)
+
+
+def output_head(cfg: ModelConfig, emb: nn.Embedding) -> nn.Linear:
+    head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+    if cfg.tie_embeddings:
+        head.weight = emb.weight
+    else:
+        trunc_normal_(head.weight, cfg.d_model, cfg.init_scale)
+    return head
+
+
+class TransformerLM(nn.Module):
+    """Causal decoder-only LM. forward(idx (B, T)) -> ModelOutput with logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = output_head(cfg, self.embed.tok)
+
+    def forward(self, idx: Tensor) -> ModelOutput:
+        x = self.embed(idx)
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, causal=True)
+            if aux is not None:
+                auxes.append(aux)
+        logits = self.head(self.ln_f(x))
+        aux_loss, stats = collect_aux(auxes, logits)
+        return ModelOutput(logits, aux_loss, stats)
+
+
+class TransformerSeq2Seq(nn.Module):
+    """Encoder-decoder (Vaswani et al. 2017, pre-LN) with one shared joint-vocabulary embedding.
+
+    forward(src (B, S), tgt_in (B, T), src_mask (B, S) bool True = real token, tgt_mask (B, T))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.encoder = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.ln_enc = nn.LayerNorm(cfg.d_model)
+        self.decoder = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i), cross=True) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = output_head(cfg, self.embed.tok)
+
+    def encode(self, src: Tensor, src_mask: Tensor | None) -> tuple[Tensor, list[MoEAux]]:
+        x = self.embed(src)
+        auxes = []
+        for block in self.encoder:
+            x, aux = block(x, causal=False, mask=src_mask)
+            if aux is not None:
+                auxes.append(aux)
+        return self.ln_enc(x), auxes
+
+    def decode(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor,
+               tgt_mask: Tensor | None = None) -> tuple[Tensor, list[MoEAux]]:
+        x = self.embed(tgt_in)
+        auxes = []
+        for block in self.decoder:
+            x, aux = block(x, causal=True, mask=tgt_mask, memory=memory, memory_mask=src_mask)
+            if aux is not None:
+                auxes.append(aux)
+        return self.head(self.ln_f(x)), auxes
+
+    def forward(self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None,
+                tgt_mask: Tensor | None = None) -> ModelOutput:
+        memory, enc_aux = self.encode(src, src_mask)
+        logits, dec_aux = self.decode(memory, src_mask, tgt_in, tgt_mask)
+        aux_loss, stats = collect_aux(enc_aux + dec_aux, logits)
+        return ModelOutput(logits, aux_loss, stats)
