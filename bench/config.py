@@ -100,7 +100,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", problems: list[
     for key, value in data.items():
         if key not in fields:
             problems.append(
-                f"unknown key {prefix}{key!r}; valid keys: {', '.join(prefix + k for k in fields)}"
+                f"unknown key {prefix + key!r}; valid keys: {', '.join(prefix + k for k in fields)}"
             )
             continue
         tp = hints[key]
@@ -206,8 +206,7 @@ def apply_overrides(obj: Any, overrides: dict[str, Any] | list[str], context: st
         for p in parents:
             node = node[p]
         node[last] = value
-    if problems:
-        raise ConfigError(problems, context)
+    # Build and check even after key errors, so every problem is reported in one go.
     result = from_dict(type(obj), data, problems=problems)
     problems.extend(check(result))
     if problems:

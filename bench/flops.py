@@ -178,17 +178,19 @@ def model_cost(cfg: ModelConfig, seq_len: int, task_type: str = "lm", src_len: i
 # FLOP matching (Switch paper: a sparse model is matched to a dense one by equal forward FLOPs)
 
 
-def match_sparse_to_dense(dense: ModelConfig, family: str, num_experts: int) -> ModelConfig:
+def match_sparse_to_dense(dense: ModelConfig, family: str, num_experts: int, top_k: int | None = None) -> ModelConfig:
     """The ``switch`` or ``moe`` config FLOP-matched to ``dense``: same d_model and depth.
 
-    switch: top-1, each expert as wide as the dense FFN. moe: top-2, experts of half the dense
-    width, so the two experts a token visits cost one dense FFN. Only the router is extra
+    switch: top-1, each expert as wide as the dense FFN. moe: top-2 (or ``top_k``), experts of
+    1/k the dense width, so the k experts a token visits cost one dense FFN. Only the router is extra
     (2 * d_model * E FLOPs per MoE layer, well under 1% at these shapes).
     """
     if family not in ("switch", "moe"):
         raise ValueError(f"family={family!r}: expected 'switch' or 'moe'")
     moe = dataclasses.replace(dense.moe, **FAMILY_MOE_DEFAULTS[family], num_experts=num_experts)
-    moe.d_expert = dense.d_ff // moe.top_k
+    if top_k is not None:
+        moe.top_k = top_k
+    moe.d_expert = max(1, dense.d_ff // moe.top_k)
     return dataclasses.replace(dense, family=family, moe=moe)
 
 

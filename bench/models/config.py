@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from bench.config import ConfigError, apply_overrides, from_dict
+from bench.config import ConfigError, apply_overrides, from_dict, parse_override, resolve_key
 
 FAMILIES = ("dense", "switch", "moe", "moe-rnn", "lstm")
 TRANSFORMER_FAMILIES = ("dense", "switch", "moe")
@@ -35,7 +35,7 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = 2.0  # evaluation; None = dropless
     group_size: Optional[int] = None  # tokens per routing group; None = the whole micro-batch
     drop_policy: Literal["position", "probability"] = "position"
-    dispatch: Literal["auto", "padded", "sorted"] = "auto"  # expert compute kernel (see moe.py)
+    dispatch: Literal["auto", "sorted", "padded"] = "auto"  # expert compute kernel (see moe.py)
     # --- auxiliary loss weights -----------------------------------------------------------
     load_balance_weight: float = 1e-2  # Switch eq. 4 alpha
     z_loss_weight: float = 1e-3  # ST-MoE router z-loss; 0 switches it off
@@ -168,7 +168,13 @@ def model_config(
     vocab_size: int | None = None,
     max_seq_len: int | None = None,
 ) -> ModelConfig:
-    """The validated config of ``family`` at size ``preset``, with task sizes and overrides."""
+    """The validated config of ``family`` at size ``preset``, with task sizes and overrides.
+
+    Shape overrides are applied to the reference model (dense, or moe-rnn for lstm) *before*
+    FLOP matching, so ``--set d_ff=2048`` on ``switch`` widens the experts too and the pair
+    stays compute-matched; ``moe.*`` overrides apply after the family's router defaults. An
+    explicit ``d_ff`` on ``lstm`` sets the control's dense width directly.
+    """
     from bench import flops  # matching helpers live with the FLOP accounting
 
     problems = []
@@ -176,22 +182,60 @@ def model_config(
         problems.append(f"model={family!r} is not allowed: expected one of {', '.join(FAMILIES)}")
     if preset not in PRESETS:
         problems.append(f"preset={preset!r} is not allowed: expected one of {', '.join(PRESETS)}")
-    if problems:
-        raise ConfigError(problems)
+    pairs = _resolve_overrides(overrides or {}, problems)
+    if family not in FAMILIES or preset not in PRESETS:  # nothing to build; report what we have
+        raise ConfigError(problems, f"{family} config")
+    context = f"{family} config"
     shapes = PRESETS[preset]
-    task = {k: v for k, v in dict(vocab_size=vocab_size, max_seq_len=max_seq_len).items() if v}
+    task = {k: v for k, v in dict(vocab_size=vocab_size, max_seq_len=max_seq_len).items() if v is not None}
+    late = {k: v for k, v in pairs.items() if k.startswith("moe.") or (family == "lstm" and k == "d_ff")}
+    early = {k: v for k, v in pairs.items() if k not in late}
+    def apply(cfg: ModelConfig, changes: dict[str, Any]) -> ModelConfig:
+        # Collect problems from every stage, so all of them are reported together.
+        try:
+            return apply_overrides(cfg, changes, context) if changes else cfg
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return cfg
+
     if family in TRANSFORMER_FAMILIES:
-        cfg = from_dict(ModelConfig, dict(family="dense", **shapes["transformer"], **task))
+        base = from_dict(ModelConfig, dict(family="dense", **shapes["transformer"]))
+        base = apply(base, dict(early, **{k: v for k, v in task.items() if k not in early}))
+        cfg = base
         if family != "dense":
-            cfg = flops.match_sparse_to_dense(cfg, family, shapes["moe"]["num_experts"])
+            top_k = late.get("moe.top_k", FAMILY_MOE_DEFAULTS[family]["top_k"])
+            top_k = top_k if isinstance(top_k, int) and top_k >= 1 else None  # bad values reported below
+            cfg = flops.match_sparse_to_dense(base, family, shapes["moe"]["num_experts"], top_k=top_k)
     else:
         moe = dict(FAMILY_MOE_DEFAULTS["moe-rnn"], **shapes["rnn_moe"])
-        cfg = from_dict(ModelConfig, dict(family="moe-rnn", **shapes["rnn"], **task, moe=moe))
-        if family == "lstm":
-            cfg = flops.match_lstm_to_moe_rnn(cfg)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides, context=f"{family} config")
+        base = from_dict(ModelConfig, dict(family="moe-rnn", **shapes["rnn"], moe=moe))
+        early.update({k: v for k, v in late.items() if k != "d_ff"})  # routing shapes the lstm match
+        base = apply(base, dict(early, **{k: v for k, v in task.items() if k not in early}))
+        cfg = flops.match_lstm_to_moe_rnn(base) if family == "lstm" else base
+    cfg = apply(cfg, late)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)), context)
     return cfg
+
+
+def _resolve_overrides(overrides: dict[str, Any] | list[str], problems: list[str]) -> dict[str, Any]:
+    """``["num_experts=8"]`` or ``{"num_experts": 8}`` -> ``{"moe.num_experts": 8}``."""
+    if isinstance(overrides, list):
+        pairs = []
+        for text in overrides:
+            try:
+                pairs.append(parse_override(text))
+            except ValueError as e:
+                problems.append(str(e))
+    else:
+        pairs = list(overrides.items())
+    resolved = {}
+    for key, value in pairs:
+        try:
+            resolved[resolve_key(ModelConfig(), key)] = value
+        except KeyError as e:
+            problems.append(e.args[0])
+    return resolved
 
 
 def with_moe(cfg: ModelConfig, **changes: Any) -> ModelConfig:

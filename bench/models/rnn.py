@@ -83,8 +83,10 @@ class RNNLM(nn.Module):
 
 
 class RNNSeq2Seq(nn.Module):
-    """LSTM encoder-decoder; the decoder starts from the encoder's final states and attends
-    (dot product) from its top layer to the encoder outputs before the output layer."""
+    """LSTM encoder-decoder; the decoder attends (dot product) from its top layer to the encoder
+    outputs before the output layer. The decoder starts from a zero state, not the encoder's
+    final state: with right-padded batches that state would have run over the padding, while
+    the masked attention sees exactly the real source tokens."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,7 +116,7 @@ class RNNSeq2Seq(nn.Module):
 
     def forward(self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None) -> ModelOutput:
-        memory, enc_aux, finals = self.encode(src, src_mask)
-        logits, dec_aux, _ = self.decode(memory, src_mask, tgt_in, tgt_mask, state=finals)
+        memory, enc_aux, _ = self.encode(src, src_mask)
+        logits, dec_aux, _ = self.decode(memory, src_mask, tgt_in, tgt_mask)
         aux_loss, stats = collect_aux(enc_aux + dec_aux, logits)
         return ModelOutput(logits, aux_loss, stats)

@@ -32,7 +32,7 @@ class Routing:
     position: Tensor  # (T, k) int64 slot of the assignment in its expert's buffer (per group)
     keep: Tensor  # (T, k) bool; False = over capacity, dropped (the residual carries the token)
     capacity: Optional[int]  # slots per expert per group; None = dropless
-    num_groups: int
+    group_size: int  # tokens per routing group (the last group may be partial)
     losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted aux losses, scalars
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached statistics
 
@@ -137,7 +137,13 @@ def slot_positions(expert_index: Tensor, gates: Tensor, num_experts: int, group_
     expert_index, gates: (T, k) -> position (T, k).
     """
     T, k = expert_index.shape
-    G, S = T // group_size, group_size
+    S = group_size
+    pad = -T % S  # a partial last group is padded with assignments to a null bucket (index E)
+    if pad:
+        expert_index = torch.cat([expert_index, expert_index.new_full((pad, k), num_experts)])
+        gates = torch.cat([gates, gates.new_zeros(pad, k)])
+    G = (T + pad) // S
+    buckets = num_experts + 1 if pad else num_experts
     ranked = expert_index.view(G, S, k).transpose(1, 2)  # (G, k, S) rank-major priority
     order = None
     if drop_policy == "probability":
@@ -145,31 +151,31 @@ def slot_positions(expert_index: Tensor, gates: Tensor, num_experts: int, group_
         ranked = ranked.gather(-1, order)
     flat = ranked.reshape(G, k * S)  # (G, kS) experts in priority order
     sorted_experts, perm = flat.sort(dim=-1, stable=True)
-    counts = torch.zeros(G, num_experts, dtype=torch.long, device=flat.device)
+    counts = torch.zeros(G, buckets, dtype=torch.long, device=flat.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat))
     starts = counts.cumsum(dim=-1) - counts  # (G, E) first sorted index of each expert
     rank_in_expert = torch.arange(k * S, device=flat.device).expand(G, -1) - starts.gather(1, sorted_experts)
     pos = torch.empty_like(flat).scatter_(1, perm, rank_in_expert).view(G, k, S)
     if order is not None:
         pos = torch.empty_like(pos).scatter_(-1, order, pos)
-    return pos.transpose(1, 2).reshape(T, k)
+    return pos.transpose(1, 2).reshape(T + pad, k)[:T]
 
 
 def assign_capacity(expert_index: Tensor, gates: Tensor, num_experts: int,
                     capacity_factor: Optional[float], group_size: Optional[int] = None,
                     drop_policy: str = "position") -> tuple[Tensor, Tensor, Optional[int], int]:
-    """Slots and keep-mask for every assignment. Returns (position, keep, capacity, num_groups)."""
+    """Slots and keep-mask for every assignment. Returns (position, keep, capacity, group_size).
+
+    Tokens are cut into groups of ``group_size`` in order (None: one group); each group has
+    its own capacity counters. When group_size does not divide the tokens (padding removed from
+    a batch), the last group is partial and keeps the full group's capacity."""
     T, k = expert_index.shape
     S = T if group_size is None or group_size >= T else group_size
-    if T % S:
-        raise ValueError(
-            f"group_size={group_size} must divide the number of routed tokens ({T}); "
-            "choose a divisor of batch_size * seq_len or null for one group per micro-batch"
-        )
+    S = max(S, 1)
     position = slot_positions(expert_index, gates, num_experts, S, drop_policy)
     capacity = expert_capacity(S, num_experts, k, capacity_factor)
     keep = position < capacity if capacity is not None else torch.ones_like(position, dtype=torch.bool)
-    return position, keep, capacity, T // S
+    return position, keep, capacity, S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +229,11 @@ class Router(nn.Module):
             losses["importance"] = cv_squared(probs.sum(dim=0))
             losses["load"] = cv_squared(load)
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        position, keep, capacity, groups = assign_capacity(
+        position, keep, capacity, group_size = assign_capacity(
             expert_index, gates, cfg.num_experts, factor, cfg.group_size, cfg.drop_policy)
         gates = gates * keep
         metrics = routing_metrics(probs, expert_index, keep, cfg.num_experts)
-        return Routing(expert_index, gates, position, keep, capacity, groups, losses, metrics)
+        return Routing(expert_index, gates, position, keep, capacity, group_size, losses, metrics)
 
 
 def routing_metrics(probs: Tensor, expert_index: Tensor, keep: Tensor, num_experts: int) -> dict[str, Tensor]:

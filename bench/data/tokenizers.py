@@ -1,0 +1,286 @@
+"""Tokenizers behind one small interface, built from a task's training split and cached on disk.
+
+- ``CharTokenizer``: the sorted set of characters of the training text (nanoGPT); no specials.
+- ``WordTokenizer``: whitespace words plus ``<eos>`` at every line end (PyTorch word LM example),
+  ``<unk>`` for words not seen in training.
+- ``BPETokenizer``: HF ``tokenizers`` BPE (byte-level or metaspace pre-tokenizer) with
+  ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``; joint over source and target for translation.
+
+Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` (detokenized text,
+specials dropped, ready for BLEU), ``vocab_size``, ``pad_id``/``bos_id``/``eos_id``/``unk_id``
+(None where a tokenizer has no such token), ``save(path)`` and ``load_tokenizer(path)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from bench.config import ConfigError
+from bench.data.sources import Corpus, atomic_write_bytes, cache_dir
+from bench.data.tasks import SPECIAL_TOKENS, TaskConfig
+from bench.data.text import lm_text, parallel_lines, split_lines
+
+FORMAT_VERSION = 1  # bump when training/encoding changes, so old cached tokenizers are not reused
+
+
+class VocabSizeError(ConfigError):
+    """The tokenizer built from the data does not have the vocab_size the task file declares."""
+
+
+class Tokenizer:
+    kind = ""
+    pad_id: int | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def _payload(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = {"kind": self.kind, "format_version": FORMAT_VERSION, **self._payload()}
+        atomic_write_bytes(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> "Tokenizer":
+        return load_tokenizer(path)
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - self.stoi.keys())
+            raise ValueError(f"characters not in the training vocabulary: {unknown!r} "
+                             "(a char vocab has no <unk>; they never occur in the training split)") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def _payload(self) -> dict:
+        return {"chars": self.chars}
+
+
+class WordTokenizer(Tokenizer):
+    kind = "word"
+    SPECIALS = ("<unk>", "<eos>")
+
+    def __init__(self, words: Sequence[str]):
+        self.words = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.words)}
+        self.unk_id, self.eos_id = self.stoi["<unk>"], self.stoi["<eos>"]
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "WordTokenizer":
+        counts: Counter[str] = Counter()
+        for t in texts:
+            for line in split_lines(t):
+                counts.update(line.split())
+        # specials first (fixed ids 0, 1), then by frequency; Counter keeps first-seen order on ties
+        words = [w for w, _ in counts.most_common() if w not in cls.SPECIALS]
+        return cls([*cls.SPECIALS, *words])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        get, unk, eos = self.stoi.get, self.unk_id, self.eos_id
+        for line in split_lines(text):
+            ids.extend(get(w, unk) for w in line.split())
+            ids.append(eos)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, line = [], []
+        for i in ids:
+            if i == self.eos_id:
+                out.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(self.words[i])
+        if line:
+            out.append(" ".join(line))
+        return "".join(out)
+
+    def _payload(self) -> dict:
+        return {"words": self.words}
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        # Text that happens to contain "<eos>" etc. must stay text: otherwise it would encode to a
+        # special id, which decode drops, and decode(encode(s)) != s.
+        self.hf.encode_special_tokens = True
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pre_tokenizer: str = "byte_level",
+              min_frequency: int = 2) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+        extra = {}
+        if pre_tokenizer == "byte_level":
+            # Byte-level: every string is encodable (no <unk>), and decode restores it exactly.
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            hf.decoder = decoders.ByteLevel()
+            extra["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+        else:
+            hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+            hf.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=list(SPECIAL_TOKENS), show_progress=False, **extra)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def _payload(self) -> dict:
+        return {"tokenizer": json.loads(self.hf.to_str())}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    kind = data.get("kind")
+    if kind == "char":
+        return CharTokenizer(data["chars"])
+    if kind == "word":
+        return WordTokenizer(data["words"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
+    raise ValueError(f"{path}: unknown tokenizer kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- building + caching
+
+
+def _train_files(task: TaskConfig) -> list[str]:
+    # Sorted, so multi30k-de-en and multi30k-en-de train (and cache) the very same joint tokenizer.
+    return sorted(task.splits.train.files)
+
+
+def tokenizer_key(task: TaskConfig, corpus: Corpus) -> str:
+    """Hash of everything the trained tokenizer depends on: settings + training data checksums."""
+    settings = dataclasses.asdict(task.tokenizer)
+    if task.tokenizer.kind == "bpe":
+        settings["vocab_size"] = task.tokenizer.vocab_size or task.vocab_size
+    spec = task.splits.train
+    blob = {
+        "version": FORMAT_VERSION,
+        "tokenizer": settings,
+        "format": task.corpus.format,
+        "train": [[f, corpus.sha256[f]] for f in _train_files(task)],
+        "range": [spec.start, spec.end],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def training_texts(task: TaskConfig, corpus: Corpus) -> list[str]:
+    """What the tokenizer learns from: the training split only (never val/test)."""
+    if task.type == "lm":
+        return [lm_text(task, corpus, "train")]
+    src, tgt = parallel_lines(task, corpus, "train")
+    by_file = {task.splits.train.src: src, task.splits.train.tgt: tgt}
+    return [line for f in _train_files(task) for line in by_file[f]]
+
+
+def train_tokenizer(task: TaskConfig, texts: list[str]) -> Tokenizer:
+    cfg = task.tokenizer
+    if cfg.kind == "char":
+        return CharTokenizer.train(texts)
+    if cfg.kind == "word":
+        return WordTokenizer.train(texts)
+    return BPETokenizer.train(texts, cfg.vocab_size or task.vocab_size, cfg.pre_tokenizer, cfg.min_frequency)
+
+
+def check_vocab_size(task: TaskConfig, tok: Tokenizer) -> None:
+    if tok.vocab_size != task.vocab_size:
+        raise VocabSizeError(
+            [f"vocab_size={task.vocab_size} does not match the data: the {tok.kind} tokenizer built from "
+             f"the training split has {tok.vocab_size} tokens. Models are sized from vocab_size before data "
+             f"is loaded, so set `vocab_size: {tok.vocab_size}` in the task file (or --set vocab_size={tok.vocab_size})"
+             + (" or give BPE more training text" if tok.kind == "bpe" and tok.vocab_size < task.vocab_size else "")],
+            f"task {task.name!r}",
+        )
+
+
+def tokenizer_path(task: TaskConfig, corpus: Corpus, cache: str | Path | None = None) -> Path:
+    size = f"{task.tokenizer.vocab_size or task.vocab_size}" if task.tokenizer.kind == "bpe" else ""
+    name = f"{Path(task.corpus.dir).name}-{task.tokenizer.kind}{size}-{tokenizer_key(task, corpus)[:16]}.json"
+    return cache_dir(cache) / "tokenizers" / name
+
+
+def get_tokenizer(task: TaskConfig, corpus: Corpus, cache: str | Path | None = None,
+                  check: bool = True) -> Tokenizer:
+    """Load the task's tokenizer from the cache, or train it on the training split and cache it.
+
+    With ``check`` (default) its size must equal ``task.vocab_size`` (VocabSizeError otherwise).
+    """
+    path = tokenizer_path(task, corpus, cache)
+    tok = None
+    if path.is_file():
+        try:
+            tok = load_tokenizer(path)
+        except Exception:  # noqa: BLE001 - any unreadable cache entry (incl. HF parse errors)
+            tok = None  # unreadable cache entry: retrain and overwrite it
+    if tok is None:
+        tok = train_tokenizer(task, training_texts(task, corpus))
+        tok.save(path)
+    if check:
+        check_vocab_size(task, tok)
+    return tok
