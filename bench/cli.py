@@ -70,17 +70,63 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from bench.perf import format_layer_table, layer_benchmark
+    from bench.perf import format_layer_table, format_training_table, layer_benchmark, training_benchmark
 
-    tokens = tuple(args.tokens)
-    experts = tuple(args.experts)
     progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
-    result = {"layer": layer_benchmark(tokens, experts, args.repeats, with_peer=not args.no_peer,
-                                       progress=progress)}
+    result = {}
+    if args.only in (None, "layer"):
+        result["layer"] = layer_benchmark(tuple(args.tokens), tuple(args.experts), args.repeats,
+                                          with_peer=not args.no_peer, progress=progress)
+    if args.only in (None, "training"):
+        result["training"] = training_benchmark(steps=args.train_steps, progress=progress)
     if args.json:
         print(json.dumps(result))
     else:
-        print(format_layer_table(result["layer"]))
+        print("\n\n".join(fmt(result[k]) for k, fmt in (("layer", format_layer_table),
+                                                         ("training", format_training_table)) if k in result))
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> dict | None:
+    given = [(k, getattr(args, f"budget_{k}")) for k in ("flops", "tokens", "steps", "seconds")
+             if getattr(args, f"budget_{k}") is not None]
+    if len(given) > 1:
+        raise ConfigError([f"give one budget, not {len(given)}: " + ", ".join(f"--budget-{k}" for k, _ in given)],
+                          "budget")
+    return {"kind": given[0][0], "value": given[0][1]} if given else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bench.train.run import resume_run, train
+
+    if args.resume:
+        record = resume_run(args.resume, storage=args.storage, data_dir=args.data_dir, progress=not args.json)
+    else:
+        if not args.task or not args.model:
+            raise ConfigError(["--task and --model are required (or --resume RUN_ID)"], "arguments")
+        record = train(args.task, args.model, args.preset, args.overrides, budget=_budget(args), seed=args.seed,
+                       storage=args.storage, data_dir=args.data_dir, group=args.group, name=args.name,
+                       progress=not args.json)
+    summary = record.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"\nrun {record.run_id}: {record.status}")
+        for k, v in summary.items():
+            if k not in ("run_id", "status"):
+                print(f"  {k:<28} {v}")
+        print(f"  record in {args.storage or 'results/moe-bench.db'}; run files in {record.paths.get('run_dir')}")
+    return 0 if record.status == "finished" else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from bench.tracking.records import ResultsStore, format_runs_table
+
+    records = ResultsStore(args.storage).list(task=args.task, family=args.model, group=args.group)
+    if args.json:
+        print(json.dumps([r.summary() for r in records]))
+    else:
+        print(format_runs_table(records) if records else "no runs recorded yet")
     return 0
 
 
@@ -94,21 +140,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
 
+    p = sub.add_parser("train", help="train one model under a compute budget; writes a run record")
+    p.add_argument("--task", help="task name (a file in tasks/) or a YAML path")
+    p.add_argument("--model", metavar="FAMILY", help="dense, switch, moe, moe-rnn or lstm")
+    p.add_argument("--preset", default="tiny", help="size preset: tiny, small, base (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model or run field, e.g. --set num_experts=16 --set lr=3e-4 --set batch_size=32")
+    budget = p.add_argument_group("compute budget (one; default --budget-steps 500)")
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs (3 x forward, bench.flops)")
+    budget.add_argument("--budget-tokens", type=float, help="training (target) tokens")
+    budget.add_argument("--budget-steps", type=int, help="optimizer steps")
+    budget.add_argument("--budget-seconds", type=float, help="training wall-clock seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.add_argument("--data-dir", help="local corpus directory (default $MOE_BENCH_DATA)")
+    p.add_argument("--group", help="comparison / study name for W&B grouping")
+    p.add_argument("--name", help="run name (default: the run id)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a killed run from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the run record summary as JSON (last line)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list recorded runs")
+    p.add_argument("--storage", help="results store URL")
+    p.add_argument("--task")
+    p.add_argument("--model", metavar="FAMILY")
+    p.add_argument("--group")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("perf", help="benchmark: MoE layer vs FLOP-matched dense FFN vs HF peer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="token batch sizes")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="expert counts")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the best is reported")
     p.add_argument("--no-peer", action="store_true", help="skip the HuggingFace peer")
+    p.add_argument("--only", choices=["layer", "training"], help="run one part only")
+    p.add_argument("--train-steps", type=int, default=12, help="timed steps per training-throughput row")
     p.set_defaults(func=cmd_perf)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.data.sources import DataError
+    from bench.tracking.records import StorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError, StorageError) as e:  # user-fixable: message, no traceback
         print(f"moe-bench {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -52,8 +52,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 errors.append(str(e))
         raise ValueError(f"{name}={value!r} is not allowed: expected {_describe(tp)}")
     if get_origin(tp) is Literal:
-        if value in get_args(tp):
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
+        if not isinstance(value, bool) and str(value) in get_args(tp):  # --set precision=32 parses as int
+            return str(value)
         raise ValueError(f"{name}={value!r} is not allowed: expected {_describe(tp)}")
     if tp is bool:
         if isinstance(value, bool):

@@ -163,3 +163,105 @@ def format_layer_table(result: dict) -> str:
     if not result["peer_available"]:
         lines.append("\n(peer skipped: pip install 'moe-bench[peer]' for HuggingFace transformers)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# training throughput: moe-bench's Lightning step vs a hand-written PyTorch loop
+
+
+def _synthetic_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (n, batch, seq + 1), generator=g)
+    return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
+
+
+def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    start = None
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1)) + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n = len(batches) - warmup
+    return n * batches[0][0].numel() / (time.perf_counter() - start)
+
+
+def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from bench.train.config import OptimConfig
+    from bench.train.module import LMModule
+
+    class Clock(pl.Callback):
+        start = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                self.start = time.perf_counter()
+
+    clock = Clock()
+    module = LMModule(model, OptimConfig(warmup_steps=0, schedule="constant"), active_params=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), precision="bf16-mixed" if bf16 else "32",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[clock])
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    end = time.perf_counter()
+    n = len(batches) - warmup
+    return n * batches[0][0].numel() / (end - clock.start)
+
+
+def training_benchmark(steps: int = 12, warmup: int = 3, batch: int = 16, seq: int = 256, vocab: int = 65,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """tokens/s: dense tiny LM in a plain AdamW loop vs moe-bench's Lightning step, and the
+    FLOP-matched switch (E=8) in the Lightning step; fp32 and bf16 autocast."""
+    import logging
+    import warnings
+
+    from bench.flops import model_cost
+    from bench.models import build_model, model_config
+
+    tune_cpu_allocator()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    batches = _synthetic_batches(vocab, batch, seq, steps + warmup)
+    rows = []
+    for bf16 in (False, True):
+        for impl, family, runner in (("plain loop", "dense", _plain_loop_tokens_per_sec),
+                                     ("moe-bench", "dense", _lightning_tokens_per_sec),
+                                     ("moe-bench", "switch", _lightning_tokens_per_sec)):
+            if progress:
+                progress(f"{impl} {family} {'bf16' if bf16 else 'fp32'}")
+            torch.manual_seed(0)
+            cfg = model_config(family, "tiny", vocab_size=vocab, max_seq_len=seq)
+            tps = runner(build_model(cfg, "lm"), batches, bf16, warmup)
+            cost = model_cost(cfg, seq)
+            rows.append(dict(precision="bf16" if bf16 else "fp32", impl=impl, family=family,
+                             tokens_per_sec=round(tps), achieved_gflops=round(tps * cost.train_flops_per_token / 1e9, 1)))
+    for r in rows:
+        plain = next(x for x in rows if x["precision"] == r["precision"] and x["impl"] == "plain loop")
+        dense = next(x for x in rows if x["precision"] == r["precision"] and x["impl"] == "moe-bench" and x["family"] == "dense")
+        r["vs_plain_dense"] = round(r["tokens_per_sec"] / plain["tokens_per_sec"], 2)
+        r["vs_moe_bench_dense"] = round(r["tokens_per_sec"] / dense["tokens_per_sec"], 2)
+    return dict(batch=batch, seq_len=seq, vocab=vocab, steps=steps, warmup=warmup, rows=rows)
+
+
+def format_training_table(result: dict) -> str:
+    lines = [f"LM training throughput (tiny preset, batch {result['batch']} x seq {result['seq_len']}, "
+             f"{result['steps']} timed steps after {result['warmup']} warm-up)", "",
+             f"{'precision':<9} {'impl':<11} {'model':<7} {'tokens/s':>9} {'GFLOP/s':>8} {'x plain':>8} {'x dense':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['precision']:<9} {r['impl']:<11} {r['family']:<7} {r['tokens_per_sec']:>9} "
+                     f"{r['achieved_gflops']:>8} {r['vs_plain_dense']:>8} {r['vs_moe_bench_dense']:>8}")
+    return "\n".join(lines)

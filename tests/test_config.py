@@ -251,9 +251,6 @@ def test_with_moe_replaces_only_moe_fields():
     assert dataclasses.replace(new, moe=cfg.moe) == cfg
 
 
-# --- known problems -----------------------------------------------------------------------------
-
-
 def test_model_config_reports_unknown_key_and_bad_value_together():
     err = config_error("dense", "tiny", overrides={"num_expert": 4, "d_model": "abc"})
     assert "unknown key 'num_expert'" in str(err)

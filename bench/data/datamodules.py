@@ -115,6 +115,7 @@ class _TaskDataModule(pl.LightningDataModule):
         super().__init__()
         self.task = _as_task(task)
         self.data_dir, self.batch_size, self.num_workers, self.seed = data_dir, batch_size, num_workers, seed
+        self.eval_batch_size = batch_size  # evaluation only; any size gives the same metrics
         self.cache, self.allow_download = cache, allow_download
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
@@ -128,6 +129,10 @@ class _TaskDataModule(pl.LightningDataModule):
             self.corpus = resolve_corpus(self.task, self.data_dir, cache=self.cache,
                                          allow_download=self.allow_download)
             self.tokenizer = get_tokenizer(self.task, self.corpus, self.cache)
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else 0
 
     def _loader(self, dataset, **kw) -> DataLoader:
         return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
@@ -183,7 +188,7 @@ class LMDataModule(_TaskDataModule):
         self._ensure_setup()
         ds = BlockDataset(self.ids["train"], self.seq_len)
         n = self.samples_per_epoch or max(self.batch_size, (len(self.ids["train"]) - 1) // self.seq_len)
-        sampler = RandomBlockSampler(len(ds), n, self.seed)
+        sampler = RandomBlockSampler(len(ds), n, self.seed + self._rank())  # DDP: each rank its own blocks
         return self._loader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -192,7 +197,7 @@ class LMDataModule(_TaskDataModule):
         ds = BlockDataset(self.ids[split], self.seq_len)
         # Non-overlapping blocks: every token after the first is predicted exactly once (the
         # incomplete tail block is dropped).
-        return self._loader(ds, batch_size=self.batch_size, sampler=range(0, len(ds), self.seq_len))
+        return self._loader(ds, batch_size=self.eval_batch_size, sampler=range(0, len(ds), self.seq_len))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -370,13 +375,13 @@ class TranslationDataModule(_TaskDataModule):
     def train_dataloader(self) -> DataLoader:
         self._ensure_setup()
         ds = self.datasets["train"]
-        sampler = BucketBatchSampler(ds.lengths(), self.batch_size, self.seed)
+        sampler = BucketBatchSampler(ds.lengths(), self.batch_size, self.seed + self._rank())
         return self._loader(ds, batch_sampler=sampler, collate_fn=_Collate(self.pad_id))
 
     def _eval_loader(self, split: str) -> DataLoader:
         self._check_split(split)
         self._ensure_setup()
-        return self._loader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
+        return self._loader(self.datasets[split], batch_size=self.eval_batch_size, shuffle=False,
                             collate_fn=_Collate(self.pad_id))
 
     def val_dataloader(self) -> DataLoader:

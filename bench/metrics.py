@@ -1,0 +1,94 @@
+"""Evaluation metrics: corpus BLEU / chrF (sacrebleu) for translation, and LM loss transforms.
+
+Translation scores are computed on *detokenized* text (``tokenizer.decode`` output against the
+raw references), with sacrebleu's defaults (BLEU: 13a tokenization, exp smoothing, mixed case;
+chrF: character 6-grams, beta 2, no word n-grams), and are returned with sacrebleu's signature
+string so that reported numbers are reproducible (Post 2018).
+
+Quality measures put both task types on one "higher is better" scale in [0, 1]:
+``quality_lm = exp(-loss)`` (the geometric-mean probability of the correct token, = 1 / ppl)
+and ``quality_translation = BLEU / 100``; ``quality_per_active_param`` divides either by the
+number of parameters active per token, in millions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from sacrebleu.metrics import BLEU, CHRF
+
+LN2 = math.log(2.0)
+
+
+def _check_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[list[str], list[str]]:
+    hyps, refs = list(hypotheses), list(references)
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references: they must pair up one to one")
+    if not hyps:
+        raise ValueError("cannot score an empty corpus: no hypotheses")
+    for name, seq in (("hypotheses", hyps), ("references", refs)):
+        bad = next((i for i, s in enumerate(seq) if not isinstance(s, str)), None)
+        if bad is not None:
+            raise TypeError(f"{name}[{bad}] is {type(seq[bad]).__name__}, expected str (detokenized text)")
+    return hyps, refs
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU (Papineni et al. 2002) via ``sacrebleu.metrics.BLEU()`` (tokenize='13a').
+
+    BLEU = 100 * BP * exp(mean_n log p_n), n = 1..4, p_n the clipped n-gram precision over the
+    corpus, BP = min(1, exp(1 - ref_len / hyp_len)). One reference per hypothesis.
+    Returns {"score": float in [0, 100], "signature": sacrebleu signature string}.
+    """
+    hyps, refs = _check_corpus(hypotheses, references)
+    metric = BLEU()
+    score = metric.corpus_score(hyps, [refs])
+    return {"score": float(score.score), "signature": str(metric.get_signature())}
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus chrF (Popovic 2015) via ``sacrebleu.metrics.CHRF()``: character n-gram F-beta,
+    n = 1..6, beta = 2 (recall weighted), whitespace ignored.
+
+    Returns {"score": float in [0, 100], "signature": sacrebleu signature string}.
+    """
+    hyps, refs = _check_corpus(hypotheses, references)
+    metric = CHRF()
+    score = metric.corpus_score(hyps, [refs])
+    return {"score": float(score.score), "signature": str(metric.get_signature())}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), loss the mean cross-entropy in nats per token; inf when it overflows."""
+    try:
+        return math.exp(float(loss))
+    except OverflowError:
+        return math.inf
+
+
+def bits_per_token(loss: float) -> float:
+    """loss / ln 2: the mean cross-entropy in bits per token (bits per character for char LMs)."""
+    return float(loss) / LN2
+
+
+def quality_lm(loss: float) -> float:
+    """exp(-loss) = 1 / perplexity, in (0, 1]: geometric-mean probability of the correct token."""
+    return math.exp(-float(loss))
+
+
+def quality_translation(bleu: float) -> float:
+    """BLEU / 100, in [0, 1]."""
+    return float(bleu) / 100.0
+
+
+def quality_per_active_param(quality: float, active_params: float) -> float:
+    """quality / (active_params / 1e6): quality per million parameters active per token."""
+    if active_params <= 0:
+        raise ValueError(f"active_params={active_params} is not allowed: must be > 0")
+    return float(quality) / (float(active_params) / 1e6)
+
+
+__all__ = [
+    "bits_per_token", "corpus_bleu", "corpus_chrf", "perplexity", "quality_lm",
+    "quality_per_active_param", "quality_translation",
+]

@@ -1,0 +1,147 @@
+"""Callbacks: compute-budget stop, throughput/FLOPs logging, MoE routing stats, RNG state.
+
+All counters live in callback ``state_dict``s, so a resumed run continues its budget exactly.
+"""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import lightning.pytorch as pl
+import torch
+
+from bench.flops import model_cost
+from bench.models.config import ModelConfig
+
+
+class ComputeTracker:
+    """Training FLOPs of one batch, from ``bench.flops`` at the batch's (padded) lengths."""
+
+    def __init__(self, cfg: ModelConfig, task_type: str):
+        self.cfg, self.task_type = cfg, task_type
+
+    @lru_cache(maxsize=256)
+    def _per_token(self, tgt_len: int, src_len: int | None) -> float:
+        return model_cost(self.cfg, tgt_len, self.task_type, src_len=src_len).train_flops_per_token
+
+    def batch(self, batch) -> tuple[int, float]:
+        """(real tokens, training FLOPs executed) of one batch."""
+        if self.task_type == "lm":
+            x = batch[0]
+            return x.numel(), self._per_token(x.shape[1], None) * x.numel()
+        B, T = batch["tgt_in"].shape
+        S = batch["src"].shape[1]
+        return int(batch["tgt_mask"].sum()), self._per_token(T, S) * B * T
+
+
+class BudgetStop(pl.Callback):
+    """Counts steps, tokens, FLOPs and seconds; stops training once the chosen one is spent."""
+
+    def __init__(self, kind: str, value: float, tracker: ComputeTracker):
+        self.kind, self.value, self.tracker = kind, float(value), tracker
+        self.spent = {"steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0}
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens, flops = self.tracker.batch(batch)
+        world = trainer.world_size  # every process trains on its own batch
+        self.spent["steps"] += 1
+        self.spent["tokens"] += tokens * world
+        self.spent["flops"] += flops * world
+        if self._t0 is not None:
+            self.spent["seconds"] += time.perf_counter() - self._t0
+        pl_module.log_dict({"train/tokens_seen": float(self.spent["tokens"]),
+                            "train/flops_spent": float(self.spent["flops"])}, on_step=True, on_epoch=False)
+        if self.exhausted:
+            trainer.should_stop = True
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent[self.kind] >= self.value
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.spent[self.kind] / self.value)
+
+    def state_dict(self) -> dict:
+        return {"spent": dict(self.spent)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.spent.update(state_dict["spent"])
+
+
+class Throughput(pl.Callback):
+    """tokens/s and learning rate each step (train/tokens_per_sec, train/lr)."""
+
+    def __init__(self, tracker: ComputeTracker):
+        self.tracker = tracker
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        tokens, _ = self.tracker.batch(batch)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        pl_module.log_dict({"train/tokens_per_sec": tokens * trainer.world_size / dt, "train/lr": lr},
+                           on_step=True, on_epoch=False)
+
+
+def summarize_moe_stats(stats: list[dict]) -> list[dict]:
+    """Per MoE layer: plain numbers/lists for records and loggers."""
+    out = []
+    for s in stats:
+        row = {}
+        for k, v in s.items():
+            v = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            row[k] = v.tolist() if isinstance(v, torch.Tensor) and v.dim() > 0 else float(v)
+        out.append(row)
+    return out
+
+
+class ExpertStats(pl.Callback):
+    """Every ``every`` steps: per MoE layer fraction dropped, router entropy, aux and z losses,
+    and the expert load (fraction of assignments per expert; a histogram in W&B)."""
+
+    SCALARS = ("fraction_dropped", "router_entropy", "load_balance", "z_loss", "importance", "load",
+               "unused_experts")
+
+    def __init__(self, every: int = 10):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every or not getattr(pl_module, "last_moe_stats", None):
+            return
+        metrics = {}
+        for i, layer in enumerate(pl_module.last_moe_stats):
+            for name in self.SCALARS:
+                if name in layer:
+                    metrics[f"moe/layer{i}/{name}"] = float(layer[name])
+            load = layer["tokens_per_expert"].float()
+            metrics[f"moe/layer{i}/max_load_over_mean"] = float(load.max() / load.mean().clamp_min(1e-9))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        for logger in trainer.loggers:  # histogram of expert load, for loggers that take one
+            log_hist = getattr(logger, "log_expert_load", None)
+            if log_hist:
+                log_hist(pl_module.last_moe_stats, trainer.global_step)
+
+
+class RNGState(pl.Callback):
+    """Saves and restores torch's CPU RNG in checkpoints, so dropout, router jitter and noise
+    continue exactly as in an uninterrupted run (Lightning does not save it)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["moe_bench_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._pending = checkpoint.get("moe_bench_rng")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        state = getattr(self, "_pending", None)
+        if state is not None:
+            torch.set_rng_state(state)
+            self._pending = None

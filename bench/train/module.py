@@ -1,0 +1,135 @@
+"""Thin LightningModules: any moe-bench model, one shared step for train/val/test.
+
+The model stays plain torch (it never imports Lightning); this module adds the loss
+(cross-entropy + the model's weighted auxiliary losses), AdamW with warmup and decay, and the
+``train/...``, ``val/...`` metric names every logger and the budget callback rely on.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.train.config import OptimConfig
+
+LN2 = math.log(2)
+
+
+def lr_lambda(step: int, progress: float, cfg: OptimConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine / linear decay to ``min_lr_ratio`` as
+    the budget is spent (``progress`` in [0, 1]): the same schedule for FLOP, token, step and
+    time budgets, without guessing a step count in advance."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+class BenchModule(pl.LightningModule):
+    """Shared logic; subclasses say how a batch becomes (logits, targets, aux)."""
+
+    ignore_index = -100
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, active_params: int,
+                 progress_fn: Callable[[], float] = lambda: 0.0):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim
+        self.active_params = active_params
+        self.progress_fn = progress_fn  # fraction of the compute budget spent (BudgetStop)
+        self.last_moe_stats: list[dict] = []
+
+    # --- subclasses -------------------------------------------------------------------------
+    def forward_batch(self, batch):
+        raise NotImplementedError
+
+    def batch_tokens(self, batch) -> int:
+        raise NotImplementedError
+
+    # --- shared step ------------------------------------------------------------------------
+    def _step(self, batch, stage: str):
+        out, targets = self.forward_batch(batch)
+        logits = out.logits
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=self.ignore_index)
+        loss = ce + out.aux_loss
+        tokens = self.batch_tokens(batch)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", ce, on_step=on_step, on_epoch=not on_step, prog_bar=True,
+                 batch_size=tokens, sync_dist=not on_step)
+        if out.moe_stats:
+            self.log(f"{stage}/aux_loss", out.aux_loss, on_step=on_step, on_epoch=not on_step,
+                     batch_size=tokens, sync_dist=not on_step)
+            if stage == "train":
+                self.last_moe_stats = out.moe_stats
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_derived("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_derived("test")
+
+    def _log_derived(self, stage: str) -> None:
+        loss = self.trainer.callback_metrics.get(f"{stage}/loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        quality = math.exp(-loss)  # DESIGN.md: LM quality = 1 / perplexity
+        self.log_dict({
+            f"{stage}/perplexity": math.exp(min(loss, 50.0)),
+            f"{stage}/bits_per_token": loss / LN2,
+            f"{stage}/quality": quality,
+            f"{stage}/quality_per_active_param": quality / (self.active_params / 1e6),
+        }, sync_dist=True)
+
+    # --- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        seen = set()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            # Weight decay on matrices and expert banks; not on norms, biases or embeddings.
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, self.progress_fn(), cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LMModule(BenchModule):
+    def forward_batch(self, batch):
+        x, y = batch  # (B, T), (B, T) shifted by one
+        return self.model(x), y
+
+    def batch_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+
+class TranslationModule(BenchModule):
+    def forward_batch(self, batch):
+        out = self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])
+        targets = batch["tgt_out"].masked_fill(~batch["tgt_mask"], self.ignore_index)
+        return out, targets
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["tgt_mask"].sum())

@@ -1,0 +1,283 @@
+"""Build and run one training run from a task, a model family and a budget; write its record.
+
+    train(task, family, preset, overrides, budget, seed, storage) -> RunRecord
+
+The record is written to the results store when the run starts (status "running") and again
+when it ends: "finished", "failed" (with the error) or "interrupted" (Ctrl-C / SIGTERM; the
+last checkpoint stays, and ``resume_run`` continues it to the same final metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from bench.config import ConfigError, from_dict, to_dict
+from bench.data.datamodules import build_datamodule
+from bench.data.tasks import TaskConfig, load_task
+from bench.flops import model_cost
+from bench.models import build_model, model_config
+from bench.models.config import ModelConfig
+from bench.runtime import tune_cpu_allocator
+from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, utc_now_iso
+from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, Throughput, summarize_moe_stats
+from bench.train.config import RunConfig, run_config, split_overrides
+from bench.train.module import LMModule, TranslationModule
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("MOE_BENCH_RUNS", "runs"))
+
+
+def _precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32"
+    # CPU: bf16 autocast trains ~1.5x faster on CPUs with AVX512-BF16/AMX; fp16 is never used.
+    return "bf16-mixed" if _cpu_has_bf16() else "32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_configs(task: TaskConfig, family: str, preset: str, overrides: list[str] | dict,
+                    budget: dict[str, Any] | None) -> tuple[ModelConfig, RunConfig]:
+    model_over, run_over = split_overrides(overrides or [])
+    if budget:
+        run_over.update({f"budget.{k}": v for k, v in budget.items()})
+    problems = []
+    cfg = rc = None
+    try:
+        cfg = model_config(family, preset, model_over, vocab_size=task.vocab_size, max_seq_len=task.max_seq_len)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        rc = run_config(run_over)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems, f"{family} run config")
+    return cfg, rc
+
+
+def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: list[str] | dict | None = None,
+          budget: dict[str, Any] | None = None, seed: int = 0, storage: str | None = None,
+          data_dir: str | None = None, group: str | None = None, name: str | None = None,
+          progress: bool = True, extra_callbacks: list[pl.Callback] | None = None,
+          run_id: str | None = None) -> RunRecord:
+    """Train one model under a compute budget and return its (stored) run record."""
+    task = task if isinstance(task, TaskConfig) else load_task(task)
+    cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
+    run_id = run_id or new_run_id(f"{task.name}-{family}")
+    record = RunRecord(run_id=run_id, name=name or run_id, group=group, task=task.name, family=family,
+                       preset=preset, seed=seed, git_commit=git_commit(),
+                       config={"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir})
+    return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None)
+
+
+def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True) -> RunRecord:
+    """Continue a killed or interrupted run from its last checkpoint with its recorded config."""
+    store = ResultsStore(storage)
+    record = store.get(run_id)
+    if record is None:
+        raise ConfigError([f"run_id={run_id!r} is not in the results store {store.url}; "
+                           "list runs with `moe-bench runs`"], "resume")
+    ckpt = Path(record.paths.get("checkpoint_dir", "")) / "last.ckpt"
+    if not ckpt.exists():
+        raise ConfigError([f"run {run_id} has no checkpoint at {ckpt}; it stopped before its first "
+                           "evaluation, so start it again instead"], "resume")
+    task = load_task(record.task)
+    cfg = from_dict(ModelConfig, record.config["model"])
+    rc = from_dict(RunConfig, record.config["run"])
+    record.status, record.error, record.finished_at = "running", None, None
+    return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
+                    None, ckpt_path=str(ckpt))
+
+
+def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,
+             data_dir: str | None, progress: bool, extra_callbacks, ckpt_path: str | None) -> RunRecord:
+    tune_cpu_allocator()
+    pl.seed_everything(record.seed, workers=True, verbose=False)
+    store = ResultsStore(storage)
+    run_dir = runs_dir() / record.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    tr = rc.train
+    dm_kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=tr.batch_size, seed=record.seed,
+                                     num_workers=tr.num_workers)
+    if task.type == "lm":
+        # One "epoch" = eval_every steps: evaluation and checkpoints fall on epoch boundaries,
+        # where the seeded sampler makes a resumed run see exactly the same batches.
+        dm_kwargs["samples_per_epoch"] = tr.eval_every * tr.batch_size
+    dm = build_datamodule(task, **dm_kwargs)
+    dm.eval_batch_size = tr.eval_batch_size
+    model = build_model(cfg, task.type)
+    seq_len = task.seq_len if task.type == "lm" else task.tgt_len
+    cost = model_cost(cfg, seq_len, task.type, src_len=task.src_len)
+    tracker = ComputeTracker(cfg, task.type)
+    budget = BudgetStop(rc.budget.kind, rc.budget.value, tracker)
+    module_cls = LMModule if task.type == "lm" else TranslationModule
+    module = module_cls(model, rc.optim, cost.active_params, progress_fn=lambda: budget.fraction)
+
+    record.budget = {"kind": rc.budget.kind, "value": rc.budget.value}
+    record.params = {"total": cost.total_params, "active": cost.active_params,
+                     "total_no_embed": cost.total_params_no_embed, "active_no_embed": cost.active_params_no_embed}
+    record.flops = {"forward_per_token": cost.forward_flops_per_token, "train_per_token": cost.train_flops_per_token,
+                    "executed_train_per_token": 3 * cost.executed_forward_flops_per_token}
+    ckpt_dir = run_dir / "checkpoints"
+
+    # A resumed run logs to a new CSV file: CSVLogger would overwrite the earlier one.
+    csv_version = "csv" if ckpt_path is None else f"csv-resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version=csv_version)]
+    record.paths = {"run_dir": str(run_dir), "checkpoint_dir": str(ckpt_dir),
+                    "csv_file": str(run_dir / csv_version / "metrics.csv")}
+    wandb_logger = _wandb_logger(record, run_dir)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+        from bench.tracking.wandb_setup import wandb_run_info
+
+        info = wandb_run_info(wandb_logger)
+        record.wandb = info
+        record.paths["wandb_dir"] = info.get("dir")
+    store.save(record)
+
+    callbacks = [budget, Throughput(tracker), ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
+                 # One rolling checkpoint, written after every evaluation (an epoch boundary).
+                 ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
+                                 enable_version_counter=False, save_on_train_epoch_end=False)]
+    callbacks += extra_callbacks or []
+    trainer = pl.Trainer(
+        accelerator="auto", devices=tr.devices, strategy=tr.strategy, precision=_precision(tr.precision),
+        max_epochs=-1, max_steps=int(rc.budget.value) if rc.budget.kind == "steps" else -1,
+        limit_train_batches=tr.eval_every if task.type == "translation" else None,
+        limit_val_batches=tr.eval_batches, num_sanity_val_steps=0, check_val_every_n_epoch=1,
+        gradient_clip_val=rc.optim.grad_clip or None, logger=loggers, callbacks=callbacks,
+        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        log_every_n_steps=1, deterministic="warn", use_distributed_sampler=False,
+    )
+    start = time.perf_counter()
+    status, error = "finished", None
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if trainer.interrupted:
+            status = "interrupted"
+        else:
+            record.metrics = final_evaluation(trainer, module, dm, task, rc, cost.active_params)
+    except (KeyboardInterrupt, SystemExit, SIGTERMException) as e:
+        # Lightning turns Ctrl-C into a graceful shutdown followed by exit(1), and SIGTERM into
+        # SIGTERMException: record the run as interrupted (its last checkpoint can be resumed).
+        if isinstance(e, SystemExit) and not trainer.interrupted:
+            raise
+        status = "interrupted"
+    except Exception as e:  # recorded, then re-raised for the caller (a sweep marks the trial)
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        record.extra["traceback"] = traceback.format_exc(limit=20)
+        raise
+    finally:
+        record.steps = int(budget.spent["steps"])
+        record.tokens_seen = int(budget.spent["tokens"])
+        record.train_flops = float(budget.spent["flops"])
+        wall = time.perf_counter() - start
+        record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
+                          "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9)}
+        record.expert_stats = summarize_moe_stats(module.last_moe_stats)
+        record.finish(status, error)
+        store.save(record)
+        if wandb_logger is not None:
+            _finish_wandb(wandb_logger, record)
+    return record
+
+
+def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunConfig, active_params: int) -> dict:
+    """Evaluate on the whole validation (and test) split; translation adds BLEU and chrF."""
+    from bench.metrics import corpus_bleu, corpus_chrf, quality_per_active_param, quality_translation
+
+    metrics: dict[str, Any] = {}
+    trainer.limit_val_batches = 1.0
+    trainer.limit_test_batches = 1.0
+    splits = ["val"] + (["test"] if task.has_split("test") else [])
+    for split in splits:
+        results = (trainer.validate if split == "val" else trainer.test)(module, datamodule=dm, verbose=False)
+        for k, v in (results[0] if results else {}).items():
+            metrics[k.replace("/", "_")] = float(v)
+    if task.type == "lm":
+        metrics["unigram_baseline_val_loss"] = float(dm.unigram_baseline_loss("val"))
+        if task.tokenizer.kind == "char":
+            for split in splits:
+                metrics[f"{split}_bits_per_char"] = metrics[f"{split}_bits_per_token"]
+        return _headline(metrics)
+    from bench.decoding import translate
+
+    max_len = rc.train.max_decode_len or task.tgt_len
+    for split in splits:
+        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+        batches = loader if not rc.train.decode_batches else _take(loader, rc.train.decode_batches)
+        hyps = translate(module.model, batches, dm.tokenizer, beam_size=rc.train.beam_size, max_len=max_len)
+        hyps = [h.strip() for h in hyps]  # a generated first token may carry BPE's word-initial space
+        refs = dm.references(split)[: len(hyps)]
+        bleu, chrf = corpus_bleu(hyps, refs), corpus_chrf(hyps, refs)
+        metrics[f"{split}_bleu"], metrics[f"{split}_chrf"] = bleu["score"], chrf["score"]
+        metrics[f"{split}_bleu_signature"] = bleu["signature"]
+        metrics[f"{split}_quality"] = quality_translation(bleu["score"])
+        metrics[f"{split}_quality_per_active_param"] = quality_per_active_param(metrics[f"{split}_quality"], active_params)
+        _write_lines(Path(trainer.default_root_dir) / f"{split}.hyp.txt", hyps)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{split}/bleu": bleu["score"], f"{split}/chrf": chrf["score"],
+                                f"{split}/quality": metrics[f"{split}_quality"]}, step=trainer.global_step)
+    return _headline(metrics)
+
+
+def _headline(metrics: dict) -> dict:
+    """The record's headline numbers are the validation ones (DESIGN.md: quality on val)."""
+    metrics["quality"] = metrics.get("val_quality")
+    metrics["quality_per_active_param"] = metrics.get("val_quality_per_active_param")
+    return metrics
+
+
+def _take(loader, n: int):
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _wandb_logger(record: RunRecord, run_dir: Path):
+    try:
+        from bench.tracking.wandb_setup import make_wandb_logger
+    except ImportError:
+        return None
+    return make_wandb_logger(project="moe-bench", name=record.run_id, group=record.group,
+                             config={"task": record.task, "family": record.family, "preset": record.preset,
+                                     "seed": record.seed, **record.config},
+                             save_dir=str(run_dir))
+
+
+def _finish_wandb(logger, record: RunRecord) -> None:
+    from bench.tracking.wandb_setup import finish_wandb_logger
+
+    try:
+        summary = {k: v for k, v in record.summary().items() if isinstance(v, (int, float))}
+        logger.experiment.summary.update(summary)
+        finish_wandb_logger(logger, status=record.status)
+    except Exception:  # logging never kills a run
+        pass

@@ -1,0 +1,151 @@
+"""End-to-end training: budgets, run records, W&B offline, resume, translation BLEU, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import sacrebleu
+
+from bench.config import ConfigError
+from bench.flops import model_cost
+from bench.models import model_config
+from bench.tracking.records import ResultsStore
+from bench.tracking.wandb_setup import read_offline_run_keys
+from bench.train.run import resume_run, train
+from tests.train.conftest import SMALL
+
+TASK = "tinyshakespeare-char"
+
+
+def _train(run_env, family="dense", budget=None, extra=(), **kw):
+    return train(TASK, family, "tiny", overrides=SMALL + list(extra),
+                 budget=budget or {"kind": "steps", "value": 10}, storage=run_env["storage"], progress=False, **kw)
+
+
+def test_steps_budget_record_and_offline_wandb(run_env):
+    record = _train(run_env, "switch", {"kind": "steps", "value": 10})
+    assert record.status == "finished" and record.steps == 10
+    # FLOPs spent = steps x batch x seq_len x train FLOPs/token from bench.flops
+    cfg = model_config("switch", "tiny", [o for o in SMALL if o.split("=")[0] in
+                                          ("d_model", "n_layers", "n_heads", "d_ff", "num_experts")],
+                       vocab_size=65, max_seq_len=256)
+    cost = model_cost(cfg, 256)
+    assert record.tokens_seen == 10 * 4 * 256
+    assert record.train_flops == pytest.approx(10 * 4 * 256 * cost.train_flops_per_token)
+    assert record.params["active"] == cost.active_params and record.params["total"] == cost.total_params
+    m = record.metrics
+    assert m["quality"] == pytest.approx(math.exp(-m["val_loss"]))
+    assert m["quality_per_active_param"] == pytest.approx(m["quality"] / (cost.active_params / 1e6))
+    assert m["val_bits_per_char"] == pytest.approx(m["val_loss"] / math.log(2))
+    assert len(record.expert_stats) == 1 and len(record.expert_stats[0]["tokens_per_expert"]) == 4
+    # the stored record equals the returned one
+    stored = ResultsStore(run_env["storage"]).get(record.run_id)
+    assert stored.status == "finished" and stored.metrics["val_loss"] == m["val_loss"]
+    assert stored.config["model"]["family"] == "switch" and stored.seed == 0
+    assert Path(record.paths["csv_file"]).is_file()
+    assert (Path(record.paths["checkpoint_dir"]) / "last.ckpt").is_file()
+    keys = read_offline_run_keys(record.paths["wandb_dir"])
+    for key in ("train/loss", "train/lr", "train/tokens_per_sec", "train/flops_spent", "val/loss",
+                "val/quality", "val/quality_per_active_param", "moe/layer0/fraction_dropped",
+                "moe/layer0/router_entropy", "moe/layer0/z_loss"):
+        assert key in keys, key
+
+
+@pytest.mark.parametrize("kind,value,expected_steps", [
+    ("tokens", 3 * 1024 + 1, 4),  # 1024 tokens a step: the 4th step crosses the budget
+    ("flops", None, 3),
+])
+def test_token_and_flop_budgets_stop_when_spent(run_env, kind, value, expected_steps):
+    if kind == "flops":
+        cfg = model_config("dense", "tiny", ["d_model=32", "n_layers=2", "n_heads=2", "d_ff=64"],
+                           vocab_size=65, max_seq_len=256)
+        value = 3 * 1024 * model_cost(cfg, 256).train_flops_per_token  # exactly 3 steps
+    record = _train(run_env, "dense", {"kind": kind, "value": value})
+    assert record.steps == expected_steps
+    assert record.budget == {"kind": kind, "value": float(value)}
+
+
+def test_seconds_budget_stops(run_env):
+    record = _train(run_env, "dense", {"kind": "seconds", "value": 1.0})
+    assert record.status == "finished"
+    assert 1.0 <= record.timings["train_seconds"] < 10
+
+
+class _InterruptAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(run_env):
+    full = _train(run_env, "switch", {"kind": "steps", "value": 15}, seed=3)
+    cut = _train(run_env, "switch", {"kind": "steps", "value": 15}, seed=3,
+                 extra_callbacks=[_InterruptAt(12)])
+    assert cut.status == "interrupted" and cut.steps == 12
+    resumed = resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+    assert resumed.status == "finished" and resumed.steps == 15
+    assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
+    assert resumed.train_flops == pytest.approx(full.train_flops)
+
+
+def test_translation_bleu_equals_sacrebleu_on_written_hypotheses(run_env):
+    record = train("multi30k-de-en", "dense", "tiny",
+                   overrides=SMALL + ["decode_batches=2", "eval_batch_size=4", "beam_size=2", "max_decode_len=12"],
+                   budget={"kind": "steps", "value": 6}, storage=run_env["storage"], progress=False)
+    assert record.status == "finished"
+    hyps = (Path(record.paths["run_dir"]) / "val.hyp.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 8  # 2 batches of 4
+    from bench.data.datamodules import TranslationDataModule
+    dm = TranslationDataModule("multi30k-de-en", batch_size=4)
+    dm.prepare_data(); dm.setup("validate")
+    expected = sacrebleu.corpus_bleu(hyps, [dm.references("val")[: len(hyps)]]).score
+    assert record.metrics["val_bleu"] == pytest.approx(expected)
+    assert record.metrics["quality"] == pytest.approx(record.metrics["val_bleu"] / 100)
+    assert "nrefs:1" in record.metrics["val_bleu_signature"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--task", "nope", "--model", "dense"], "task='nope' is not allowed"),
+    (["--task", TASK, "--model", "sparse"], "model='sparse' is not allowed"),
+    (["--task", TASK, "--model", "dense", "--preset", "huge"], "preset='huge' is not allowed"),
+    (["--task", TASK, "--model", "dense", "--set", "num_expert=3"], "unknown key 'num_expert'"),
+    (["--task", TASK, "--model", "dense", "--set", "lr=-1"], "lr=-1"),
+    (["--task", TASK, "--model", "dense", "--budget-steps", "3", "--budget-tokens", "9"], "give one budget"),
+])
+def test_cli_train_bad_input_is_a_clear_error(run_env, args, needle, capsys):
+    from bench.cli import main
+
+    assert main(["train", *args, "--storage", run_env["storage"]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+
+
+def test_cli_train_json_and_runs_table(run_env):
+    cmd = [sys.executable, "-m", "bench.cli", "train", "--task", TASK, "--model", "moe", "--budget-steps", "5",
+           "--storage", run_env["storage"], "--json"] + [a for o in SMALL for a in ("--set", o)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("val_loss", "quality", "quality_per_active_param", "active_params", "total_params",
+                "train_flops", "status"):
+        assert key in summary, key
+    assert summary["status"] == "finished" and summary["active_params"] < summary["total_params"]
+    runs = subprocess.run([sys.executable, "-m", "bench.cli", "runs", "--storage", run_env["storage"]],
+                          capture_output=True, text=True, timeout=120)
+    assert summary["run_id"] in runs.stdout and "moe" in runs.stdout
+
+
+def test_missing_data_is_a_clear_error(run_env, monkeypatch, tmp_path, capsys):
+    from bench.cli import main
+
+    monkeypatch.setenv("MOE_BENCH_DATA", str(tmp_path / "nowhere"))
+    assert main(["train", "--task", TASK, "--model", "dense", "--storage", run_env["storage"]]) == 2
+    assert "MOE_BENCH_DATA" in capsys.readouterr().err
