@@ -16,10 +16,14 @@ install: $(PY)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,peer]'
 
-# Until training lands (issue 3), the demo compares the families' cost and the MoE layer speed.
+# Dense vs Switch on Tiny Shakespeare at one matched training-FLOPs budget (~2M tokens each,
+# about 5 minutes on a 2-core CPU), then a comparison table.
+DEMO_BUDGET ?= 4e13
 demo: $(PY)
-	for f in dense switch moe lstm moe-rnn; do $(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model $$f; echo; done
-	$(VENV)/bin/moe-bench perf --tokens 2048 --experts 8 32
+	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model dense
+	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model switch
+	$(VENV)/bin/moe-bench compare --task tinyshakespeare-char --models dense switch --preset tiny \
+		--budget-flops $(DEMO_BUDGET) --storage sqlite:///results/demo.db
 
 test: $(PY)
 	$(PY) -m pytest -q

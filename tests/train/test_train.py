@@ -149,3 +149,47 @@ def test_missing_data_is_a_clear_error(run_env, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MOE_BENCH_DATA", str(tmp_path / "nowhere"))
     assert main(["train", "--task", TASK, "--model", "dense", "--storage", run_env["storage"]]) == 2
     assert "MOE_BENCH_DATA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(run_env):
+    """Lightning's own DDP (gloo, 2 CPU processes): each rank trains on its own batches."""
+    record = _train(run_env, "switch", {"kind": "steps", "value": 6}, extra=["devices=2", "strategy=ddp_spawn"])
+    assert record.status == "finished" and record.steps == 6
+    assert record.tokens_seen == 6 * 4 * 256 * 2  # both ranks' batches count
+    assert math.isfinite(record.metrics["val_loss"])
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_cli_matches_uninterrupted(run_env):
+    """A real `kill -9` of `moe-bench train`, then `--resume`: same final metrics as a clean run."""
+    import os
+    import signal
+    import time
+
+    args = ["--task", TASK, "--model", "switch", "--budget-steps", "120", "--seed", "5",
+            "--storage", run_env["storage"], "--json"] + [a for o in SMALL for a in ("--set", o)]
+    reference = _train(run_env, "switch", {"kind": "steps", "value": 120}, seed=5)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    runs = Path(os.environ["MOE_BENCH_RUNS"])
+    deadline = time.time() + 120
+    killed_run = None
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = [p for p in runs.glob("*/checkpoints/last.ckpt") if reference.run_id not in str(p)]
+        if ckpts:
+            time.sleep(0.3)  # let it train past the checkpoint
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_run = ckpts[0].parent.parent.name
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert killed_run, "the run finished or never checkpointed before it could be killed"
+    store = ResultsStore(run_env["storage"])
+    assert store.get(killed_run).status == "running"  # nobody could record the kill
+    resumed = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--resume", killed_run,
+                              "--storage", run_env["storage"], "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["steps"] == 120
+    assert summary["val_loss"] == pytest.approx(reference.metrics["val_loss"], abs=1e-6)
