@@ -175,6 +175,23 @@ def _synthetic_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0) 
     return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
 
 
+def _text_batches(batch: int, seq: int, n: int, seed: int = 0):
+    """Real Tiny Shakespeare batches when the corpus is available locally, else None.
+
+    Random tokens are a poor stand-in for an MoE: a model trained on them learns to ignore its
+    input, every token then routes to the same expert and most are dropped."""
+    try:
+        from bench.data.datamodules import LMDataModule
+
+        dm = LMDataModule("tinyshakespeare-char", batch_size=batch, seq_len=seq, seed=seed, allow_download=False)
+        dm.prepare_data()
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        return [next(it) for _ in range(n)], dm.vocab_size
+    except Exception:
+        return None
+
+
 def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
     import torch.nn.functional as F
 
@@ -192,7 +209,7 @@ def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float
         opt.step()
         opt.zero_grad(set_to_none=True)
     n = len(batches) - warmup
-    return n * batches[0][0].numel() / (time.perf_counter() - start)
+    return n * batches[0][0].numel() / (time.perf_counter() - start), None
 
 
 def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
@@ -204,10 +221,16 @@ def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
 
     class Clock(pl.Callback):
         start = None
+        dropped: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == warmup:
                 self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stats = pl_module.last_moe_stats
+            if batch_idx >= warmup and stats:
+                self.dropped.append(sum(float(s["fraction_dropped"]) for s in stats) / len(stats))
 
     clock = Clock()
     module = LMModule(model, OptimConfig(warmup_steps=0, schedule="constant"), active_params=1)
@@ -219,13 +242,14 @@ def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
     trainer.fit(module, train_dataloaders=loader)
     end = time.perf_counter()
     n = len(batches) - warmup
-    return n * batches[0][0].numel() / (end - clock.start)
+    dropped = sum(clock.dropped) / len(clock.dropped) if clock.dropped else None
+    return n * batches[0][0].numel() / (end - clock.start), dropped
 
 
 def training_benchmark(steps: int = 12, warmup: int = 3, batch: int = 16, seq: int = 256, vocab: int = 65,
                        progress: Callable[[str], None] | None = None) -> dict:
     """tokens/s: dense tiny LM in a plain AdamW loop vs moe-bench's Lightning step, and the
-    FLOP-matched switch (E=8) in the Lightning step; fp32 and bf16 autocast."""
+    FLOP-matched switch (E=8, dropless) in the Lightning step; fp32 and bf16 autocast."""
     import logging
     import warnings
 
@@ -235,7 +259,9 @@ def training_benchmark(steps: int = 12, warmup: int = 3, batch: int = 16, seq: i
     tune_cpu_allocator()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    batches = _synthetic_batches(vocab, batch, seq, steps + warmup)
+    text = _text_batches(batch, seq, steps + warmup)
+    source = "tinyshakespeare-char" if text else "random tokens"
+    batches, vocab = text if text else (_synthetic_batches(vocab, batch, seq, steps + warmup), vocab)
     rows = []
     for bf16 in (False, True):
         for impl, family, runner in (("plain loop", "dense", _plain_loop_tokens_per_sec),
@@ -244,24 +270,32 @@ def training_benchmark(steps: int = 12, warmup: int = 3, batch: int = 16, seq: i
             if progress:
                 progress(f"{impl} {family} {'bf16' if bf16 else 'fp32'}")
             torch.manual_seed(0)
-            cfg = model_config(family, "tiny", vocab_size=vocab, max_seq_len=seq)
-            tps = runner(build_model(cfg, "lm"), batches, bf16, warmup)
+            # Switch runs dropless here: in its first steps a router sends most tokens to one or
+            # two experts (hidden states share a large common direction at init), and with
+            # capacity 1.25 most would be dropped, making a timed step look cheap. Dropless
+            # computes every token, i.e. the full FLOP-matched cost of a load-balanced run.
+            over = {"capacity_factor": None} if family == "switch" else None
+            cfg = model_config(family, "tiny", over, vocab_size=vocab, max_seq_len=seq)
+            tps, dropped = runner(build_model(cfg, "lm"), batches, bf16, warmup)
             cost = model_cost(cfg, seq)
             rows.append(dict(precision="bf16" if bf16 else "fp32", impl=impl, family=family,
-                             tokens_per_sec=round(tps), achieved_gflops=round(tps * cost.train_flops_per_token / 1e9, 1)))
+                             tokens_per_sec=round(tps), achieved_gflops=round(tps * cost.train_flops_per_token / 1e9, 1),
+                             fraction_dropped=None if dropped is None else round(dropped, 3)))
     for r in rows:
         plain = next(x for x in rows if x["precision"] == r["precision"] and x["impl"] == "plain loop")
         dense = next(x for x in rows if x["precision"] == r["precision"] and x["impl"] == "moe-bench" and x["family"] == "dense")
         r["vs_plain_dense"] = round(r["tokens_per_sec"] / plain["tokens_per_sec"], 2)
         r["vs_moe_bench_dense"] = round(r["tokens_per_sec"] / dense["tokens_per_sec"], 2)
-    return dict(batch=batch, seq_len=seq, vocab=vocab, steps=steps, warmup=warmup, rows=rows)
+    return dict(batch=batch, seq_len=seq, vocab=vocab, steps=steps, warmup=warmup, data=source, rows=rows)
 
 
 def format_training_table(result: dict) -> str:
     lines = [f"LM training throughput (tiny preset, batch {result['batch']} x seq {result['seq_len']}, "
-             f"{result['steps']} timed steps after {result['warmup']} warm-up)", "",
-             f"{'precision':<9} {'impl':<11} {'model':<7} {'tokens/s':>9} {'GFLOP/s':>8} {'x plain':>8} {'x dense':>8}"]
+             f"{result['steps']} timed steps after {result['warmup']} warm-up, data: {result.get('data')})", "",
+             f"{'precision':<9} {'impl':<11} {'model':<7} {'tokens/s':>9} {'GFLOP/s':>8} {'x plain':>8} {'x dense':>8} "
+             f"{'dropped':>8}"]
     for r in result["rows"]:
+        dropped = "" if r.get("fraction_dropped") is None else f"{100 * r['fraction_dropped']:.1f}%"
         lines.append(f"{r['precision']:<9} {r['impl']:<11} {r['family']:<7} {r['tokens_per_sec']:>9} "
-                     f"{r['achieved_gflops']:>8} {r['vs_plain_dense']:>8} {r['vs_moe_bench_dense']:>8}")
+                     f"{r['achieved_gflops']:>8} {r['vs_plain_dense']:>8} {r['vs_moe_bench_dense']:>8} {dropped:>8}")
     return "\n".join(lines)

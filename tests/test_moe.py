@@ -295,3 +295,16 @@ def test_all_masked_input_gives_zero_output(kernel):
                 "importance", "load"):
         assert key in aux.stats, key
     assert float(aux.loss) == 0.0
+
+
+@pytest.mark.parametrize("kernel", ["sorted", "padded"])
+def test_masked_routing_under_bf16_autocast(kernel):
+    """Padding masks with bf16 autocast (translation on CPU/GPU): output dtype from the experts."""
+    layer = MoELayer(16, 32, MoEConfig(num_experts=4, dispatch=kernel))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x, mask=mask)
+    assert y.shape == x.shape and torch.all(y[0, 3:] == 0)
+    (y.float().sum() + aux.loss).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -90,7 +90,7 @@ class MoELayer(nn.Module):
         if mask is None:
             y = y_rows
         else:
-            y = flat.new_zeros(flat.shape).index_put((mask.reshape(-1),), y_rows)
+            y = flat.new_zeros(flat.shape, dtype=y_rows.dtype).index_put((mask.reshape(-1),), y_rows)
         cfg = self.cfg
         loss = (cfg.load_balance_weight * routing.losses["load_balance"]
                 + cfg.z_loss_weight * routing.losses["z_loss"]

@@ -134,10 +134,26 @@ class ExpertStats(pl.Callback):
             load = layer["tokens_per_expert"].float()
             metrics[f"moe/layer{i}/max_load_over_mean"] = float(load.max() / load.mean().clamp_min(1e-9))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        for logger in trainer.loggers:  # histogram of expert load, for loggers that take one
-            log_hist = getattr(logger, "log_expert_load", None)
-            if log_hist:
-                log_hist(pl_module.last_moe_stats, trainer.global_step)
+        self._log_histograms(trainer, pl_module.last_moe_stats)
+
+    @staticmethod
+    def _log_histograms(trainer, stats: list[dict]) -> None:
+        """Expert load as a W&B histogram: one bar per expert, height = assignments."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            try:
+                import wandb
+
+                hists = {}
+                for i, layer in enumerate(stats):
+                    load = layer["tokens_per_expert"].tolist()
+                    hists[f"moe/layer{i}/expert_load"] = wandb.Histogram(np_histogram=(load, list(range(len(load) + 1))))
+                logger.experiment.log(hists, commit=False)
+            except Exception:  # logging never kills training
+                pass
 
 
 class RNGState(pl.Callback):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.tracking.records import RunRecord, new_run_id
+from bench.tracking.records import ResultsStore, RunRecord, new_run_id
 from bench.train.run import train
 
 
@@ -21,8 +21,16 @@ def compare(task: str, families: list[str], preset: str = "tiny", budget: dict[s
     for seed in range(seeds):
         for family in families:
             announce(f"[{len(records) + 1}/{len(families) * seeds}] training {family} (seed {seed}) on {task} ...")
-            records.append(train(task, family, preset, overrides, budget=budget, seed=seed, storage=storage,
-                                 data_dir=data_dir, group=group, progress=progress))
+            run_id = new_run_id(f"{task}-{family}")
+            try:
+                records.append(train(task, family, preset, overrides, budget=budget, seed=seed, storage=storage,
+                                     data_dir=data_dir, group=group, progress=progress, run_id=run_id))
+            except Exception as e:  # one failed model must not lose the others: it is recorded as failed
+                record = ResultsStore(storage).get(run_id)
+                if record is None:  # failed before it started (bad config): nothing to compare
+                    raise
+                announce(f"  {family} failed: {type(e).__name__}: {e}")
+                records.append(record)
     return records
 
 
@@ -47,6 +55,12 @@ def format_comparison(records: list[RunRecord]) -> str:
     lines.append(header)
     rows = []
     for family, rs in by_family.items():
+        failed = [r for r in rs if r.status != "finished"]
+        if failed:
+            lines.append(f"{family:<8} {len(failed)} run(s) {failed[0].status}: {failed[0].error}")
+            rs = [r for r in rs if r.status == "finished"]
+            if not rs:
+                continue
         losses = [r.metrics.get("val_loss") for r in rs if r.metrics.get("val_loss") is not None]
         mean_loss = statistics.mean(losses) if losses else None
         spread = (max(losses) - min(losses)) / 2 if len(losses) > 1 else None

@@ -34,6 +34,7 @@ class BenchModule(pl.LightningModule):
     """Shared logic; subclasses say how a batch becomes (logits, targets, aux)."""
 
     ignore_index = -100
+    quality_from_loss = True  # LM: quality = exp(-loss); translation: BLEU/100 after decoding
 
     def __init__(self, model: nn.Module, optim: OptimConfig, active_params: int):
         super().__init__()
@@ -95,13 +96,12 @@ class BenchModule(pl.LightningModule):
         if loss is None:
             return
         loss = float(loss)
-        quality = math.exp(-loss)  # DESIGN.md: LM quality = 1 / perplexity
-        self.log_dict({
-            f"{stage}/perplexity": math.exp(min(loss, 50.0)),
-            f"{stage}/bits_per_token": loss / LN2,
-            f"{stage}/quality": quality,
-            f"{stage}/quality_per_active_param": quality / (self.active_params / 1e6),
-        }, sync_dist=True)
+        metrics = {f"{stage}/perplexity": math.exp(min(loss, 50.0)), f"{stage}/bits_per_token": loss / LN2}
+        if self.quality_from_loss:
+            quality = math.exp(-loss)  # DESIGN.md: LM quality = 1 / perplexity
+            metrics[f"{stage}/quality"] = quality
+            metrics[f"{stage}/quality_per_active_param"] = quality / (self.active_params / 1e6)
+        self.log_dict(metrics, sync_dist=True)
 
     # --- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -131,6 +131,7 @@ class LMModule(BenchModule):
 
 
 class TranslationModule(BenchModule):
+    quality_from_loss = False
     def forward_batch(self, batch):
         out = self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])
         targets = batch["tgt_out"].masked_fill(~batch["tgt_mask"], self.ignore_index)
