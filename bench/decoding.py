@@ -73,7 +73,7 @@ class _Seq2SeqAdapter:
                                                   mask[:, -1:], state=state["lstm"])
             state = dict(state, lstm=finals)
         else:  # full-prefix recomputation, O(t) per step
-            logits, _ = self.model.decode(state["memory"], state["src_mask"], tokens, mask)
+            logits, _ = self.model.decode(state["memory"], state["src_mask"], tokens, mask, last_only=True)
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
 
     @staticmethod

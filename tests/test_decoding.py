@@ -49,7 +49,7 @@ def add_eos_trigger(model, every: int = 5):
 
     def hook(module, inputs, out):
         idx = seen["idx"]
-        trigger = (idx % every == 0) & (idx > EOS)
+        trigger = ((idx % every == 0) & (idx > EOS))[:, -out.shape[1]:]  # decode may project the last position only
         out = out.clone()
         out[..., EOS] += trigger.to(out.dtype) * 1e3
         return out

@@ -176,13 +176,17 @@ class TransformerSeq2Seq(nn.Module):
         return self.ln_enc(x), auxes
 
     def decode(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor,
-               tgt_mask: Tensor | None = None) -> tuple[Tensor, list[MoEAux]]:
+               tgt_mask: Tensor | None = None, last_only: bool = False) -> tuple[Tensor, list[MoEAux]]:
+        """Decoder logits (B, T, vocab); ``last_only`` projects only the last position (B, 1,
+        vocab), which is all step-by-step decoding needs (the vocab projection is its largest matmul)."""
         x = self.embed(tgt_in)
         auxes = []
         for block in self.decoder:
             x, aux = block(x, causal=True, mask=tgt_mask, memory=memory, memory_mask=src_mask)
             if aux is not None:
                 auxes.append(aux)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.ln_f(x)), auxes
 
     def forward(self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None,
