@@ -268,13 +268,12 @@ def test_group_size_with_padding_mask():
     x = torch.randn(2, 4, D)
     mask = torch.ones(2, 4, dtype=torch.bool)
     mask[1, 3] = False
-    outs = []
+    outs, weights = [], None
     for kernel in KERNELS:
         layer = make_layer(kernel, group_size=4, eval_capacity_factor=0.5).eval()
-        if outs:
-            layer.load_state_dict(first.state_dict())
-        else:
-            first = layer
+        if weights is None:
+            weights = layer.state_dict()
+        layer.load_state_dict(weights)  # both kernels share one set of weights
         y, aux = layer(x, mask=mask)
         assert int(aux.stats["routed_tokens"]) == 7
         assert torch.all(y[~mask] == 0)

@@ -337,7 +337,6 @@ def resolve_corpus(task: TaskConfig, data_dir: str | Path | None = None, *,
     cache = cache_dir(cache)
     if allow_download is None:
         allow_download = not offline()
-    rel = task.corpus.dir
     corpus = Corpus(task.name)
     missing: dict[str, list[str]] = {}
     archives: list[Path] = []

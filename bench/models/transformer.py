@@ -6,7 +6,6 @@ Shapes: B batch, T target/sequence length, S source length, C = d_model, nh head
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -7,9 +7,9 @@ unique last part such as ``lr``) go to this config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from bench.config import ConfigError, apply_overrides, leaf_names, parse_override, resolve_key
+from bench.config import ConfigError, apply_overrides, parse_override, resolve_key
 from bench.models.config import ModelConfig
 
 BUDGET_KINDS = ("flops", "tokens", "steps", "seconds")
@@ -128,4 +128,4 @@ def run_config(overrides: dict[str, Any] | None = None) -> RunConfig:
 
 
 __all__ = ["RunConfig", "OptimConfig", "TrainConfig", "BudgetConfig", "BUDGET_KINDS", "split_overrides",
-           "run_config", "leaf_names"]
+           "run_config"]

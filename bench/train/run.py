@@ -8,13 +8,11 @@ last checkpoint stays, and ``resume_run`` continues it to the same final metrics
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,7 +27,7 @@ from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
-from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, utc_now_iso
+from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
 from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, Throughput, summarize_moe_stats
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule

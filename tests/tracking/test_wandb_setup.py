@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 
-from bench.tracking import wandb_setup
 from bench.tracking.wandb_setup import (
     WandbUnavailableWarning,
     finish_wandb_logger,

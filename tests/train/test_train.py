@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import sacrebleu
 
-from bench.config import ConfigError
 from bench.flops import model_cost
 from bench.models import model_config
 from bench.tracking.records import ResultsStore
