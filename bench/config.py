@@ -184,19 +184,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def override_pairs(overrides: dict[str, Any] | list[str], problems: list[str]) -> list[tuple[str, Any]]:
+    """``["k=v", ...]`` (CLI) or ``{"k": v}`` -> ``[(k, v), ...]``; malformed items go to ``problems``."""
+    if not isinstance(overrides, list):
+        return list(overrides.items())
+    pairs = []
+    for text in overrides:
+        try:
+            pairs.append(parse_override(text))
+        except ValueError as e:
+            problems.append(str(e))
+    return pairs
+
+
 def apply_overrides(obj: Any, overrides: dict[str, Any] | list[str], context: str = "config"):
     """Return a copy of dataclass ``obj`` with dotted-key overrides applied and validated."""
-    if isinstance(overrides, list):
-        pairs = []
-        for text in overrides:
-            try:
-                pairs.append(parse_override(text))
-            except ValueError as e:
-                raise ConfigError([str(e)], context) from None
-    else:
-        pairs = list(overrides.items())
+    problems: list[str] = []
+    pairs = override_pairs(overrides, problems)
     data = to_dict(obj)
-    problems = []
     for key, value in pairs:
         try:
             full = resolve_key(obj, key)

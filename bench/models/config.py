@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from bench.config import ConfigError, apply_overrides, from_dict, parse_override, resolve_key
+from bench.config import ConfigError, apply_overrides, from_dict, override_pairs, resolve_key
 
 FAMILIES = ("dense", "switch", "moe", "moe-rnn", "lstm")
 TRANSFORMER_FAMILIES = ("dense", "switch", "moe")
@@ -222,17 +222,8 @@ def model_config(
 
 def _resolve_overrides(overrides: dict[str, Any] | list[str], problems: list[str]) -> dict[str, Any]:
     """``["num_experts=8"]`` or ``{"num_experts": 8}`` -> ``{"moe.num_experts": 8}``."""
-    if isinstance(overrides, list):
-        pairs = []
-        for text in overrides:
-            try:
-                pairs.append(parse_override(text))
-            except ValueError as e:
-                problems.append(str(e))
-    else:
-        pairs = list(overrides.items())
     resolved = {}
-    for key, value in pairs:
+    for key, value in override_pairs(overrides, problems):
         try:
             resolved[resolve_key(ModelConfig(), key)] = value
         except KeyError as e:

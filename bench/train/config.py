@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.config import ConfigError, apply_overrides, parse_override, resolve_key
+from bench.config import ConfigError, apply_overrides, override_pairs, resolve_key
 from bench.models.config import ModelConfig
 
 BUDGET_KINDS = ("flops", "tokens", "steps", "seconds")
@@ -98,17 +98,8 @@ class _AllKeys:  # only for resolving --set keys across both configs
 def split_overrides(overrides: list[str] | dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route each override to the model config or the run config by its resolved dotted name."""
     problems: list[str] = []
-    pairs = []
-    if isinstance(overrides, dict):
-        pairs = list(overrides.items())
-    else:
-        for text in overrides:
-            try:
-                pairs.append(parse_override(text))
-            except ValueError as e:
-                problems.append(str(e))
     model, run = {}, {}
-    for key, value in pairs:
+    for key, value in override_pairs(overrides, problems):
         try:
             full = resolve_key(_AllKeys(), key)
         except KeyError as e:
