@@ -35,7 +35,8 @@ class ComputeTracker:
 
 
 class BudgetStop(pl.Callback):
-    """Counts steps, tokens, FLOPs and seconds; stops training once the chosen one is spent."""
+    """Counts steps, tokens, FLOPs and seconds; stops training once the chosen one is spent.
+    Also logs throughput and learning rate each step (train/tokens_per_sec, train/lr)."""
 
     def __init__(self, kind: str, value: float, tracker: ComputeTracker):
         self.kind, self.value, self.tracker = kind, float(value), tracker
@@ -48,11 +49,15 @@ class BudgetStop(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens, flops = self.tracker.batch(batch)
         world = trainer.world_size  # every process trains on its own batch
+        dt = max(time.perf_counter() - self._t0, 1e-9) if self._t0 is not None else None
         self.spent["steps"] += 1
         self.spent["tokens"] += tokens * world
         self.spent["flops"] += flops * world
-        if self._t0 is not None:
-            self.spent["seconds"] += time.perf_counter() - self._t0
+        if dt is not None:
+            self.spent["seconds"] += dt
+            pl_module.log_dict({"train/tokens_per_sec": tokens * world / dt,
+                                "train/lr": trainer.optimizers[0].param_groups[0]["lr"]},
+                               on_step=True, on_epoch=False)
         # Logged counters also reach the main process after a ddp_spawn run (callback_metrics).
         pl_module.log_dict({"train/tokens_seen": float(self.spent["tokens"]),
                             "train/flops_spent": float(self.spent["flops"]),
@@ -81,24 +86,6 @@ class BudgetStop(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.spent.update(state_dict["spent"])
-
-
-class Throughput(pl.Callback):
-    """tokens/s and learning rate each step (train/tokens_per_sec, train/lr)."""
-
-    def __init__(self, tracker: ComputeTracker):
-        self.tracker = tracker
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        dt = max(time.perf_counter() - self._t0, 1e-9)
-        tokens, _ = self.tracker.batch(batch)
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
-        pl_module.log_dict({"train/tokens_per_sec": tokens * trainer.world_size / dt, "train/lr": lr},
-                           on_step=True, on_epoch=False)
 
 
 def summarize_moe_stats(stats: list[dict]) -> list[dict]:

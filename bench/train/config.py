@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from bench.config import ConfigError, apply_overrides, override_pairs, resolve_key
 from bench.models.config import ModelConfig
+from bench.tracking.records import BUDGET_KINDS  # one list for records and runs
 
-BUDGET_KINDS = ("flops", "tokens", "steps", "seconds")
 
 
 @dataclass

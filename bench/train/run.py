@@ -28,7 +28,7 @@ from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
-from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, Throughput, summarize_moe_stats
+from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, summarize_moe_stats
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
 
@@ -155,7 +155,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.paths["wandb_dir"] = info.get("dir")
     store.save(record)
 
-    callbacks = [budget, Throughput(tracker), ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
+    callbacks = [budget, ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
