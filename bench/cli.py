@@ -156,6 +156,39 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.show:
+        from bench.sweep.show import format_study, load_existing_study, study_summary
+        from bench.tracking.records import ResultsStore
+
+        summary = study_summary(load_existing_study(args.show, args.storage))
+        print(json.dumps(summary) if args.json else format_study(summary, ResultsStore(args.storage).url))
+        return 0
+    if not args.spec:
+        raise ConfigError(["give a study spec (a YAML file or a shipped name such as switch-experts), "
+                           "or --show STUDY"], "sweep")
+    from bench.sweep import load_spec, run_sweep
+    from bench.sweep.show import format_study, load_existing_study, study_summary
+
+    spec = load_spec(args.spec, args.overrides, budget=_budget(args), n_trials=args.n_trials)
+    result = run_sweep(spec, storage=args.storage, study_name=args.study, data_dir=args.data_dir,
+                       progress=not args.json, trial_progress=args.trial_progress)
+    summary = study_summary(load_existing_study(result.study_name, result.storage))
+    print(json.dumps(summary) if args.json else "\n" + format_study(summary, result.storage))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from bench.dashboard import serve
+
+    try:
+        serve(args.storage, host=args.host, port=args.port, results_dir=args.results_dir, open_browser=args.open)
+    except OSError as e:  # port in use, address not available
+        print(f"moe-bench dashboard: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-bench", description="Fair dense vs mixture-of-experts benchmarks.",
                                      epilog=EPILOG)
@@ -203,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("sweep", help="an Optuna study: every trial a training run at the same budget")
+    p.add_argument("spec", nargs="?", help="study spec: a YAML path or a shipped name (sweeps/NAME.yaml)")
+    p.add_argument("--n-trials", type=int, help="trials the study should hold in all (default: the spec's)")
+    p.add_argument("--storage", help="results store + Optuna storage URL (default sqlite:///results/moe-bench.db; "
+                                     "a postgresql:// URL lets workers on several machines share the study)")
+    p.add_argument("--study", help="study name (default: the spec's name); the same command continues it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed setting for every trial, e.g. --set preset=tiny --set eval_every=50")
+    _add_budget_args(p, "; replaces the spec's per-trial budget")
+    p.add_argument("--data-dir")
+    p.add_argument("--show", metavar="STUDY", help="print a study's trials, best trial / Pareto set, importances")
+    p.add_argument("--trial-progress", action="store_true", help="show each trial's training progress bar")
+    p.add_argument("--json", action="store_true", help="print the study summary as one JSON object")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("dashboard", help="browse runs, curves, studies and the report in a local web app")
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--results-dir", default="results", help="folder with REPORT.md and plots/ (default results)")
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("perf", help="benchmark: MoE layer vs FLOP-matched dense FFN vs HF peer")
     p.add_argument("--json", action="store_true", help="print one JSON object")

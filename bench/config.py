@@ -7,6 +7,7 @@ before raising once (litgpt ``validate_args`` style), so a user fixes all mistak
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -170,6 +171,16 @@ def resolve_key(obj: Any, key: str) -> str:
     raise KeyError(f"unknown key {key!r}; valid keys: {', '.join(names)}")
 
 
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; return the number it is meant to be."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'moe.num_experts=8'`` -> ``('moe.num_experts', 8)``; values are parsed as YAML scalars."""
     if "=" not in text:
@@ -181,7 +192,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, str) and value.lower() in ("none", "null"):
         value = None
-    return key.strip(), value
+    return key.strip(), yaml_number(value)
 
 
 def override_pairs(overrides: dict[str, Any] | list[str], problems: list[str]) -> list[tuple[str, Any]]:

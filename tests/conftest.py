@@ -56,3 +56,7 @@ def tiny_cfg():
                             vocab_size=VOCAB, max_seq_len=MAX_LEN)
 
     return make
+
+
+# Real PostgreSQL (server from .ci/postgres.sh via $MOE_BENCH_TEST_POSTGRES_URL): see tests/postgres.py.
+from tests.postgres import fresh_postgres_url, postgres_url  # noqa: E402,F401

@@ -255,3 +255,12 @@ def test_model_config_reports_unknown_key_and_bad_value_together():
     err = config_error("dense", "tiny", overrides={"num_expert": 4, "d_model": "abc"})
     assert "unknown key 'num_expert'" in str(err)
     assert "d_model='abc'" in str(err)
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 would read these as strings: `--set lr=3e-4` must still be a float.
+    from bench.config import parse_override
+
+    assert parse_override("lr=3e-4") == ("lr", 3e-4)
+    assert parse_override("budget=4E13") == ("budget", 4e13)
+    assert parse_override("name=e5") == ("name", "e5")

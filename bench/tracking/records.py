@@ -266,7 +266,7 @@ class RunRecord:
         quality, active = m.get("quality"), self.active_params
         qpa = m.get("quality_per_active_param")
         if qpa is None and _is_number(quality) and _is_number(active) and active:
-            qpa = quality / active
+            qpa = quality / (active / 1e6)  # per million active params, as bench.metrics defines it
         out = {
             "run_id": self.run_id,
             "name": self.name,
@@ -397,6 +397,10 @@ class ResultsStore:
         from sqlalchemy.schema import CreateIndex, CreateTable
 
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Concurrent CREATE ... IF NOT EXISTS can fail on PostgreSQL (duplicate key in
+                # pg_type) when sweep workers open a fresh database at once: serialise them.
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock(hashtext('{TABLE_NAME}'))"))
             conn.execute(CreateTable(self.table, if_not_exists=True))
             for index in self.table.indexes:
                 conn.execute(CreateIndex(index, if_not_exists=True))
@@ -571,14 +575,10 @@ _COLUMNS = [  # header, right-aligned, value(record)
     ("train_FLOPs", True, lambda r: _fmt_sci(r.train_flops) if r.train_flops else "-"),
     ("val_loss", True, lambda r: _fmt_num(r.metrics.get("val_loss"))),
     ("quality", True, lambda r: _fmt_num(r.metrics.get("quality"))),
-    ("quality/active-M", True, lambda r: _fmt_num(_per_million(r.summary()["quality_per_active_param"]))),
+    ("quality/active-M", True, lambda r: _fmt_num(r.summary()["quality_per_active_param"])),
     ("active", True, lambda r: _fmt_count(r.active_params)),
     ("wall", True, lambda r: _fmt_duration(r.timings.get("wall_seconds"))),
 ]
-
-
-def _per_million(x: Any) -> Any:
-    return x * 1e6 if _is_number(x) else None
 
 
 def format_runs_table(records: list[RunRecord]) -> str:

@@ -65,6 +65,10 @@ class BenchModule(pl.LightningModule):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                              ignore_index=self.ignore_index)
         loss = ce + out.aux_loss
+        if stage == "train" and not torch.isfinite(loss):
+            # Fail fast and clearly (a sweep records the trial as failed and goes on).
+            raise FloatingPointError(f"training loss is {float(loss.detach())} at step {self.global_step}: lower the "
+                                     "learning rate (optim.lr) or check the data")
         tokens = self.batch_tokens(batch)
         on_step = stage == "train"
         self.log(f"{stage}/loss", ce, on_step=on_step, on_epoch=not on_step, prog_bar=True,
@@ -96,7 +100,10 @@ class BenchModule(pl.LightningModule):
         if loss is None:
             return
         loss = float(loss)
-        metrics = {f"{stage}/perplexity": math.exp(min(loss, 50.0)), f"{stage}/bits_per_token": loss / LN2}
+        metrics = {f"{stage}/perplexity": math.exp(min(loss, 50.0)), f"{stage}/bits_per_token": loss / LN2,
+                   # Geometric-mean probability of the correct token: rises as loss falls, for
+                   # every task (sweeps prune on it when they maximise quality).
+                   f"{stage}/mean_token_prob": math.exp(-loss)}
         if self.quality_from_loss:
             quality = math.exp(-loss)  # DESIGN.md: LM quality = 1 / perplexity
             metrics[f"{stage}/quality"] = quality

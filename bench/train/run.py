@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_
 from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, summarize_moe_stats
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
+
+
+# Lightning 2.6 calls a torch 2.13-deprecated pytree API once per fit: noise for every user.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def runs_dir() -> Path:
@@ -78,14 +83,15 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
           budget: dict[str, Any] | None = None, seed: int = 0, storage: str | None = None,
           data_dir: str | None = None, group: str | None = None, name: str | None = None,
           progress: bool = True, extra_callbacks: list[pl.Callback] | None = None,
-          run_id: str | None = None) -> RunRecord:
+          run_id: str | None = None, tags: dict[str, Any] | None = None) -> RunRecord:
     """Train one model under a compute budget and return its (stored) run record."""
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
     record = RunRecord(run_id=run_id, name=name or run_id, group=group, task=task.name, family=family,
                        preset=preset, seed=seed, git_commit=git_commit(),
-                       config={"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir})
+                       config={"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir},
+                       extra=dict(tags or {}))
     return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None)
 
 
@@ -185,8 +191,12 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
             raise
         status = "interrupted"
     except Exception as e:  # recorded, then re-raised for the caller (a sweep marks the trial)
-        status, error = "failed", f"{type(e).__name__}: {e}"
-        record.extra["traceback"] = traceback.format_exc(limit=20)
+        if _is_trial_pruned(e):  # an Optuna pruning callback stopped this sweep trial early
+            status, error = "pruned", str(e)
+            record.metrics = _last_evaluation(trainer)
+        else:
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            record.extra["traceback"] = traceback.format_exc(limit=20)
         raise
     finally:
         record.steps = int(budget.spent["steps"])
@@ -201,6 +211,21 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         if wandb_logger is not None:
             _finish_wandb(wandb_logger, record)
     return record
+
+
+def _is_trial_pruned(error: BaseException) -> bool:
+    try:
+        from optuna.exceptions import TrialPruned
+    except ImportError:  # optuna is a dependency, but training must not need it
+        return False
+    return isinstance(error, TrialPruned)
+
+
+def _last_evaluation(trainer: pl.Trainer) -> dict:
+    """The metrics of the last (partial) evaluation: what a pruned run reached."""
+    metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1}
+    return _headline(metrics)
 
 
 def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunConfig, active_params: int) -> dict:

@@ -69,7 +69,7 @@ def test_summary_and_helpers():
     for key in ("val_loss", "quality", "quality_per_active_param", "active_params", "total_params",
                 "train_flops", "status"):
         assert key in s
-    assert s["quality_per_active_param"] == pytest.approx(0.61 / 1_234_567)
+    assert s["quality_per_active_param"] == pytest.approx(0.61 / 1.234567)  # per million active params
     assert s["active_params"] == 1_234_567 and s["status"] == "finished" and s["bits_per_char"] == 2.066
     empty = RunRecord(run_id="x").summary()
     assert empty["val_loss"] is None and empty["quality_per_active_param"] is None

@@ -1,0 +1,98 @@
+"""Study specs: malformed ones are rejected with field, value and what is allowed."""
+from __future__ import annotations
+
+import pytest
+
+from bench.config import ConfigError
+from bench.sweep.spec import SWEEPS_DIR, find_spec, load_spec, parse_spec
+
+BASE = {"task": "tinyshakespeare-char", "family": "switch", "budget": {"steps": 5}}
+
+
+def problems_of(data) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_spec(data)
+    return e.value.problems
+
+
+def test_malformed_spec_reports_every_problem_at_once():
+    problems = problems_of({
+        "task": "tinyshakespeare-char", "family": ["switch", "densse"], "budget": {"flop": 1}, "samplr": "x",
+        "sampler": "bayes", "space": {"num_expert": [2], "capacity_factor": {"type": "int", "low": 8, "high": 2},
+                                      "lr": {"type": "float", "low": 0, "high": 1, "log": True}},
+        "objectives": ["accuracy"], "n_trials": 0})
+    text = "\n".join(problems)
+    for needle in ["samplr: unknown field", "family: 'densse' is not allowed; expected one of dense",
+                   "budget: kind 'flop' is not allowed; expected one of flops, tokens, steps, seconds",
+                   "sampler: 'bayes' is not allowed; expected one of tpe, random, grid, nsga2",
+                   "space.num_expert: unknown key 'num_expert'",
+                   "space.capacity_factor: low=8, high=2 is not allowed",
+                   "space.lr: log=true needs low > 0, got 0",
+                   "objectives: 'accuracy' is not allowed; metrics: quality, val_loss",
+                   "n_trials: 0 is not allowed; expected an integer >= 1"]:
+        assert needle in text, f"missing {needle!r} in:\n{text}"
+
+
+def test_bad_values_in_the_space_fail_before_any_training():
+    problems = problems_of({**BASE, "space": {"num_experts": [2, 0]}, "sampler": "grid"})
+    assert problems == ["switch/tiny with num_experts=0: moe.num_experts=0 is not allowed: must be >= 1"]
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"space": {"num_experts": {"type": "int", "low": 1, "high": 8}}, "sampler": "grid"},
+     "space.num_experts: the grid sampler needs a list of values"),
+    ({"objectives": ["quality", "active_params"], "pruner": "median"},
+     "pruner: 'median' needs one objective"),
+    ({"objectives": ["wall_seconds"], "pruner": "median"}, "does not predict objective 'wall_seconds'"),
+    ({"space": {"budget.value": [1, 2]}}, "space.budget.value: the budget is the same for every trial"),
+    ({"space": {"lr": [1e-3]}, "fixed": {"lr": 1e-3}}, "fixed.lr: also in space"),
+    ({"budget": None}, "budget: required"),
+    ({"budget": {"steps": 5, "flops": 1e12}}, "gives 2 budgets"),
+])
+def test_inconsistent_specs_are_rejected(fields, needle):
+    assert any(needle in p for p in problems_of({**BASE, **fields})), needle
+
+
+def test_yaml_scientific_notation_strings_are_numbers():
+    # YAML 1.1 reads 1e-3 and 4e13 (no dot) as strings.
+    spec = parse_spec({**BASE, "budget": {"flops": "4e13"}, "fixed": {"lr": "1e-3"}})
+    assert spec.budget == {"kind": "flops", "value": 4e13}
+    assert spec.fixed == {"lr": 1e-3}
+
+
+def test_family_and_preset_lists_become_searched_parameters():
+    spec = parse_spec({**BASE, "family": ["dense", "switch"], "space": {"d_model": [32, 64]}, "sampler": "grid"})
+    assert [p.name for p in spec.all_params] == ["family", "d_model"]
+    assert spec.grid_size() == 4 and spec.target_trials() == 4
+    assert spec.trial_settings({"family": "dense", "d_model": 32}) == ("dense", "tiny", {"d_model": 32})
+
+
+def test_cli_overrides_join_fixed_settings_and_replace_preset_and_budget(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("task: tinyshakespeare-char\nfamily: switch\npreset: small\nbudget: {flops: 4e13}\n"
+                    "fixed: {eval_every: 50}\n")
+    spec = load_spec(str(path), ["preset=tiny", "eval_every=7", "lr=3e-4"], budget={"kind": "steps", "value": 20},
+                     n_trials=3)
+    assert spec.presets == ["tiny"] and spec.fixed == {"eval_every": 7, "lr": 3e-4}
+    assert spec.budget == {"kind": "steps", "value": 20} and spec.n_trials == 3 and spec.name == "s"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+def test_shipped_studies_validate(name):
+    spec = load_spec(name, ["preset=tiny"])
+    assert spec.budget["kind"] == "flops" and spec.target_trials() >= 6
+
+
+def test_shipped_grids_are_the_papers_grids():
+    experts = load_spec("switch-experts")
+    assert experts.grid() == {"num_experts": [1, 2, 4, 8, 16, 32]}
+    capacity = load_spec("switch-capacity")
+    assert capacity.grid() == {"capacity_factor": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], "num_experts": [8, 32]}
+    assert capacity.target_trials() == 12
+    assert load_spec("pareto").directions == ["maximize", "minimize"]
+    assert load_spec("switch-tpe").pruning_monitor() == "val/mean_token_prob"
+
+
+def test_unknown_spec_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped: pareto, switch-capacity, switch-experts, switch-tpe"):
+        find_spec("no-such-study")
