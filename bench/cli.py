@@ -178,6 +178,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bench.reproduce import REPRODUCTIONS, format_reproduction, run_reproduction
+
+    if args.list:
+        for name, r in REPRODUCTIONS.items():
+            budgets = ", ".join(f"{p} {b:.2g}" for p, b in r.budgets.items())
+            print(f"{name:<16} {r.title}\n{'':<16} task {r.task}; {len(r.arms)} arms x {r.seeds} seeds; "
+                  f"training FLOPs per run: {budgets}")
+        return 0
+    if not args.name:
+        raise ConfigError([f"name a reproduction: one of {', '.join(REPRODUCTIONS)} (or --list)"], "reproduce")
+    budget = _budget(args)
+    if budget is not None and budget["kind"] != "flops":
+        raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
+    records = run_reproduction(args.name, preset=args.preset, seeds=args.seeds, storage=args.storage,
+                               data_dir=args.data_dir, overrides=args.overrides, arms=args.arm or None,
+                               budget_flops=budget["value"] if budget else None, progress=not args.json)
+    if args.json:
+        print(json.dumps([r.summary() for r in records]))
+    else:
+        print("\n" + format_reproduction(args.name, records))
+        print("\nnext: moe-bench report" + (f" --storage {args.storage}" if args.storage else ""))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    path = write_report(args.storage, args.out, plots=not args.no_plots)
+    print(f"wrote {path}" + ("" if args.no_plots else f" and plots in {path.parent / 'plots'}"))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from bench.dashboard import serve
 
@@ -251,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-progress", action="store_true", help="show each trial's training progress bar")
     p.add_argument("--json", action="store_true", help="print the study summary as one JSON object")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="paper reproductions: fixed sets of runs at one matched budget")
+    p.add_argument("name", nargs="?", help="switch-vs-dense, switch-experts, capacity, moe-rnn or translation")
+    p.add_argument("--preset", default="tiny", help="tiny (2-core CPU, <= ~30 min each), small or base (GPU)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: the reproduction's, 2-3)")
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.add_argument("--data-dir")
+    p.add_argument("--arm", action="append", help="run only this arm (repeatable), e.g. --arm dense")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every arm (changes the reproduction: say so when you report it)")
+    _add_budget_args(p, "; --budget-flops replaces the preset's per-run budget")
+    p.add_argument("--list", action="store_true", help="list the reproductions and their budgets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="REPORT.md + plots: the reproductions beside the papers, with verdicts")
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.add_argument("--out", default="results", help="output folder (REPORT.md and plots/; default results)")
+    p.add_argument("--no-plots", action="store_true", help="Markdown only")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="browse runs, curves, studies and the report in a local web app")
     p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")

@@ -150,6 +150,8 @@ class RunRecord:
       router_entropy, aux losses
     - ``paths``: checkpoint_dir, csv_file, wandb_dir
     - ``wandb``: mode, run_id
+    - ``curve``: one dict per intermediate evaluation: step, tokens, flops, seconds (training
+      time so far), loss (validation), mean_token_prob, aux_loss
     """
 
     run_id: str
@@ -176,6 +178,7 @@ class RunRecord:
     finished_at: str | None = None
     paths: dict[str, Any] = field(default_factory=dict)
     wandb: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # one point per evaluation
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys from newer/older versions
 
     def problems(self) -> list[str]:

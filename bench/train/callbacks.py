@@ -88,6 +88,36 @@ class BudgetStop(pl.Callback):
         self.spent.update(state_dict["spent"])
 
 
+class EvalCurve(pl.Callback):
+    """One point per evaluation (step, tokens, FLOPs, seconds, val metrics), kept in the run
+    record so reports can draw learning curves and find "steps to reach quality q" from the
+    results store alone (run directories are not committed; the store is)."""
+
+    KEYS = ("val/loss", "val/mean_token_prob", "val/aux_loss")
+
+    def __init__(self, budget: BudgetStop):
+        self.budget = budget
+        self.points: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        point = {"step": int(self.budget.spent["steps"]), "tokens": int(self.budget.spent["tokens"]),
+                 "flops": float(self.budget.spent["flops"]), "seconds": round(float(self.budget.spent["seconds"]), 3)}
+        for key in self.KEYS:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                point[key.split("/", 1)[1]] = float(value)
+        if "loss" in point:
+            self.points.append(point)
+
+    def state_dict(self) -> dict:
+        return {"points": list(self.points)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = list(state.get("points", []))
+
+
 def summarize_moe_stats(stats: list[dict]) -> list[dict]:
     """Per MoE layer: plain numbers/lists for records and loggers."""
     out = []

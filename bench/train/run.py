@@ -29,7 +29,8 @@ from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
-from bench.train.callbacks import BudgetStop, ComputeTracker, ExpertStats, RNGState, summarize_moe_stats
+from bench.train.callbacks import (BudgetStop, ComputeTracker, EvalCurve, ExpertStats, RNGState,
+                                   summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
 
@@ -161,7 +162,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.paths["wandb_dir"] = info.get("dir")
     store.save(record)
 
-    callbacks = [budget, ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
+    curve = EvalCurve(budget)
+    callbacks = [budget, curve, ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
@@ -206,6 +208,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
                           "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9)}
         record.expert_stats = summarize_moe_stats(module.last_moe_stats)
+        record.curve = list(curve.points)
         record.finish(status, error)
         store.save(record)
         if wandb_logger is not None:

@@ -42,6 +42,15 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     assert m["quality_per_active_param"] == pytest.approx(m["quality"] / (cost.active_params / 1e6))
     assert m["val_bits_per_char"] == pytest.approx(m["val_loss"] / math.log(2))
     assert len(record.expert_stats) == 1 and len(record.expert_stats[0]["tokens_per_expert"]) == 4
+    # the learning curve lives in the record: one point per evaluation (eval_every=5), equal to the CSV's
+    assert [p["step"] for p in record.curve] == [5, 10]
+    assert [p["tokens"] for p in record.curve] == [5 * 1024, 10 * 1024]
+    assert record.curve[-1]["flops"] == pytest.approx(record.train_flops)
+    import csv
+
+    with open(record.paths["csv_file"]) as f:
+        csv_losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert [p["loss"] for p in record.curve] == pytest.approx(csv_losses[:2])
     # the stored record equals the returned one
     stored = ResultsStore(run_env["storage"]).get(record.run_id)
     assert stored.status == "finished" and stored.metrics["val_loss"] == m["val_loss"]
@@ -93,6 +102,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
     assert resumed.status == "finished" and resumed.steps == 15
     assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
     assert resumed.train_flops == pytest.approx(full.train_flops)
+    # the curve survives the interruption: the checkpoint carries the points before it
+    assert [p["step"] for p in resumed.curve] == [p["step"] for p in full.curve] == [5, 10, 15]
+    assert [p["loss"] for p in resumed.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-6)
 
 
 def test_translation_bleu_equals_sacrebleu_on_written_hypotheses(run_env):

@@ -1,0 +1,258 @@
+"""Paper reproductions: fixed sets of training runs ("arms") at one matched budget.
+
+    moe-bench reproduce NAME [--preset tiny|small|base] [--seeds N] [--storage URL]
+
+Each reproduction trains its arms x seeds with ``bench.train.train`` into one group
+(``repro-NAME-PRESET``), tagging every record with ``reproduction``, ``arm`` and ``preset``, so
+``moe-bench report`` can put them beside the papers' numbers. Re-running the same command skips
+arm/seed pairs that already finished in the store, so a killed reproduction continues where it
+stopped. The ``tiny`` budgets are sized so each reproduction takes at most ~30 minutes on a
+2-core CPU; ``small``/``base`` are for GPUs (see README).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bench.config import ConfigError
+from bench.tracking.records import ResultsStore, RunRecord, new_run_id
+
+PRESETS = ("tiny", "small", "base")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model configuration of a reproduction."""
+
+    label: str  # unique in the reproduction, e.g. "switch cf=1.25"
+    family: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # "flops": the reproduction's training-FLOPs budget (compute-matched arms).
+    # "baseline_tokens": as many tokens as the FLOP budget buys the dense/lstm baseline, i.e.
+    # the same number of steps — for the bigger dense model that plays T5-Large.
+    budget: str = "flops"
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    name: str
+    title: str
+    paper: str
+    task: str
+    baseline: str  # label of the arm others are compared with
+    arms: tuple[Arm, ...]
+    budgets: dict[str, float]  # preset -> training FLOPs per run
+    seeds: int = 2
+    fixed: dict[str, Any] = field(default_factory=dict)  # --set style, every arm
+    preset_fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra per preset
+
+    def arm(self, label: str) -> Arm:
+        return next(a for a in self.arms if a.label == label)
+
+    def group(self, preset: str) -> str:
+        return f"repro-{self.name}-{preset}"
+
+
+# Evaluations every 50 steps give the "steps to reach the baseline's quality" curves their
+# resolution; 4 batches of 64 x 256 tokens per intermediate evaluation keep them cheap (~10% of
+# training time); the final evaluation always covers the whole validation split.
+_LM_FIXED = {"eval_every": 50, "eval_batches": 4}
+
+REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
+    Reproduction(
+        name="switch-vs-dense",
+        title="Switch Transformer vs dense at equal FLOPs (Fedus et al. 2021, Table 1)",
+        paper="fedus2021",
+        task="tinyshakespeare-char",
+        baseline="dense",
+        arms=(
+            Arm("dense", "dense"),
+            # ~3.5x the FLOPs per token of the dense model, trained for the same steps (T5-Large's role).
+            Arm("dense-wide", "dense", {"d_model": 496, "n_heads": 8, "d_ff": 1984},
+                budget="baseline_tokens"),
+            Arm("switch cf=1.0", "switch", {"capacity_factor": 1.0}),
+            Arm("switch cf=1.25", "switch", {"capacity_factor": 1.25}),
+            Arm("switch cf=2.0", "switch", {"capacity_factor": 2.0}),
+            Arm("moe cf=1.0", "moe", {"capacity_factor": 1.0}),
+            Arm("moe cf=1.25", "moe", {"capacity_factor": 1.25}),
+            Arm("moe cf=2.0", "moe", {"capacity_factor": 2.0}),
+        ),
+        budgets={"tiny": 1.2e13, "small": 2e15, "base": 2e17},
+        seeds=3,
+        fixed=_LM_FIXED,
+    ),
+    Reproduction(
+        name="switch-experts",
+        title="More experts at equal FLOPs per token (Fedus et al. 2021, Figure 4)",
+        paper="fedus2021",
+        task="tinyshakespeare-char",
+        baseline="dense",
+        arms=(Arm("dense", "dense"),
+              *(Arm(f"switch E={e}", "switch", {"num_experts": e}) for e in (1, 2, 4, 8, 16, 32, 64))),
+        budgets={"tiny": 1.2e13, "small": 2e15, "base": 2e17},
+        seeds=3,
+        fixed=_LM_FIXED,
+    ),
+    Reproduction(
+        name="capacity",
+        title="Capacity factor vs quality, dropped tokens and speed (Fedus et al. 2021, Table 1 / Sec. 2.2)",
+        paper="fedus2021",
+        task="tinyshakespeare-char",
+        baseline="switch cf=1.25",
+        arms=tuple(Arm(f"switch cf={cf}", "switch", {"capacity_factor": cf, "num_experts": 8})
+                   for cf in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
+        budgets={"tiny": 2e13, "small": 2e15, "base": 2e17},
+        seeds=2,
+        fixed=_LM_FIXED,
+    ),
+    Reproduction(
+        name="moe-rnn",
+        title="Sparsely-gated MoE between LSTM layers vs a FLOP-matched LSTM (Shazeer et al. 2017, Tables 6-7)",
+        paper="shazeer2017",
+        task="tinyshakespeare-char",
+        baseline="lstm",
+        arms=(
+            Arm("lstm", "lstm"),
+            *(Arm(f"moe-rnn E={e}", "moe-rnn", {"num_experts": e}) for e in (4, 16, 64)),
+            # Table 6 ablation: no importance / load losses.
+            Arm("moe-rnn E=16 no-aux", "moe-rnn", {"num_experts": 16, "importance_weight": 0.0, "load_weight": 0.0}),
+        ),
+        # LSTMs run ~3k tokens/s on 2 CPU cores: a smaller FLOP budget keeps tiny near 30 minutes.
+        budgets={"tiny": 3e12, "small": 1e15, "base": 1e17},
+        seeds=2,
+        fixed=_LM_FIXED,
+    ),
+    Reproduction(
+        name="translation",
+        title="Dense vs Switch vs MoE-RNN translation at a matched budget (Multi30k de-en)",
+        paper="shazeer2017",
+        task="multi30k-de-en",
+        baseline="dense",
+        arms=(Arm("dense", "dense"), Arm("switch", "switch"), Arm("moe-rnn", "moe-rnn")),
+        budgets={"tiny": 3e13, "small": 2e15, "base": 2e17},
+        seeds=2,
+        fixed={"eval_every": 100, "eval_batches": 4},
+    ),
+]}
+
+
+def reproduction(name: str) -> Reproduction:
+    if name not in REPRODUCTIONS:
+        raise ConfigError([f"reproduction {name!r} is not known; expected one of {', '.join(REPRODUCTIONS)}"],
+                          "reproduce")
+    return REPRODUCTIONS[name]
+
+
+def arm_budget(repro: Reproduction, arm: Arm, preset: str, flops: float | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training budget of one arm (see Arm.budget); ``flops`` replaces the preset's budget."""
+    flops = flops or repro.budgets[preset]
+    if arm.budget == "flops":
+        return {"kind": "flops", "value": flops}
+    from bench.data.tasks import load_task
+    from bench.flops import model_cost
+    from bench.train.run import resolve_configs
+
+    task = load_task(repro.task)
+    base = repro.arm(repro.baseline)
+    cfg, _ = resolve_configs(task, base.family, preset, {**repro.fixed, **base.overrides, **(extra or {})}, None)
+    seq_len = task.seq_len if task.type == "lm" else task.tgt_len
+    per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
+    return {"kind": "tokens", "value": float(int(flops / per_token))}
+
+
+@dataclass
+class PlannedRun:
+    arm: Arm
+    seed: int
+    budget: dict[str, Any]
+    done: RunRecord | None = None  # a finished record from an earlier invocation
+
+
+def plan(repro: Reproduction, preset: str, seeds: int, store: ResultsStore, arms: list[str] | None = None,
+         flops: float | None = None, extra: dict[str, Any] | None = None) -> list[PlannedRun]:
+    """Every (arm, seed) pair, seed-major so partial results cover all arms early."""
+    if preset not in PRESETS:
+        raise ConfigError([f"preset={preset!r} is not allowed; expected one of {', '.join(PRESETS)}"], "reproduce")
+    if seeds < 1:
+        raise ConfigError([f"seeds={seeds} is not allowed; expected >= 1"], "reproduce")
+    chosen = list(repro.arms)
+    if arms:
+        unknown = [a for a in arms if a not in {x.label for x in repro.arms}]
+        if unknown:
+            raise ConfigError([f"arm {a!r} is not in {repro.name}; arms: {', '.join(x.label for x in repro.arms)}"
+                               for a in unknown], "reproduce")
+        chosen = [a for a in repro.arms if a.label in arms]
+    finished = {(r.extra.get("arm"), r.seed): r for r in store.list(group=repro.group(preset))
+                if r.status == "finished"}
+    budgets = {a.label: arm_budget(repro, a, preset, flops, extra) for a in chosen}
+    return [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
+            for seed in range(seeds) for a in chosen]
+
+
+def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, storage: str | None = None,
+                     data_dir: str | None = None, overrides: list[str] | None = None,
+                     arms: list[str] | None = None, budget_flops: float | None = None, progress: bool = True,
+                     announce: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """Train every missing arm x seed of a reproduction; return all its finished records."""
+    from bench.config import override_pairs
+    from bench.train.run import train
+
+    announce = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    repro = reproduction(name)
+    store = ResultsStore(storage)
+    problems: list[str] = []
+    extra = dict(override_pairs(overrides or [], problems))
+    if problems:
+        raise ConfigError(problems, "reproduce --set")
+    runs = plan(repro, preset, seeds or repro.seeds, store, arms, budget_flops, extra)
+    todo = [r for r in runs if r.done is None]
+    announce(f"{repro.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), preset {preset}, "
+             f"budget {budget_flops or repro.budgets[preset]:.3g} training FLOPs per run, group {repro.group(preset)}")
+    records = [r.done for r in runs if r.done is not None]
+    for i, run in enumerate(todo, 1):
+        b = run.budget
+        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
+        settings = {**repro.fixed, **repro.preset_fixed.get(preset, {}), **run.arm.overrides, **extra}
+        run_id = new_run_id(f"{repro.name}-{run.arm.family}")
+        try:
+            record = train(repro.task, run.arm.family, preset, settings, budget=b, seed=run.seed, storage=storage,
+                           data_dir=data_dir, group=repro.group(preset), name=f"{repro.name}: {run.arm.label}",
+                           progress=progress, run_id=run_id,
+                           tags={"reproduction": repro.name, "arm": run.arm.label})
+        except Exception as e:  # recorded as failed by train(); the other arms still run
+            if store.get(run_id) is None:
+                raise
+            announce(f"  {run.arm.label} (seed {run.seed}) failed: {type(e).__name__}: {e}")
+            continue
+        if record.status == "interrupted":
+            announce("interrupted: run the same command again to continue (finished runs are kept)")
+            raise KeyboardInterrupt
+        records.append(record)
+    return records
+
+
+def format_reproduction(name: str, records: list[RunRecord]) -> str:
+    """A short per-arm table (mean ± half-range over seeds) printed after a reproduction."""
+    import statistics
+
+    repro = reproduction(name)
+    lines = [repro.title, f"{'arm':<22} {'seeds':>5} {'val loss':>16} {'quality':>8} {'active':>10} {'tok/s':>8}"]
+    for arm in repro.arms:
+        rs = [r for r in records if r.extra.get("arm") == arm.label and r.status == "finished"]
+        if not rs:
+            continue
+        key = "val_bleu" if repro.task.startswith("multi30k") else "val_loss"
+        vals = [r.metrics.get(key) for r in rs if r.metrics.get(key) is not None]
+        spread = f" ±{(max(vals) - min(vals)) / 2:.4f}" if len(vals) > 1 else ""
+        mean = statistics.mean(vals) if vals else float("nan")
+        lines.append(f"{arm.label:<22} {len(rs):>5} {mean:>9.4f}{spread:<7} "
+                     f"{statistics.mean(r.metrics.get('quality') or 0 for r in rs):>8.4f} "
+                     f"{rs[0].params.get('active', 0):>10,} "
+                     f"{statistics.mean(r.timings.get('tokens_per_second', 0) for r in rs):>8.0f}")
+    return "\n".join(lines)
+
+
+__all__ = ["Arm", "Reproduction", "REPRODUCTIONS", "reproduction", "run_reproduction", "plan", "arm_budget",
+           "format_reproduction"]
