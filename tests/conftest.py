@@ -1,7 +1,9 @@
 """Shared fixtures: a seeded torch RNG for every test and tiny model configs for CPU tests."""
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +62,23 @@ def tiny_cfg():
 
 # Real PostgreSQL (server from .ci/postgres.sh via $MOE_BENCH_TEST_POSTGRES_URL): see tests/postgres.py.
 from tests.postgres import fresh_postgres_url, postgres_url  # noqa: E402,F401
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MOE_BENCH_DATA") or (REPO / ".." / "shared" / "data")).resolve()
+
+
+@pytest.fixture
+def run_env(tmp_path, monkeypatch):
+    """Training/sweep tests: real corpora from ../shared/data; caches, runs, W&B and the store under tmp_path."""
+    if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set MOE_BENCH_DATA)")
+    monkeypatch.setenv("MOE_BENCH_DATA", str(SHARED_DATA))
+    monkeypatch.setenv("MOE_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOE_BENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MOE_BENCH_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return {"storage": f"sqlite:///{tmp_path / 'runs.db'}", "tmp": tmp_path}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train.conftest import run_env  # noqa: F401  (the same isolated environment as training tests)
+
 
 # A transformer small enough for a trial to take a second or two on 2 cores.
 TINY_FIXED = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "batch_size": 4, "eval_every": 5,

@@ -1,0 +1,219 @@
+"""One report section per reproduction: setup, per-arm table beside the paper, claims, plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.report import papers
+from bench.report.claims import (ArmStats, Claim, add_step_speedups, all_seeds, arm_stats, claim, compare, fmt,
+                                 trend)
+from bench.reproduce import Reproduction
+from bench.tracking.records import RunRecord
+
+
+@dataclass
+class Section:
+    repro: Reproduction
+    preset: str
+    arms: dict[str, ArmStats]
+    claims: list[Claim] = field(default_factory=list)
+    plots: list[tuple[str, list[Path]]] = field(default_factory=list)  # (caption, files)
+    paper_column: dict[str, str] = field(default_factory=dict)  # arm -> what the paper reports
+    notes: list[str] = field(default_factory=list)
+
+
+def build_section(repro: Reproduction, preset: str, records: list[RunRecord], plot_dir: Path | None) -> Section:
+    arms = arm_stats(records, [a.label for a in repro.arms])
+    if not repro.task.startswith("multi30k"):  # translation: BLEU only at the end, no loss target
+        add_step_speedups(arms, repro.baseline)
+    section = Section(repro, preset, arms)
+    builder = {"switch-vs-dense": _switch_vs_dense, "switch-experts": _switch_experts, "capacity": _capacity,
+               "moe-rnn": _moe_rnn, "translation": _translation}[repro.name]
+    builder(section)
+    section.notes.append(_budget_note(section))
+    if plot_dir is not None:
+        _plots(section, records, plot_dir)
+    return section
+
+
+# -- claims per reproduction --------------------------------------------------------------------
+def _switch_vs_dense(s: Section) -> None:
+    t1 = papers.SWITCH_TABLE1
+    s.paper_column = {k: f"{v['model']}: {v['neg_log_perp']:+.3f}, {v['examples_per_s']} ex/s" for k, v in t1.items()}
+    a = s.arms
+    s.claims += [
+        claim("Switch (cf 1.25) reaches a lower validation loss than the FLOP-matched dense model at the same "
+              "training FLOPs", f"Switch-Base {t1['switch cf=1.25']['neg_log_perp']} vs T5-Base "
+              f"{t1['dense']['neg_log_perp']} neg. log perplexity after 100k steps (Table 1)",
+              compare(a, "switch cf=1.25", "dense", "val_loss", higher_better=False)),
+        claim("Switch matches the ~3.5x-FLOPs dense model (T5-Large's role) trained for the same steps",
+              f"Switch-Base cf 1.25 {t1['switch cf=1.25']['neg_log_perp']} vs T5-Large "
+              f"{t1['dense-wide']['neg_log_perp']} (Table 1)",
+              _not_worse(a, "switch cf=1.25", "dense-wide", "val_loss")),
+        claim("Top-1 Switch beats top-2 MoE at capacity factor 1.0 (quality at equal FLOPs)",
+              f"{t1['switch cf=1.0']['neg_log_perp']} vs {t1['moe cf=1.0']['neg_log_perp']} (Table 1)",
+              compare(a, "switch cf=1.0", "moe cf=1.0", "val_loss", higher_better=False)),
+        claim("Top-1 Switch trains faster (tokens/s) than top-2 MoE at the same capacity factor",
+              f"{t1['switch cf=1.0']['examples_per_s']} vs {t1['moe cf=1.0']['examples_per_s']} examples/s at cf 1.0 "
+              "(Table 1)", compare(a, "switch cf=1.0", "moe cf=1.0", "tokens_per_second", higher_better=True)),
+        claim("Switch reaches the dense model's final quality in fewer steps (step speed-up > 1)",
+              "Switch-Base reaches T5-Base quality several times faster (7x pre-training speed-up, abstract)",
+              all_seeds(a, "switch cf=1.25", "step_speedup", lambda v: v > 1, "step speed-up (0 = never reached)")),
+    ]
+
+
+def _switch_experts(s: Section) -> None:
+    a = s.arms
+    xs = {label: float(label.split("E=")[1]) for label in a if label.startswith("switch E=")}
+    biggest = max(xs, key=xs.get) if xs else "switch E=64"
+    s.paper_column = {"dense": "T5-Base", **{k: "loss falls with E (Fig. 4)" for k in xs}}
+    s.paper_column["switch E=64"] = f"{papers.SWITCH_STEP_SPEEDUP_64_EXPERTS}x step speed-up (Fig. 5)"
+    s.claims += [
+        claim("Validation loss falls as experts are added at equal FLOPs per token",
+              "loss improves monotonically with the number of experts (Fig. 4)",
+              trend(a, xs, "val_loss", decreasing=True)),
+        claim(f"The largest Switch ({biggest}) beats the FLOP-matched dense model",
+              "every Switch-Base variant beats T5-Base (Fig. 4)", compare(a, biggest, "dense", "val_loss", False)),
+        claim("The step speed-up over dense grows with the number of experts",
+              f"{papers.SWITCH_STEP_SPEEDUP_64_EXPERTS}x fewer steps to T5-Base quality with 64 experts (Fig. 5)",
+              trend(a, xs, "step_speedup", decreasing=False)),
+    ]
+
+
+def _capacity(s: Section) -> None:
+    a = s.arms
+    xs = {label: float(label.split("cf=")[1]) for label in a}
+    t1 = papers.SWITCH_TABLE1
+    s.paper_column = {k: f"{t1[k]['neg_log_perp']:+.3f}, {t1[k]['examples_per_s']} ex/s" for k in t1 if k in xs}
+    s.claims += [
+        claim("A lower capacity factor drops more tokens", "tokens over capacity are dropped (Sec. 2.2)",
+              trend(a, xs, "fraction_dropped", decreasing=True)),
+        claim("Quality improves with capacity factor (fewer dropped tokens)",
+              "Switch-Base -1.561 / -1.553 / -1.554 at cf 1.0 / 1.25 / 2.0 (Table 1): small, saturating gains",
+              trend(a, xs, "val_loss", decreasing=True)),
+        claim("A higher capacity factor trains slower", "1000 / 910 / 860 examples/s at cf 1.0 / 1.25 / 2.0 (Table 1)",
+              trend(a, xs, "tokens_per_second", decreasing=True)),
+    ]
+
+
+def _moe_rnn(s: Section) -> None:
+    a = s.arms
+    xs = {label: float(label.split("E=")[1]) for label in a if label.startswith("moe-rnn E=") and "no-aux" not in label}
+    t6 = {(r["w_importance"], r["w_load"]): r for r in papers.SHAZEER_TABLE6}
+    with_aux, without = t6[(0.1, 0.1)], t6[(0.0, 0.0)]
+    s.paper_column = {"lstm": "4xLSTM-512 baseline",
+                      "moe-rnn E=16 no-aux": f"ppl {without['test_perplexity']}, max/mean load "
+                                              f"{without['max_over_mean_load']} (Table 6)",
+                      "moe-rnn E=16": f"ppl {with_aux['test_perplexity']}, max/mean load "
+                                      f"{with_aux['max_over_mean_load']} (Table 6, weights 0.1)"}
+    s.claims += [
+        claim("The MoE between LSTM layers beats the FLOP-matched LSTM", "every MoE model beats the "
+              "compute-matched LSTM baselines on 1B-Word (Table 7, Fig. 2)",
+              compare(a, "moe-rnn E=16", "lstm", "val_loss", higher_better=False)),
+        claim("More experts at matched ops per timestep lower the loss",
+              "perplexity falls as experts grow from 4 to 4096 at ~8M ops/timestep (Fig. 2 left, Table 7)",
+              trend(a, xs, "val_loss", decreasing=True)),
+        claim("Without the importance/load losses, expert load is far more unbalanced",
+              f"max/mean load {without['max_over_mean_load']} vs {with_aux['max_over_mean_load']} (Table 6)",
+              compare(a, "moe-rnn E=16", "moe-rnn E=16 no-aux", "max_over_mean_load", higher_better=False)),
+        claim("Without the importance/load losses, the loss is worse",
+              f"perplexity {without['test_perplexity']} vs {with_aux['test_perplexity']} (Table 6)",
+              compare(a, "moe-rnn E=16", "moe-rnn E=16 no-aux", "val_loss", higher_better=False)),
+    ]
+
+
+def _translation(s: Section) -> None:
+    a = s.arms
+    wmt = papers.SHAZEER_WMT14_EN_DE
+    s.paper_column = {"dense": f"GNMT {wmt['dense']} BLEU (WMT'14 en-de)",
+                      "moe-rnn": f"MoE 2048 experts {wmt['moe']} BLEU"}
+    s.claims += [
+        claim("A sparse Transformer (Switch) translates better than the dense one at the same training FLOPs",
+              "Switch gains carry to downstream tasks (Sec. 4); not measured on translation in the paper",
+              compare(a, "switch", "dense", "val_bleu", higher_better=True)),
+        claim("The MoE-RNN translates better than the dense model at matched compute",
+              f"MoE {wmt['moe']} vs GNMT {wmt['dense']} BLEU on WMT'14 en-de (Table 2)",
+              compare(a, "moe-rnn", "dense", "val_bleu", higher_better=True)),
+    ]
+
+
+def _not_worse(arms: dict[str, ArmStats], a: str, b: str, key: str) -> tuple[str, str]:
+    """"a matches b": reproduced unless b is better than a beyond the seed spread."""
+    verdict, evidence = compare(arms, a, b, key, higher_better=False)
+    if verdict == "mixed":
+        return "reproduced", evidence.replace(" — within seed noise", " — equal within seed noise")
+    return verdict, evidence
+
+
+def _budget_note(s: Section) -> str:
+    base = s.arms.get(s.repro.baseline)
+    flop_budgets = {r.budget.get("value") for a in s.arms.values() for r in a.records if r.budget.get("kind") == "flops"}
+    budget = max(flop_budgets) if flop_budgets else s.repro.budgets[s.preset]
+    text = f"Budget: {budget:.3g} training FLOPs per run"
+    if len(flop_budgets) > 1:
+        text += f" (runs in the store used {len(flop_budgets)} different budgets: compare with care)"
+    if base is None:
+        return text + "."
+    tokens = base.mean("tokens")
+    text += f" ({tokens / 1e6:.2f}M tokens for the baseline, {base.mean('steps'):.0f} steps)."
+    curve = base.first.curve
+    if len(curve) >= 2:
+        drop = (curve[-2]["loss"] - curve[-1]["loss"]) / max(curve[-2]["loss"], 1e-9)
+        if drop > 0.005:
+            text += (f" The baseline's validation loss was still falling at the end ({100 * drop:.1f}% over its last "
+                     "evaluation interval): models are under-trained, and gaps that depend on learning many experts "
+                     "(large E, low capacity) would likely change with a larger budget; the papers train 100k+ steps.")
+        else:
+            text += " The baseline's loss had flattened by the end of the budget."
+    return text
+
+
+# -- table and plots ----------------------------------------------------------------------------
+def arms_table(s: Section) -> list[str]:
+    translation = s.repro.task.startswith("multi30k")
+    head = ["arm", "seeds", "active params", "total params", "train MFLOP/token", "tokens", "val loss",
+            "val BLEU" if translation else "quality", "tokens/s", "dropped", "max/mean load",
+            "step speed-up", "paper"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, a in s.arms.items():
+        r = a.first
+        loss = fmt(a.mean("val_loss")) + (f" ± {a.half_range('val_loss'):.4f}" if a.half_range("val_loss") else "")
+        score = a.mean("val_bleu") if translation else a.mean("quality")
+        speed = [v for v in a.values.get("step_speedup", []) if v > 0]
+        missed = len(a.values.get("step_speedup", [])) - len(speed)
+        speed_txt = "-" if "step_speedup" not in a.values else (
+            (f"{sum(speed) / len(speed):.2f}x" + (f" ({missed} seed(s) never reached)" if missed else ""))
+            if speed else "never reached")
+        rows.append("| " + " | ".join([
+            label, str(a.n), f"{r.params.get('active', 0):,}", f"{r.params.get('total', 0):,}",
+            fmt((r.flops.get("train_per_token") or 0) / 1e6, ".2f"), f"{a.mean('tokens') / 1e6:.2f}M",
+            loss, fmt(score, ".2f" if translation else ".4f"), fmt(a.mean("tokens_per_second"), ".0f"),
+            fmt(a.mean("fraction_dropped"), ".3f"), fmt(a.mean("max_over_mean_load"), ".2f"), speed_txt,
+            s.paper_column.get(label, "")]) + " |")
+    return rows
+
+
+def _plots(s: Section, records: list[RunRecord], plot_dir: Path) -> None:
+    from bench.report import plots
+
+    finished = [r for r in records if r.status == "finished"]
+    name, title = s.repro.name, s.repro.title
+    add = s.plots.append
+    add(("Validation loss vs training FLOPs", plots.learning_curves(finished, plot_dir, f"{name}-curves", title)))
+    add(("Quality vs active parameters (Pareto front)",
+         plots.quality_vs_active_params(finished, plot_dir, f"{name}-pareto", title)))
+    if name == "switch-experts":
+        add(("Validation loss vs number of experts", plots.loss_vs_experts(finished, plot_dir, f"{name}-experts", title,
+                                                                          baseline_label=s.repro.baseline)))
+    if name == "capacity":
+        add(("Capacity factor vs dropped tokens, loss and speed",
+             plots.capacity_tradeoffs(finished, plot_dir, f"{name}-tradeoffs", title)))
+    if not s.repro.task.startswith("multi30k"):
+        add(("Step speed-up to the baseline's final loss",
+             plots.steps_to_quality(finished, plot_dir, f"{name}-speedup", title, baseline_label=s.repro.baseline)))
+    sparse = [a for a in s.arms.values() if a.first.expert_stats]
+    for a in sparse[:3] if name != "moe-rnn" else sparse:
+        slug = a.label.replace(" ", "_").replace("=", "").replace(".", "p")
+        add((f"Expert load, {a.label} (seed {a.first.seed}, last training batch)",
+             plots.expert_load_heatmap(a.first, plot_dir, f"{name}-load-{slug}", f"{title}: {a.label}")))
+    s.plots[:] = [(caption, files) for caption, files in s.plots if files]

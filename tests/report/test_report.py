@@ -1,0 +1,83 @@
+"""Report: verdicts against hand-made records, and REPORT.md + plots written from a store."""
+from __future__ import annotations
+
+import pytest
+
+from bench.report import write_report
+from bench.report.claims import MIXED, NOT_REPRODUCED, REPRODUCED, arm_stats, compare, record_values, trend
+from bench.tracking.records import ResultsStore, RunRecord
+
+
+def rec(arm, seed, loss, repro="switch-vs-dense", family="switch", tps=1000.0, dropped=0.0, load=(1, 1, 1, 1),
+        steps=100, curve=None, **metrics):
+    return RunRecord(
+        run_id=f"{repro}-{arm}-{seed}".replace(" ", "_"), group=f"repro-{repro}-tiny", task="tinyshakespeare-char",
+        family=family, preset="tiny", seed=seed, status="finished", steps=steps, tokens_seen=steps * 1000,
+        train_flops=1e12, metrics={"val_loss": loss, "quality": 2.718281828 ** -loss, **metrics},
+        params={"active": 1000, "total": 4000 if family != "dense" else 1000}, flops={"train_per_token": 6e6},
+        timings={"tokens_per_second": tps, "wall_seconds": 10.0},
+        expert_stats=[] if family in ("dense", "lstm") else [{"tokens_per_expert": list(load), "fraction_dropped": dropped}],
+        curve=curve if curve is not None else [{"step": s, "tokens": s * 1000, "flops": s * 1e10, "seconds": s / 10,
+                                                "loss": loss + 1.0 - s / steps} for s in (25, 50, 75, 100)],
+        config={"model": {"family": family, "moe": {"num_experts": len(load), "capacity_factor": 1.0}}},
+        extra={"reproduction": repro, "arm": arm})
+
+
+def test_compare_verdicts_use_the_seed_spread():
+    arms = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.02), rec("b", 0, 2.10), rec("b", 1, 2.16)])
+    verdict, evidence = compare(arms, "a", "b", "val_loss", higher_better=False)
+    assert verdict == REPRODUCED  # gap 0.12 > spread 0.06
+    assert "gap +0.1200" in evidence and "seed spread 0.0600" in evidence
+    assert compare(arms, "b", "a", "val_loss", higher_better=False)[0] == NOT_REPRODUCED
+    close = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.10), rec("b", 0, 2.05), rec("b", 1, 2.08)])
+    assert compare(close, "a", "b", "val_loss", higher_better=False)[0] == MIXED  # gap 0.015 < spread 0.1
+    assert compare(arms, "a", "zzz", "val_loss", False)[0] == "no data"
+
+
+def test_trend_needs_rank_correlation_and_a_gap_beyond_noise():
+    falling = arm_stats([rec(f"switch E={e}", 0, loss) for e, loss in [(1, 2.3), (2, 2.2), (4, 2.15), (8, 2.1)]])
+    xs = {f"switch E={e}": e for e in (1, 2, 4, 8)}
+    verdict, evidence = trend(falling, xs, "val_loss", decreasing=True)
+    assert verdict == REPRODUCED and "Spearman rho -1.00" in evidence
+    rising = arm_stats([rec(f"switch E={e}", 0, loss) for e, loss in [(1, 2.1), (2, 2.2), (4, 2.25), (8, 2.3)]])
+    assert trend(rising, xs, "val_loss", decreasing=True)[0] == NOT_REPRODUCED
+
+
+def test_record_values_load_imbalance_and_dropped_tokens():
+    v = record_values(rec("s", 0, 2.0, load=(6, 1, 1, 0), dropped=0.25))
+    assert v["max_over_mean_load"] == pytest.approx(3.0)  # 6 / (8 / 4)
+    assert v["fraction_dropped"] == 0.25 and v["val_perplexity"] == pytest.approx(2.718281828 ** 2.0)
+
+
+def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    losses = {"dense": (2.30, 2.31), "dense-wide": (2.00, 2.01), "switch cf=1.0": (2.10, 2.12),
+              "switch cf=1.25": (2.08, 2.09), "switch cf=2.0": (2.07, 2.09), "moe cf=1.0": (2.15, 2.16),
+              "moe cf=1.25": (2.14, 2.15), "moe cf=2.0": (2.13, 2.14)}
+    for arm, pair in losses.items():
+        family = arm.split()[0] if " " in arm else "dense"
+        for seed, loss in enumerate(pair):
+            store.save(rec(arm, seed, loss, family=family, tps=2000.0 if family == "switch" else 1500.0))
+    store.save(rec("dense", 2, 9.9, family="dense").finish("failed", "boom"))  # failed runs never count
+    path = write_report(store.url, tmp_path / "out")
+    text = path.read_text()
+    assert "## Switch Transformer vs dense at equal FLOPs" in text
+    row = next(line for line in text.splitlines() if line.startswith("| switch-vs-dense | tiny | 16 | Switch (cf 1.25) "
+                                                                       "reaches a lower validation loss"))
+    assert row.endswith("✅ reproduced |")
+    matches_wide = next(line for line in text.splitlines() if "matches the ~3.5x-FLOPs dense" in line
+                        and line.startswith("| switch-vs-dense"))
+    assert matches_wide.endswith("❌ not reproduced |")  # the wide model is better by far more than the spread
+    assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
+    assert "T5-Base: -1.731, 1600 ex/s" in text
+    assert "seed spread" in text and "Budget: 1.2e+13 training FLOPs per run" in text
+    pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
+    assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
+    assert "](plots/switch-vs-dense-curves.png)" in text and "](plots/switch-vs-dense-curves.html)" in text
+    # the same store gives the same report
+    assert write_report(store.url, tmp_path / "out").read_text() == text
+
+
+def test_report_on_an_empty_store_says_how_to_fill_it(tmp_path):
+    path = write_report(f"sqlite:///{tmp_path / 'e.db'}", tmp_path / "out", plots=False)
+    assert "No reproduction runs in this store yet: run `moe-bench reproduce NAME`" in path.read_text()
