@@ -331,3 +331,17 @@ def test_browser_compare_two_runs(dashboard, browser):
     browser.get(dashboard.url + f"#compare/{IDS[2]}")  # the run without a CSV file: a note, no crash
     note = wait_for(browser, "document.querySelector('#compare-notes li.note')?.textContent")
     assert note and note.startswith(f"{IDS[2]}: no curve:")
+
+
+def test_run_without_csv_files_falls_back_to_the_records_curve(tmp_path):
+    """Committed reference results keep no run directories: the record's own evaluation curve is shown."""
+    from bench.dashboard import api
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.save(RunRecord(run_id="ref", family="switch", status="finished", paths={"csv_file": str(tmp_path / "gone.csv")},
+                         curve=[{"step": 50, "tokens": 2e5, "flops": 4e12, "seconds": 9.5, "loss": 2.9},
+                                {"step": 100, "tokens": 4e5, "flops": 8e12, "seconds": 19.0, "loss": 2.5}]))
+    run = api.run_curves(store, ["ref"])["runs"][0]
+    val = run["metrics"]["val/loss"]
+    assert (val["step"], val["y"], val["x"]["flops"]) == ([50, 100], [2.9, 2.5], [4e12, 8e12])
+    assert run["note"] == "validation curve from the run record (no CSV files here)"

@@ -80,7 +80,10 @@ def run_curves(store: ResultsStore, run_ids: list[str], metrics: list[str] | Non
                         "available": [], "metrics": {}, "x_axes": ["step"], "files": []})
             continue
         label = " ".join(x for x in (r.family, r.preset, f"seed {r.seed}") if x) + f" ({rid})"
-        out.append({"run_id": rid, "label": label, **curves.curves(r.paths, metrics)})
+        found = curves.curves(r.paths, metrics)
+        if not found["metrics"] and r.curve:  # run directory not here: the record's own curve
+            found = curves.record_curve(r.curve, metrics)
+        out.append({"run_id": rid, "label": label, **found})
     return {"runs": out}
 
 

@@ -120,6 +120,24 @@ def _thin(idx: list[int], limit: int) -> list[int]:
     return idx[::stride] + ([idx[-1]] if (len(idx) - 1) % stride else [])
 
 
+def record_curve(points: list[dict[str, Any]], metrics: list[str] | None = None) -> dict[str, Any]:
+    """The same shape as ``curves`` from the evaluation curve kept in the run record itself
+    (``RunRecord.curve``): what remains when the run directory is not on this machine, e.g. for
+    committed reference results. Validation metrics only."""
+    names = {"loss": "val/loss", "mean_token_prob": "val/mean_token_prob", "aux_loss": "val/aux_loss"}
+    out: dict[str, Any] = {"files": [], "available": [], "x_axes": ["step", "flops", "tokens", "seconds"],
+                           "metrics": {}, "note": "validation curve from the run record (no CSV files here)"}
+    points = [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), (int, float))]
+    out["available"] = sorted({names[k] for p in points for k in p if k in names})
+    for key, name in names.items():
+        if name not in out["available"] or (metrics is not None and name not in metrics):
+            continue
+        pts = [p for p in points if isinstance(p.get(key), (int, float))]
+        out["metrics"][name] = {"step": [p["step"] for p in pts], "y": [p[key] for p in pts],
+                                "x": {axis: [p.get(axis) for p in pts] for axis in ("flops", "tokens", "seconds")}}
+    return out
+
+
 def curves(paths: dict[str, Any], metrics: list[str] | None = None, max_points: int = MAX_POINTS) -> dict[str, Any]:
     """``{"files", "available", "x_axes", "metrics": {name: {"step": [...], "y": [...], "x": {axis:
     [...]}}}, "note"}`` for one run; ``note`` says why there is no curve (never raises for bad
