@@ -31,6 +31,9 @@ def build_section(repro: Reproduction, preset: str, records: list[RunRecord], pl
                "moe-rnn": _moe_rnn, "translation": _translation}[repro.name]
     builder(section)
     section.notes.append(_budget_note(section))
+    speed = _speed_note(section)
+    if speed:
+        section.notes.append(speed)
     if plot_dir is not None:
         _plots(section, records, plot_dir)
     return section
@@ -166,6 +169,23 @@ def _budget_note(s: Section) -> str:
         else:
             text += " The baseline's loss had flattened by the end of the budget."
     return text
+
+
+def _speed_note(s: Section) -> str | None:
+    """Throughput is only comparable when the machine was quiet: flag arms whose seeds disagree."""
+    worst = []
+    for a in s.arms.values():
+        tps = a.values.get("tokens_per_second") or []
+        if len(tps) > 1 and min(tps) > 0:
+            worst.append((max(tps) / min(tps) - 1, a.label))
+    if not worst:
+        return None
+    spread, label = max(worst)
+    if spread <= 0.10:
+        return f"Throughput was consistent across seeds (within {100 * spread:.0f}% for every arm)."
+    return (f"Caution: tokens/s of one arm differed by up to {100 * spread:.0f}% between its seeds ({label}); "
+            "the machine was not quiet for every run, so speed claims (tokens/s) are less reliable than the "
+            "loss and step-count claims, which do not depend on timing.")
 
 
 # -- table and plots ----------------------------------------------------------------------------

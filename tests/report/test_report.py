@@ -71,6 +71,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
     assert "seed spread" in text and "Budget: 1.2e+13 training FLOPs per run" in text
+    assert "Throughput was consistent across seeds (within 0% for every arm)" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
     assert "](plots/switch-vs-dense-curves.png)" in text and "](plots/switch-vs-dense-curves.html)" in text
@@ -81,3 +82,13 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
 def test_report_on_an_empty_store_says_how_to_fill_it(tmp_path):
     path = write_report(f"sqlite:///{tmp_path / 'e.db'}", tmp_path / "out", plots=False)
     assert "No reproduction runs in this store yet: run `moe-bench reproduce NAME`" in path.read_text()
+
+
+def test_noisy_throughput_is_flagged():
+    from bench.reproduce import reproduction
+    from bench.report.sections import build_section
+
+    records = [rec("dense", 0, 2.3, family="dense", tps=1000.0), rec("dense", 1, 2.3, family="dense", tps=1500.0)]
+    section = build_section(reproduction("switch-vs-dense"), "tiny", records, plot_dir=None)
+    assert any(n.startswith("Caution: tokens/s of one arm differed by up to 50% between its seeds (dense)")
+               for n in section.notes)
