@@ -175,7 +175,10 @@ def test_kill_9_mid_sweep_then_same_command_finishes_without_duplicates(run_env,
             trials = optuna.load_study(study_name="killed", storage=storage).trials
         except KeyError:
             continue  # the study does not exist yet
-        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+        running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("run_id")]
+        record = ResultsStore(storage).get(running[0].user_attrs["run_id"]) if running else None
+        # Kill mid-training: a trial finished, and the next one's run has started writing its record.
+        if any(t.state.name == "COMPLETE" for t in trials) and record is not None:
             os.kill(proc.pid, signal.SIGKILL)
             killed = True
             break
