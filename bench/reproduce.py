@@ -11,6 +11,7 @@ stopped. The ``tiny`` budgets are sized so each reproduction takes at most ~30 m
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -200,6 +201,8 @@ def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, 
     from bench.train.run import train
 
     announce = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    # Dozens of runs: Lightning's per-run "GPU available ..." banner drowns the progress lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     repro = reproduction(name)
     store = ResultsStore(storage)
     problems: list[str] = []
