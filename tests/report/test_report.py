@@ -92,3 +92,19 @@ def test_noisy_throughput_is_flagged():
     section = build_section(reproduction("switch-vs-dense"), "tiny", records, plot_dir=None)
     assert any(n.startswith("Caution: tokens/s of one arm differed by up to 50% between its seeds (dense)")
                for n in section.notes)
+
+
+def test_cli_report_and_reproduce_list(tmp_path, capsys):
+    from bench.cli import main
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    ResultsStore(url).save(rec("dense", 0, 2.3, family="dense"))
+    assert main(["report", "--storage", url, "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert f"wrote {tmp_path / 'o' / 'REPORT.md'}" in capsys.readouterr().out
+    assert main(["reproduce", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and "tiny 1.2e+13" in listing
+    assert main(["reproduce", "capacity", "--budget-tokens", "100"]) == 2
+    assert "reproductions are matched on training FLOPs: use --budget-flops" in capsys.readouterr().err
+    assert main(["reproduce", "capacity", "--arm", "bogus", "--storage", url]) == 2
+    assert "arm 'bogus' is not in capacity" in capsys.readouterr().err
