@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, StorageError) as e:  # user-fixable: message, no traceback
         print(f"moe-bench {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: finished work is recorded, the same command continues
+        print(f"moe-bench {args.command}: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
