@@ -235,5 +235,5 @@ def _plots(s: Section, records: list[RunRecord], plot_dir: Path) -> None:
     for a in sparse[:3] if name != "moe-rnn" else sparse:
         slug = a.label.replace(" ", "_").replace("=", "").replace(".", "p")
         add((f"Expert load, {a.label} (seed {a.first.seed}, last training batch)",
-             plots.expert_load_heatmap(a.first, plot_dir, f"{name}-load-{slug}", f"{title}: {a.label}")))
+             plots.expert_load_heatmap(a.first, plot_dir, f"{name}-load-{slug}", f"{name}: {a.label}")))
     s.plots[:] = [(caption, files) for caption, files in s.plots if files]
