@@ -57,8 +57,10 @@ class Reproduction:
 
 # Evaluations every 50 steps give the "steps to reach the baseline's quality" curves their
 # resolution; 4 batches of 64 x 256 tokens per intermediate evaluation keep them cheap (~10% of
-# training time); the final evaluation always covers the whole validation split.
-_LM_FIXED = {"eval_every": 50, "eval_batches": 4}
+# training time); the final evaluation always covers the whole validation split. The tiny
+# budgets are a few hundred steps: the default 100-step warmup would take most of the run
+# (a pilot at 133 steps ended with every model near the same loss), so warm up over 20 steps.
+_LM_FIXED = {"eval_every": 50, "eval_batches": 4, "warmup_steps": 20}
 
 REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
     Reproduction(
@@ -79,7 +81,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
             Arm("moe cf=1.25", "moe", {"capacity_factor": 1.25}),
             Arm("moe cf=2.0", "moe", {"capacity_factor": 2.0}),
         ),
-        budgets={"tiny": 1.2e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 1e13, "small": 2e15, "base": 2e17},
         seeds=3,
         fixed=_LM_FIXED,
     ),
@@ -91,7 +93,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         baseline="dense",
         arms=(Arm("dense", "dense"),
               *(Arm(f"switch E={e}", "switch", {"num_experts": e}) for e in (1, 2, 4, 8, 16, 32, 64))),
-        budgets={"tiny": 1.2e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 1e13, "small": 2e15, "base": 2e17},
         seeds=3,
         fixed=_LM_FIXED,
     ),
@@ -103,7 +105,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         baseline="switch cf=1.25",
         arms=tuple(Arm(f"switch cf={cf}", "switch", {"capacity_factor": cf, "num_experts": 8})
                    for cf in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
-        budgets={"tiny": 2e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 3e13, "small": 2e15, "base": 2e17},
         seeds=2,
         fixed=_LM_FIXED,
     ),
@@ -119,8 +121,9 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
             # Table 6 ablation: no importance / load losses.
             Arm("moe-rnn E=16 no-aux", "moe-rnn", {"num_experts": 16, "importance_weight": 0.0, "load_weight": 0.0}),
         ),
-        # LSTMs run ~3k tokens/s on 2 CPU cores: a smaller FLOP budget keeps tiny near 30 minutes.
-        budgets={"tiny": 3e12, "small": 1e15, "base": 1e17},
+        # The RNNs' FLOPs per token are ~half the transformers'; 1.5e13 is ~1.6M tokens per run
+        # (a 3e12 pilot stopped at 77 steps, still at the unigram loss).
+        budgets={"tiny": 1.5e13, "small": 1e15, "base": 1e17},
         seeds=2,
         fixed=_LM_FIXED,
     ),
@@ -131,7 +134,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         task="multi30k-de-en",
         baseline="dense",
         arms=(Arm("dense", "dense"), Arm("switch", "switch"), Arm("moe-rnn", "moe-rnn")),
-        budgets={"tiny": 3e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 2.5e13, "small": 2e15, "base": 2e17},
         seeds=2,
         fixed={"eval_every": 100, "eval_batches": 4},
     ),
@@ -185,11 +188,37 @@ def plan(repro: Reproduction, preset: str, seeds: int, store: ResultsStore, arms
             raise ConfigError([f"arm {a!r} is not in {repro.name}; arms: {', '.join(x.label for x in repro.arms)}"
                                for a in unknown], "reproduce")
         chosen = [a for a in repro.arms if a.label in arms]
-    finished = {(r.extra.get("arm"), r.seed): r for r in store.list(group=repro.group(preset))
-                if r.status == "finished"}
     budgets = {a.label: arm_budget(repro, a, preset, flops, extra) for a in chosen}
+    wanted = {a.label: planned_config(repro, a, preset, budgets[a.label], extra) for a in chosen}
+    finished = {}
+    for r in store.list(group=repro.group(preset)):
+        arm = r.extra.get("arm")
+        # Only a run of the *current* definition counts (an older budget or setting does not).
+        if r.status == "finished" and arm in wanted and _same_config(r.config, wanted[arm]):
+            finished.setdefault((arm, r.seed), r)
     return [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
             for seed in range(seeds) for a in chosen]
+
+
+def planned_config(repro: Reproduction, arm: Arm, preset: str, budget: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved model and run configs this arm trains with (as stored in its record)."""
+    from bench.config import to_dict
+    from bench.data.tasks import load_task
+    from bench.train.run import resolve_configs
+
+    settings = {**repro.fixed, **repro.preset_fixed.get(preset, {}), **arm.overrides, **(extra or {})}
+    cfg, rc = resolve_configs(load_task(repro.task), arm.family, preset, settings, budget)
+    return {"model": to_dict(cfg), "run": to_dict(rc)}
+
+
+def _same_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    import json
+
+    def norm(d):
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    return norm(stored.get("model")) == norm(wanted["model"]) and norm(stored.get("run")) == norm(wanted["run"])
 
 
 def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, storage: str | None = None,

@@ -7,7 +7,7 @@ from bench.config import ConfigError
 from bench.data.tasks import load_task
 from bench.flops import model_cost
 from bench.models import model_config
-from bench.reproduce import REPRODUCTIONS, arm_budget, plan, reproduction, run_reproduction
+from bench.reproduce import REPRODUCTIONS, arm_budget, plan, planned_config, reproduction, run_reproduction
 from bench.tracking.records import ResultsStore, RunRecord
 from tests.train.conftest import SMALL
 
@@ -34,16 +34,20 @@ def test_wide_dense_arm_has_3_5x_flops_and_the_dense_models_tokens():
     wide = model_cost(wide_cfg, task.seq_len)
     assert wide.train_flops_per_token / dense.train_flops_per_token == pytest.approx(3.5, abs=0.05)
     budget = arm_budget(repro, repro.arm("dense-wide"), "tiny")
-    assert budget == {"kind": "tokens", "value": float(int(1.2e13 / dense.train_flops_per_token))}
-    assert arm_budget(repro, repro.arm("switch cf=1.0"), "tiny") == {"kind": "flops", "value": 1.2e13}
+    assert budget == {"kind": "tokens", "value": float(int(1e13 / dense.train_flops_per_token))}
+    assert arm_budget(repro, repro.arm("switch cf=1.0"), "tiny") == {"kind": "flops", "value": 1e13}
 
 
 def test_plan_is_seed_major_skips_finished_pairs_and_rejects_bad_input(tmp_path):
     store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
     repro = reproduction("capacity")
-    done = RunRecord(run_id="x", group=repro.group("tiny"), status="finished", seed=1,
-                     extra={"reproduction": "capacity", "arm": "switch cf=1.0"})
-    store.save(done)
+    arm = repro.arm("switch cf=1.0")
+    config = planned_config(repro, arm, "tiny", arm_budget(repro, arm, "tiny"))
+    tags = {"reproduction": "capacity", "arm": "switch cf=1.0"}
+    store.save(RunRecord(run_id="x", group=repro.group("tiny"), status="finished", seed=1, config=config, extra=tags))
+    # a finished run of an older definition (another budget) does not count as done
+    stale = {**config, "run": {**config["run"], "budget": {"kind": "flops", "value": 1.0}}}
+    store.save(RunRecord(run_id="old", group=repro.group("tiny"), status="finished", seed=0, config=stale, extra=tags))
     runs = plan(repro, "tiny", 2, store)
     assert [(r.arm.label, r.seed) for r in runs[:2]] == [("switch cf=0.5", 0), ("switch cf=0.75", 0)]
     assert [r.done.run_id for r in runs if r.done] == ["x"] and len(runs) == 12

@@ -69,10 +69,13 @@ def record_values(r: RunRecord) -> dict[str, float]:
 
 def arm_stats(records: list[RunRecord], order: list[str] | None = None) -> dict[str, ArmStats]:
     """Finished records grouped by their ``arm`` tag, in ``order`` (the reproduction's arm order)."""
-    groups: dict[str, list[RunRecord]] = {}
-    for r in records:
+    newest: dict[tuple[str, int], RunRecord] = {}  # a re-run of an arm/seed replaces the older run
+    for r in sorted(records, key=lambda r: r.started_at):
         if r.status == "finished" and r.extra.get("arm"):
-            groups.setdefault(r.extra["arm"], []).append(r)
+            newest[(r.extra["arm"], r.seed)] = r
+    groups: dict[str, list[RunRecord]] = {}
+    for (arm, _), r in newest.items():
+        groups.setdefault(arm, []).append(r)
     labels = [a for a in (order or sorted(groups)) if a in groups]
     out = {}
     for label in labels:

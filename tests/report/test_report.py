@@ -34,6 +34,14 @@ def test_compare_verdicts_use_the_seed_spread():
     assert compare(arms, "a", "zzz", "val_loss", False)[0] == "no data"
 
 
+def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
+    old, new = rec("a", 0, 3.0), rec("a", 0, 2.0)
+    old.started_at, new.started_at = "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"
+    new.run_id = "newer"
+    arms = arm_stats([new, old])
+    assert arms["a"].n == 1 and arms["a"].values["val_loss"] == [2.0]
+
+
 def test_trend_needs_rank_correlation_and_a_gap_beyond_noise():
     falling = arm_stats([rec(f"switch E={e}", 0, loss) for e, loss in [(1, 2.3), (2, 2.2), (4, 2.15), (8, 2.1)]])
     xs = {f"switch E={e}": e for e in (1, 2, 4, 8)}
@@ -70,7 +78,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert matches_wide.endswith("❌ not reproduced |")  # the wide model is better by far more than the spread
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
-    assert "seed spread" in text and "Budget: 1.2e+13 training FLOPs per run" in text
+    assert "seed spread" in text and "Budget: 1e+13 training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
@@ -103,7 +111,7 @@ def test_cli_report_and_reproduce_list(tmp_path, capsys):
     assert f"wrote {tmp_path / 'o' / 'REPORT.md'}" in capsys.readouterr().out
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and "tiny 1.2e+13" in listing
+    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and "tiny 1e+13" in listing
     assert main(["reproduce", "capacity", "--budget-tokens", "100"]) == 2
     assert "reproductions are matched on training FLOPs: use --budget-flops" in capsys.readouterr().err
     assert main(["reproduce", "capacity", "--arm", "bogus", "--storage", url]) == 2
