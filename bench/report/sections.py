@@ -159,13 +159,16 @@ def _budget_note(s: Section) -> str:
         return text + "."
     tokens = base.mean("tokens")
     text += f" ({tokens / 1e6:.2f}M tokens for the baseline, {base.mean('steps'):.0f} steps)."
-    curve = base.first.curve
+    curve = [p for p in base.first.curve if p.get("loss") is not None]
     if len(curve) >= 2:
-        drop = (curve[-2]["loss"] - curve[-1]["loss"]) / max(curve[-2]["loss"], 1e-9)
+        # Per 100 steps over the last two evaluations: the last interval may be only a few steps.
+        steps = max(curve[-1]["step"] - curve[-2]["step"], 1)
+        drop = (curve[-2]["loss"] - curve[-1]["loss"]) / max(curve[-2]["loss"], 1e-9) * 100 / steps
         if drop > 0.005:
-            text += (f" The baseline's validation loss was still falling at the end ({100 * drop:.1f}% over its last "
-                     "evaluation interval): models are under-trained, and gaps that depend on learning many experts "
-                     "(large E, low capacity) would likely change with a larger budget; the papers train 100k+ steps.")
+            text += (f" The baseline's validation loss was still falling at the end ({100 * drop:.1f}% per 100 steps "
+                     "over its last evaluations): models are under-trained, and gaps that depend on learning many "
+                     "experts (large E, low capacity) would likely change with a larger budget; the papers train "
+                     "100k+ steps.")
         else:
             text += " The baseline's loss had flattened by the end of the budget."
     return text
