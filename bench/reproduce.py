@@ -148,6 +148,11 @@ def reproduction(name: str) -> Reproduction:
     return REPRODUCTIONS[name]
 
 
+def arm_settings(repro: Reproduction, arm: Arm, preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The --set style settings one arm trains with: reproduction, preset, arm, then the user's."""
+    return {**repro.fixed, **repro.preset_fixed.get(preset, {}), **arm.overrides, **(extra or {})}
+
+
 def arm_budget(repro: Reproduction, arm: Arm, preset: str, flops: float | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The training budget of one arm (see Arm.budget); ``flops`` replaces the preset's budget."""
@@ -160,7 +165,7 @@ def arm_budget(repro: Reproduction, arm: Arm, preset: str, flops: float | None =
 
     task = load_task(repro.task)
     base = repro.arm(repro.baseline)
-    cfg, _ = resolve_configs(task, base.family, preset, {**repro.fixed, **base.overrides, **(extra or {})}, None)
+    cfg, _ = resolve_configs(task, base.family, preset, arm_settings(repro, base, preset, extra), None)
     seq_len = task.seq_len if task.type == "lm" else task.tgt_len
     per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
     return {"kind": "tokens", "value": float(int(flops / per_token))}
@@ -207,8 +212,8 @@ def planned_config(repro: Reproduction, arm: Arm, preset: str, budget: dict[str,
     from bench.data.tasks import load_task
     from bench.train.run import resolve_configs
 
-    settings = {**repro.fixed, **repro.preset_fixed.get(preset, {}), **arm.overrides, **(extra or {})}
-    cfg, rc = resolve_configs(load_task(repro.task), arm.family, preset, settings, budget)
+    cfg, rc = resolve_configs(load_task(repro.task), arm.family, preset, arm_settings(repro, arm, preset, extra),
+                              budget)
     return {"model": to_dict(cfg), "run": to_dict(rc)}
 
 
@@ -246,7 +251,7 @@ def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, 
     for i, run in enumerate(todo, 1):
         b = run.budget
         announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
-        settings = {**repro.fixed, **repro.preset_fixed.get(preset, {}), **run.arm.overrides, **extra}
+        settings = arm_settings(repro, run.arm, preset, extra)
         run_id = new_run_id(f"{repro.name}-{run.arm.family}")
         try:
             record = train(repro.task, run.arm.family, preset, settings, budget=b, seed=run.seed, storage=storage,
