@@ -246,10 +246,15 @@ def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
     return n * batches[0][0].numel() / (end - clock.start), dropped
 
 
-def training_benchmark(steps: int = 12, warmup: int = 3, batch: int = 16, seq: int = 256, vocab: int = 65,
+def training_benchmark(steps: int = 12, warmup: int = 20, batch: int = 16, seq: int = 256, vocab: int = 65,
                        progress: Callable[[str], None] | None = None) -> dict:
     """tokens/s: dense tiny LM in a plain AdamW loop vs moe-bench's Lightning step, and the
-    FLOP-matched switch (E=8, dropless) in the Lightning step; fp32 and bf16 autocast."""
+    FLOP-matched switch (E=8, dropless) in the Lightning step; fp32 and bf16 autocast.
+
+    ``warmup`` untimed steps first: under bf16, oneDNN builds a matmul kernel the first time it
+    sees a shape, and the expert matmuls' shapes follow the routing (bucketed, see
+    ``bench/models/experts.py``); a training run reaches that steady state within its first
+    few dozen steps, so a timing that includes them would describe no real run."""
     import logging
     import warnings
 

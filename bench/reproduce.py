@@ -33,6 +33,9 @@ class Arm:
     # "baseline_tokens": as many tokens as the FLOP budget buys the dense/lstm baseline, i.e.
     # the same number of steps — for the bigger dense model that plays T5-Large.
     budget: str = "flops"
+    # Settings that depend on the preset (a shape relative to the preset's model), applied
+    # after ``overrides``.
+    preset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,27 @@ class Reproduction:
 # Evaluations every 50 steps give the "steps to reach the baseline's quality" curves their
 # resolution; 4 batches of 64 x 256 tokens per intermediate evaluation keep them cheap (~10% of
 # training time); the final evaluation always covers the whole validation split. The tiny
-# budgets are a few hundred steps: the default 100-step warmup would take most of the run
-# (a pilot at 133 steps ended with every model near the same loss), so warm up over 20 steps.
+# budgets are a few hundred steps: the default 100-step warmup would take most of the run, so
+# warm up over 20 steps.
 _LM_FIXED = {"eval_every": 50, "eval_batches": 4, "warmup_steps": 20}
+
+# The transformer reproductions' tiny shape: half the width of the tiny model preset
+# (d_model 128, 4 layers, 4 heads, d_ff 512; 0.8M non-embedding params, 6.3 MFLOP per
+# training token). A ~30-minute reproduction gives each run about a minute of a 2-core CPU, and
+# pilots there showed that width buys more learning than it costs: in 60 s the d=256 preset
+# model took 275 steps to a validation loss of 2.36, this one 449 steps to 2.22 (lr 2e-3; 2.20
+# at 3-4e-3, 2.43 at 8e-3). At the preset's width every arm ended on the ~2.47 bigram
+# plateau and no claim could be told apart from seed noise.
+_LM_TINY = {"d_model": 128, "n_heads": 4, "d_ff": 512, "lr": 3e-3}
+
+# T5-Large's role in Table 1: a dense model with ~3.5x the FLOPs per token of the preset's
+# dense model (bench.flops, at seq 256, vocab 65): tiny 3.49x, small 3.39x, base 3.51x (the
+# real T5-Large shape against T5-Base).
+_WIDE = {
+    "tiny": {"d_model": 256, "n_heads": 4, "d_ff": 1024},
+    "small": {"d_model": 960, "n_heads": 8, "d_ff": 3840},
+    "base": {"d_model": 1024, "n_heads": 16, "d_ff": 4096, "n_layers": 24},
+}
 
 REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
     Reproduction(
@@ -72,8 +93,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         arms=(
             Arm("dense", "dense"),
             # ~3.5x the FLOPs per token of the dense model, trained for the same steps (T5-Large's role).
-            Arm("dense-wide", "dense", {"d_model": 496, "n_heads": 8, "d_ff": 1984},
-                budget="baseline_tokens"),
+            Arm("dense-wide", "dense", budget="baseline_tokens", preset_overrides=_WIDE),
             Arm("switch cf=1.0", "switch", {"capacity_factor": 1.0}),
             Arm("switch cf=1.25", "switch", {"capacity_factor": 1.25}),
             Arm("switch cf=2.0", "switch", {"capacity_factor": 2.0}),
@@ -81,9 +101,10 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
             Arm("moe cf=1.25", "moe", {"capacity_factor": 1.25}),
             Arm("moe cf=2.0", "moe", {"capacity_factor": 2.0}),
         ),
-        budgets={"tiny": 1e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 8e12, "small": 2e15, "base": 2e17},
         seeds=3,
         fixed=_LM_FIXED,
+        preset_fixed={"tiny": _LM_TINY},
     ),
     Reproduction(
         name="switch-experts",
@@ -93,9 +114,10 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         baseline="dense",
         arms=(Arm("dense", "dense"),
               *(Arm(f"switch E={e}", "switch", {"num_experts": e}) for e in (1, 2, 4, 8, 16, 32, 64))),
-        budgets={"tiny": 1e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 8e12, "small": 2e15, "base": 2e17},
         seeds=3,
         fixed=_LM_FIXED,
+        preset_fixed={"tiny": _LM_TINY},
     ),
     Reproduction(
         name="capacity",
@@ -105,9 +127,10 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
         baseline="switch cf=1.25",
         arms=tuple(Arm(f"switch cf={cf}", "switch", {"capacity_factor": cf, "num_experts": 8})
                    for cf in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
-        budgets={"tiny": 3e13, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 1.2e13, "small": 2e15, "base": 2e17},
         seeds=2,
         fixed=_LM_FIXED,
+        preset_fixed={"tiny": _LM_TINY},
     ),
     Reproduction(
         name="moe-rnn",
@@ -121,9 +144,9 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
             # Table 6 ablation: no importance / load losses.
             Arm("moe-rnn E=16 no-aux", "moe-rnn", {"num_experts": 16, "importance_weight": 0.0, "load_weight": 0.0}),
         ),
-        # The RNNs' FLOPs per token are ~half the transformers'; 1.5e13 is ~1.6M tokens per run
-        # (a 3e12 pilot stopped at 77 steps, still at the unigram loss).
-        budgets={"tiny": 1.5e13, "small": 1e15, "base": 1e17},
+        # The RNNs' FLOPs per token (9.6M) are 1.5x the tiny transformer arms'; 2.5e13 is ~2.6M
+        # tokens, ~640 steps per run (a 1e13 pilot reached 2.54 / 2.48 for lstm / moe-rnn).
+        budgets={"tiny": 2.5e13, "small": 1e15, "base": 1e17},
         seeds=2,
         fixed=_LM_FIXED,
     ),
@@ -150,7 +173,8 @@ def reproduction(name: str) -> Reproduction:
 
 def arm_settings(repro: Reproduction, arm: Arm, preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The --set style settings one arm trains with: reproduction, preset, arm, then the user's."""
-    return {**repro.fixed, **repro.preset_fixed.get(preset, {}), **arm.overrides, **(extra or {})}
+    return {**repro.fixed, **repro.preset_fixed.get(preset, {}), **arm.overrides,
+            **arm.preset_overrides.get(preset, {}), **(extra or {})}
 
 
 def arm_budget(repro: Reproduction, arm: Arm, preset: str, flops: float | None = None,

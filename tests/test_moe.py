@@ -307,3 +307,51 @@ def test_masked_routing_under_bf16_autocast(kernel):
     assert y.shape == x.shape and torch.all(y[0, 3:] == 0)
     (y.float().sum() + aux.loss).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --- grouped expert kernel: shape bucketing (bf16 on CPU; see bench/models/experts.py) ---------
+
+def test_pieces_cut_each_expert_into_whole_granules_and_a_remainder():
+    from bench.models.experts import _pieces
+
+    assert list(_pieces([5, 0, 8, 3], granule=4)) == [
+        (0, 0, 4, True), (0, 4, 5, False),  # 5 rows = one granule + 1
+        (2, 5, 13, True),                   # 8 rows = two whole granules: one piece
+        (3, 13, 16, True)]                  # 3 rows: below one granule
+    assert list(_pieces([5, 0, 8, 3], granule=0)) == [(0, 0, 5, True), (2, 5, 13, True), (3, 13, 16, True)]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_bucketed_grouped_ffn_equals_per_expert_autograd_loop(activation):
+    from bench.models.experts import grouped_expert_ffn
+
+    torch.manual_seed(0)
+    counts = [7, 0, 13, 4, 1]  # remainders, an idle expert, a block below one granule
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(5, 6, 10, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(5, 10, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(sum(counts), 6, dtype=torch.float64)
+    act = F.relu if activation == "relu" else F.gelu
+    ref = torch.cat([act(chunk @ w1[e]) @ w2[e] for e, chunk in enumerate(x.split(counts))])
+    ref_grads = torch.autograd.grad(ref, (x, w1, w2), grad)
+    for granule in (0, 4):
+        y = grouped_expert_ffn(x, w1, w2, counts, activation, granule=granule)
+        grads = torch.autograd.grad(y, (x, w1, w2), grad)
+        torch.testing.assert_close(y, ref)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+        assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0  # the idle expert
+
+
+def test_bf16_on_cpu_buckets_rows_and_matches_the_unbucketed_kernel():
+    from bench.models.experts import ROW_GRANULE, grouped_expert_ffn, row_granule
+
+    assert row_granule(torch.bfloat16, torch.device("cpu")) == ROW_GRANULE
+    assert row_granule(torch.float32, torch.device("cpu")) == 0
+    torch.manual_seed(0)
+    counts = [ROW_GRANULE + 5, 3, 2 * ROW_GRANULE]
+    x = torch.randn(sum(counts), 16, dtype=torch.bfloat16)
+    w1, w2 = torch.randn(3, 16, 32, dtype=torch.bfloat16), torch.randn(3, 32, 16, dtype=torch.bfloat16)
+    # Same rows through the same bf16 matmuls, only cut differently: results agree to bf16 rounding.
+    torch.testing.assert_close(grouped_expert_ffn(x, w1, w2, counts, "relu"),
+                               grouped_expert_ffn(x, w1, w2, counts, "relu", granule=0), rtol=2e-2, atol=2e-2)

@@ -26,16 +26,39 @@ def test_reproductions_cover_the_papers_arms():
         reproduction("nope")
 
 
-def test_wide_dense_arm_has_3_5x_flops_and_the_dense_models_tokens():
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_wide_dense_arm_has_3_5x_flops_and_the_dense_models_tokens(preset):
+    from bench.models.config import ModelConfig
+
     repro = reproduction("switch-vs-dense")
     task = load_task(repro.task)
-    dense = model_cost(model_config("dense", "tiny", vocab_size=65, max_seq_len=256), task.seq_len)
-    wide_cfg = model_config("dense", "tiny", repro.arm("dense-wide").overrides, vocab_size=65, max_seq_len=256)
-    wide = model_cost(wide_cfg, task.seq_len)
-    assert wide.train_flops_per_token / dense.train_flops_per_token == pytest.approx(3.5, abs=0.05)
-    budget = arm_budget(repro, repro.arm("dense-wide"), "tiny")
-    assert budget == {"kind": "tokens", "value": float(int(1e13 / dense.train_flops_per_token))}
-    assert arm_budget(repro, repro.arm("switch cf=1.0"), "tiny") == {"kind": "flops", "value": 1e13}
+
+    def cost(label):
+        arm = repro.arm(label)
+        model = planned_config(repro, arm, preset, arm_budget(repro, arm, preset))["model"]
+        cfg = model_config("dense", preset, {k: model[k] for k in ("d_model", "n_heads", "d_ff", "n_layers")},
+                           vocab_size=65, max_seq_len=256)
+        assert isinstance(cfg, ModelConfig)
+        return model_cost(cfg, task.seq_len).train_flops_per_token
+
+    dense, wide = cost("dense"), cost("dense-wide")
+    assert 3.35 <= wide / dense <= 3.55  # T5-Large's ~3.5x T5-Base, relative to each preset's model
+    flops = repro.budgets[preset]
+    assert arm_budget(repro, repro.arm("dense-wide"), preset) == {"kind": "tokens", "value": float(int(flops / dense))}
+    assert arm_budget(repro, repro.arm("switch cf=1.0"), preset) == {"kind": "flops", "value": flops}
+
+
+def test_tiny_transformer_reproductions_train_the_narrow_shape_with_one_learning_rate():
+    for name in ("switch-vs-dense", "switch-experts", "capacity"):
+        repro = reproduction(name)
+        for arm in repro.arms:
+            cfg = planned_config(repro, arm, "tiny", arm_budget(repro, arm, "tiny"))
+            assert cfg["run"]["optim"]["lr"] == 3e-3
+            if arm.label != "dense-wide":
+                assert (cfg["model"]["d_model"], cfg["model"]["d_ff"]) == (128, 512)
+    wide = planned_config(reproduction("switch-vs-dense"), reproduction("switch-vs-dense").arm("dense-wide"),
+                          "tiny", {"kind": "tokens", "value": 1.0})
+    assert (wide["model"]["d_model"], wide["model"]["d_ff"]) == (256, 1024)
 
 
 def test_plan_is_seed_major_skips_finished_pairs_and_rejects_bad_input(tmp_path):

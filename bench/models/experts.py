@@ -6,6 +6,15 @@ Equivalent to ``for e: y_e = act(x_e @ w1[e]) @ w2[e]`` with autograd, but
 - keeps one graph node instead of ~6 per expert, which matters at E = 128 on a CPU.
 This is what a grouped GEMM does on GPUs; on CPUs MKL's large single matmuls make the per-expert
 loop over contiguous row blocks the fastest exact (no padding) option — see ``moe-bench perf``.
+
+Shape bucketing (bf16/fp16 on CPU): those matmuls go through oneDNN, which builds (JIT-compiles)
+a kernel for every new matrix shape and caches it. An expert's row count changes every step, so
+without care almost every expert matmul pays that build: measured here, a (1850, 128) @ (128, 512)
+bf16 matmul takes 0.3 ms with a cached kernel and ~2.3 ms when its row count is new, which made a
+bf16 Switch step at d_model=128 2x slower than the dense one. Each expert's block is therefore
+cut into a multiple of ``ROW_GRANULE`` rows plus a remainder below it, so only ~A/64 + 64
+distinct shapes ever occur and every one is cached after its first use (no padding, no extra
+FLOPs, same result). fp32 matmuls use MKL, which has no per-shape cost, and are not cut.
 """
 from __future__ import annotations
 
@@ -13,21 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+ROW_GRANULE = 64
 
-def _blocks(counts: list[int]):
+
+def _pieces(counts: list[int], granule: int):
+    """(expert, start, end, first piece of this expert) over row blocks sorted by expert.
+
+    ``granule`` > 0 cuts each expert's block into whole granules + a remainder (see above)."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            yield e, start, start + n
+            bulk = n - n % granule if granule else n
+            if 0 < bulk < n:
+                yield e, start, start + bulk, True
+                yield e, start + bulk, start + n, False
+            else:
+                yield e, start, start + n, True
         start += n
+
+
+def row_granule(dtype: torch.dtype, device: torch.device) -> int:
+    """Row bucketing for oneDNN-backed (reduced-precision CPU) matmuls; 0 = none needed."""
+    return ROW_GRANULE if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 0
 
 
 class GroupedExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], activation: str) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], activation: str,
+                granule: int) -> Tensor:
         A, f = x.shape[0], w1.shape[-1]
+        pieces = list(_pieces(counts, granule))
         h = x.new_empty(A, f)
-        for e, s, t in _blocks(counts):
+        for e, s, t, _ in pieces:
             torch.mm(x[s:t], w1[e], out=h[s:t])  # (n_e, d) @ (d, f)
         if activation == "relu":
             a = h.relu_()  # relu's gradient only needs a > 0, so h can be overwritten
@@ -36,37 +62,49 @@ class GroupedExpertFFN(torch.autograd.Function):
             a = F.gelu(h)
             saved_pre = h
         y = x.new_empty(A, w2.shape[-1])
-        for e, s, t in _blocks(counts):
+        for e, s, t, _ in pieces:
             torch.mm(a[s:t], w2[e], out=y[s:t])  # (n_e, f) @ (f, d)
         ctx.save_for_backward(x, w1, w2, a, saved_pre)
-        ctx.counts, ctx.activation = counts, activation
+        ctx.pieces, ctx.activation = pieces, activation
+        ctx.some_expert_idle = 0 in counts
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w1, w2, a, pre = ctx.saved_tensors
-        counts = ctx.counts
+        pieces = ctx.pieces
         grad_y = grad_y.contiguous()
-        grad_w1 = torch.zeros_like(w1) if 0 in counts else torch.empty_like(w1)
-        grad_w2 = torch.zeros_like(w2) if 0 in counts else torch.empty_like(w2)
-        grad_a = torch.empty_like(a)
-        for e, s, t in _blocks(counts):
-            torch.mm(a[s:t].t(), grad_y[s:t], out=grad_w2[e])
+        # An idle expert's weight gradient is zero; every other one is written by its first piece.
+        alloc = torch.zeros_like if ctx.some_expert_idle else torch.empty_like
+        grad_w1, grad_w2, grad_a = alloc(w1), alloc(w2), torch.empty_like(a)
+        for e, s, t, first in pieces:
+            if first:
+                torch.mm(a[s:t].t(), grad_y[s:t], out=grad_w2[e])
+            else:
+                grad_w2[e].addmm_(a[s:t].t(), grad_y[s:t])
             torch.mm(grad_y[s:t], w2[e].t(), out=grad_a[s:t])
         if ctx.activation == "relu":
             grad_h = torch.ops.aten.threshold_backward(grad_a, a, 0)  # 10x faster than masked_fill_ here
         else:
             grad_h = torch.ops.aten.gelu_backward(grad_a, pre)
         grad_x = torch.empty_like(x)
-        for e, s, t in _blocks(counts):
-            torch.mm(x[s:t].t(), grad_h[s:t], out=grad_w1[e])
+        for e, s, t, first in pieces:
+            if first:
+                torch.mm(x[s:t].t(), grad_h[s:t], out=grad_w1[e])
+            else:
+                grad_w1[e].addmm_(x[s:t].t(), grad_h[s:t])
             torch.mm(grad_h[s:t], w1[e].t(), out=grad_x[s:t])
-        return grad_x, grad_w1, grad_w2, None, None
+        return grad_x, grad_w1, grad_w2, None, None, None
 
 
-def grouped_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], activation: str) -> Tensor:
-    """x: (A, d) rows sorted by expert, counts[e] rows for expert e; w1 (E, d, f), w2 (E, f, d)."""
+def grouped_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], activation: str,
+                       granule: int | None = None) -> Tensor:
+    """x: (A, d) rows sorted by expert, counts[e] rows for expert e; w1 (E, d, f), w2 (E, f, d).
+
+    ``granule``: row bucketing (None = ``row_granule`` of the compute dtype; 0 = off)."""
     if torch.is_autocast_enabled(x.device.type):  # custom Functions are not autocast: cast here
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-    return GroupedExpertFFN.apply(x.contiguous(), w1, w2, counts, activation)
+    if granule is None:
+        granule = row_granule(x.dtype, x.device)
+    return GroupedExpertFFN.apply(x.contiguous(), w1, w2, counts, activation, granule)

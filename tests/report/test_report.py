@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench.report import write_report
+from bench.reproduce import REPRODUCTIONS
 from bench.report.claims import MIXED, NOT_REPRODUCED, REPRODUCED, arm_stats, compare, record_values, trend
 from bench.tracking.records import ResultsStore, RunRecord
 
@@ -78,7 +79,8 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert matches_wide.endswith("❌ not reproduced |")  # the wide model is better by far more than the spread
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
-    assert "seed spread" in text and "Budget: 1e+13 training FLOPs per run" in text
+    budget = REPRODUCTIONS["switch-vs-dense"].budgets["tiny"]
+    assert "seed spread" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
@@ -111,7 +113,8 @@ def test_cli_report_and_reproduce_list(tmp_path, capsys):
     assert f"wrote {tmp_path / 'o' / 'REPORT.md'}" in capsys.readouterr().out
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and "tiny 1e+13" in listing
+    tiny = REPRODUCTIONS["switch-vs-dense"].budgets["tiny"]
+    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and f"tiny {tiny:g}" in listing
     assert main(["reproduce", "capacity", "--budget-tokens", "100"]) == 2
     assert "reproductions are matched on training FLOPs: use --budget-flops" in capsys.readouterr().err
     assert main(["reproduce", "capacity", "--arm", "bogus", "--storage", url]) == 2
