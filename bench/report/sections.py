@@ -31,6 +31,9 @@ def build_section(repro: Reproduction, preset: str, records: list[RunRecord], pl
                "moe-rnn": _moe_rnn, "translation": _translation}[repro.name]
     builder(section)
     section.notes.append(_budget_note(section))
+    trend_note = _gap_trend_note(section)
+    if trend_note:
+        section.notes.append(trend_note)
     speed = _speed_note(section)
     if speed:
         section.notes.append(speed)
@@ -172,6 +175,52 @@ def _budget_note(s: Section) -> str:
         else:
             text += " The baseline's loss had flattened by the end of the budget."
     return text
+
+
+def gap_at_half_and_end(arm: ArmStats, base: ArmStats) -> tuple[float, float] | None:
+    """Mean over shared seeds of (arm - baseline) validation loss at the evaluation nearest half
+    the run and at the last evaluation both have (same step = same FLOPs for matched arms)."""
+    base_by_seed = {r.seed: r for r in base.records}
+    half, end = [], []
+    for r in arm.records:
+        b = base_by_seed.get(r.seed)
+        if b is None:
+            continue
+        mine = {p["step"]: p["loss"] for p in r.curve if p.get("loss") is not None}
+        theirs = {p["step"]: p["loss"] for p in b.curve if p.get("loss") is not None}
+        common = sorted(set(mine) & set(theirs))
+        if len(common) < 2:
+            continue
+        mid = min(common, key=lambda step: abs(step - common[-1] / 2))
+        half.append(mine[mid] - theirs[mid])
+        end.append(mine[common[-1]] - theirs[common[-1]])
+    if not half:
+        return None
+    return sum(half) / len(half), sum(end) / len(end)
+
+
+def _gap_trend_note(s: Section) -> str | None:
+    """How the gaps moved over the second half of the budget: the data behind "would a larger
+    budget change the picture?" (a widening gap is likely to grow further, a shrinking one may
+    close or flip)."""
+    base = s.arms.get(s.repro.baseline)
+    if base is None:
+        return None
+    parts = []
+    for label, arm in s.arms.items():
+        if label == s.repro.baseline:
+            continue
+        gaps = gap_at_half_and_end(arm, base)
+        if gaps is None:
+            continue
+        h, e = gaps
+        direction = "widening" if abs(e) > abs(h) + 0.002 else "narrowing" if abs(e) < abs(h) - 0.002 else "steady"
+        parts.append(f"{label} {h:+.3f} → {e:+.3f} ({direction})")
+    if not parts:
+        return None
+    return (f"Loss gap to {s.repro.baseline} (arm − baseline, mean over seeds) at half the budget → at the end: "
+            + "; ".join(parts) + ". Gaps still widening at the end would likely grow with a larger budget; "
+            "narrowing ones may close or flip.")
 
 
 def _speed_note(s: Section) -> str | None:
