@@ -214,13 +214,18 @@ def _gap_trend_note(s: Section) -> str | None:
         if gaps is None:
             continue
         h, e = gaps
-        direction = "widening" if abs(e) > abs(h) + 0.002 else "narrowing" if abs(e) < abs(h) - 0.002 else "steady"
+        if abs(e - h) <= 0.002:
+            direction = "steady"
+        elif h * e < 0 and min(abs(h), abs(e)) > 0.002:
+            direction = "changed sign"
+        else:
+            direction = "widening" if abs(e) > abs(h) else "narrowing"
         parts.append(f"{label} {h:+.3f} → {e:+.3f} ({direction})")
     if not parts:
         return None
     return (f"Loss gap to {s.repro.baseline} (arm − baseline, mean over seeds) at half the budget → at the end: "
             + "; ".join(parts) + ". Gaps still widening at the end would likely grow with a larger budget; "
-            "narrowing ones may close or flip.")
+            "narrowing ones may close or change sign.")
 
 
 def _speed_note(s: Section) -> str | None:

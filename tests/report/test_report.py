@@ -133,10 +133,13 @@ def test_gap_trend_compares_each_seed_with_the_baseline_at_half_and_at_the_end()
                rec("dense", 1, 2.1, family="dense", curve=curve([2.7, 2.5, 2.3, 2.1])),
                rec("switch cf=1.25", 0, 1.9, curve=curve([2.58, 2.38, 2.1, 1.9])),  # -0.02 at 100, -0.10 at 200
                rec("switch cf=1.25", 1, 2.06, curve=curve([2.69, 2.46, 2.28, 2.06])),  # -0.04, -0.04
-               rec("moe cf=1.0", 0, 2.0, family="moe", curve=curve([2.5, 2.3, 2.1, 2.0]))]  # -0.10, 0.00
+               rec("moe cf=1.0", 0, 2.0, family="moe", curve=curve([2.5, 2.3, 2.1, 2.0])),  # -0.10, 0.00
+               rec("moe cf=2.0", 0, 2.03, family="moe", curve=curve([2.5, 2.42, 2.2, 2.03]))]  # +0.02, +0.03
+    records[-1].curve[1]["loss"], records[-1].curve[3]["loss"] = 2.38, 2.03  # -0.02 at half, +0.03 at the end
     arms = arm_stats(records)
     assert gap_at_half_and_end(arms["switch cf=1.25"], arms["dense"]) == pytest.approx((-0.03, -0.07))
     assert gap_at_half_and_end(arms["moe cf=1.0"], arms["dense"]) == pytest.approx((-0.10, 0.0))
     section = build_section(reproduction("switch-vs-dense"), "tiny", records, plot_dir=None)
     note = next(n for n in section.notes if n.startswith("Loss gap to dense"))
     assert "switch cf=1.25 -0.030 → -0.070 (widening)" in note and "moe cf=1.0 -0.100 → +0.000 (narrowing)" in note
+    assert "moe cf=2.0 -0.020 → +0.030 (changed sign)" in note
