@@ -241,8 +241,8 @@ def _speed_note(s: Section) -> str | None:
     if spread <= 0.10:
         return f"Throughput was consistent across seeds (within {100 * spread:.0f}% for every arm)."
     return (f"Caution: tokens/s of one arm differed by up to {100 * spread:.0f}% between its seeds ({label}); "
-            "the machine was not quiet for every run, so speed claims (tokens/s) are less reliable than the "
-            "loss and step-count claims, which do not depend on timing.")
+            "timings drift on a shared CPU (and with how a run's routing balances), so speed claims (tokens/s) "
+            "are less reliable than the loss and step-count claims, which do not depend on timing.")
 
 
 # -- table and plots ----------------------------------------------------------------------------

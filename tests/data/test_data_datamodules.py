@@ -199,3 +199,24 @@ def test_lightning_trainer_fits(which, request, tmp_path):
                          accelerator="cpu", default_root_dir=tmp_path)
     trainer.fit(_Bigram(dm.vocab_size), datamodule=dm)
     assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["val_loss"])
+
+
+@pytest.mark.parametrize("which", ["shakespeare", "multi30k"])
+def test_each_short_epoch_sees_new_batches_in_a_real_trainer(which, request, tmp_path):
+    """train() cuts translation epochs at eval_every batches: Lightning must reshuffle each one
+    (it calls set_epoch on loader.sampler / loader.batch_sampler.sampler only)."""
+    dm = request.getfixturevalue(which)
+    seen: list[list] = []
+
+    class FirstBatches(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 0:
+                x = batch["src"] if isinstance(batch, dict) else batch[0]
+                seen.append(x[0].tolist())
+
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, callbacks=[FirstBatches()],
+                         use_distributed_sampler=False)
+    trainer.fit(_Bigram(dm.vocab_size), datamodule=dm)
+    assert len(seen) == 3 and seen[0] != seen[1] != seen[2] and seen[0] != seen[2]
