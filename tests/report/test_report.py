@@ -79,6 +79,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert matches_wide.endswith("❌ not reproduced |")  # the wide model is better by far more than the spread
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
+    assert "Not in this store yet: `switch-experts`, `capacity`, `moe-rnn`, `translation`" in text
     budget = REPRODUCTIONS["switch-vs-dense"].budgets["tiny"]
     assert "seed spread" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
