@@ -41,6 +41,11 @@ def _pieces(counts: list[int], granule: int):
         start += n
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def row_granule(dtype: torch.dtype, device: torch.device) -> int:
     """Row bucketing for oneDNN-backed (reduced-precision CPU) matmuls; 0 = none needed."""
     return ROW_GRANULE if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 0
@@ -102,9 +107,8 @@ def grouped_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], act
     """x: (A, d) rows sorted by expert, counts[e] rows for expert e; w1 (E, d, f), w2 (E, f, d).
 
     ``granule``: row bucketing (None = ``row_granule`` of the compute dtype; 0 = off)."""
-    if torch.is_autocast_enabled(x.device.type):  # custom Functions are not autocast: cast here
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+    dtype = compute_dtype(x)  # custom Functions are not autocast: cast here
+    x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
     if granule is None:
-        granule = row_granule(x.dtype, x.device)
+        granule = row_granule(dtype, x.device)
     return GroupedExpertFFN.apply(x.contiguous(), w1, w2, counts, activation, granule)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.config import MoEConfig
-from bench.models.experts import grouped_expert_ffn, row_granule
+from bench.models.experts import compute_dtype, grouped_expert_ffn, row_granule
 from bench.models.routing import Router, Routing
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -150,8 +150,7 @@ class MoELayer(nn.Module):
         used = int(position.max()) + 1 if position.numel() else 0
         # bf16 on CPU: oneDNN builds a kernel per bmm shape; rounding the slot count up to a
         # multiple of 8 keeps the shapes few and cached (see experts.py). Extra slots stay zero.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if row_granule(dtype, x.device):
+        if row_granule(compute_dtype(x), x.device):
             used = -(-used // 8) * 8
         slot = expert * (num_groups * used) + group * used + position  # (A,)
         buf = x.new_zeros(E * num_groups * used, d).index_copy_(0, slot, x[token])

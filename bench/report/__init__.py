@@ -67,7 +67,8 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
                 lines.append(f"| {s.repro.name} | {s.preset} | {sum(a.n for a in s.arms.values())} | {c.text} | "
                              f"{VERDICT_MARK[c.verdict]} |")
         lines.append("")
-        missing = [n for n in REPRODUCTIONS if not any(n == name for name, _ in found)]
+        present = {name for name, _ in found}
+        missing = [n for n in REPRODUCTIONS if n not in present]
         if missing:
             lines += [f"Not in this store yet: {', '.join(f'`{n}`' for n in missing)} (run "
                       "`moe-bench reproduce NAME --preset tiny`, then this command again).", ""]
