@@ -269,8 +269,9 @@ def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, 
         raise ConfigError(problems, "reproduce --set")
     runs = plan(repro, preset, seeds or repro.seeds, store, arms, budget_flops, extra)
     todo = [r for r in runs if r.done is None]
+    flops = float(budget_flops or repro.budgets[preset])
     announce(f"{repro.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), preset {preset}, "
-             f"budget {budget_flops or repro.budgets[preset]:.3g} training FLOPs per run, group {repro.group(preset)}")
+             f"budget {flops:.3g} training FLOPs per run, group {repro.group(preset)}")
     records = [r.done for r in runs if r.done is not None]
     for i, run in enumerate(todo, 1):
         b = run.budget
@@ -281,7 +282,8 @@ def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, 
             record = train(repro.task, run.arm.family, preset, settings, budget=b, seed=run.seed, storage=storage,
                            data_dir=data_dir, group=repro.group(preset), name=f"{repro.name}: {run.arm.label}",
                            progress=progress, run_id=run_id,
-                           tags={"reproduction": repro.name, "arm": run.arm.label})
+                           # budget_flops: the report keeps each budget of a reproduction apart.
+                           tags={"reproduction": repro.name, "arm": run.arm.label, "budget_flops": flops})
         except Exception as e:  # recorded as failed by train(); the other arms still run
             if store.get(run_id) is None:
                 raise

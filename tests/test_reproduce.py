@@ -87,6 +87,7 @@ def test_tiny_reproduction_runs_tags_records_and_resumes(run_env):
     assert sorted(r.extra["arm"] for r in first) == ["dense", "switch cf=1.25"]
     assert all(r.status == "finished" and r.group == "repro-switch-vs-dense-tiny" for r in first)
     assert all(r.budget == {"kind": "flops", "value": 3e9} and r.train_flops >= 3e9 for r in first)
+    assert all(r.extra["budget_flops"] == 3e9 for r in first)  # the report keeps budgets apart by this tag
     assert all(r.curve for r in first)  # learning curves for the report
     again = run_reproduction("switch-vs-dense", **kw)  # nothing left to do: the same records
     assert sorted(r.run_id for r in again) == sorted(r.run_id for r in first)

@@ -17,18 +17,43 @@ VERDICT_MARK = {"reproduced": "✅ reproduced", "not reproduced": "❌ not repro
                 "no data": "… no data"}
 
 
-def reproduction_records(store: ResultsStore) -> dict[tuple[str, str], list[RunRecord]]:
-    """(reproduction, preset) -> its records, from the run tags written by `moe-bench reproduce`."""
-    out: dict[tuple[str, str], list[RunRecord]] = {}
+def _tagged_budget(r: RunRecord) -> float | None:
+    """The reproduction's FLOP budget a run belongs to: its tag (runs since the tag exists), else its
+    own budget when that is in FLOPs; None for an untagged tokens-budget arm (dense-wide)."""
+    tagged = r.extra.get("budget_flops")
+    if tagged is not None:
+        return float(tagged)
+    if r.budget.get("kind") == "flops" and r.budget.get("value") is not None:
+        return float(r.budget["value"])
+    return None
+
+
+def reproduction_records(store: ResultsStore) -> dict[tuple[str, str, float], list[RunRecord]]:
+    """(reproduction, preset, training-FLOPs budget) -> its records, from the run tags written by
+    `moe-bench reproduce`. Runs at another budget (``--budget-flops``) are another comparison: mixing
+    them would compare arms at unequal compute and let one budget's seed replace the other's."""
+    from bench.reproduce import REPRODUCTIONS
+
+    by_preset: dict[tuple[str, str], list[RunRecord]] = {}
     for r in store.list():
         name = r.extra.get("reproduction")
-        if name:
-            out.setdefault((name, r.preset), []).append(r)
+        if name in REPRODUCTIONS:
+            by_preset.setdefault((name, r.preset), []).append(r)
+    out: dict[tuple[str, str, float], list[RunRecord]] = {}
+    for (name, preset), records in by_preset.items():
+        default = float(REPRODUCTIONS[name].budgets.get(preset, 0.0))
+        known = {b for b in map(_tagged_budget, records) if b is not None}
+        # Untagged tokens-budget runs predate the tag; they belong with the default budget if any run has it.
+        fallback = default if default in known or not known else min(known)
+        for r in records:
+            budget = _tagged_budget(r)
+            out.setdefault((name, preset, fallback if budget is None else budget), []).append(r)
     return out
 
 
 def write_report(storage: str | None = None, out_dir: str | Path = "results", plots: bool = True) -> Path:
-    from bench.report.sections import arms_table, build_section
+    from bench.report.sections import (add_cross_budget_notes, arms_table, build_section, is_default_budget,
+                                       reproduce_command, section_budget)
     from bench.reproduce import REPRODUCTIONS
 
     store = ResultsStore(storage)
@@ -41,8 +66,10 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     sections = []
     for name, repro in REPRODUCTIONS.items():
         for preset in ("tiny", "small", "base"):
-            if (name, preset) in found:
-                sections.append(build_section(repro, preset, found[(name, preset)], plot_dir if plots else None))
+            for budget in sorted(b for n, p, b in found if (n, p) == (name, preset)):
+                sections.append(build_section(repro, preset, found[(name, preset, budget)],
+                                              plot_dir if plots else None, budget=budget))
+    add_cross_budget_notes(sections)
 
     commits = Counter((r.git_commit or "unknown")[:12] for recs in found.values() for r in recs)
     n_runs = sum(len(v) for v in found.values())
@@ -61,13 +88,14 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
         lines += ["No reproduction runs in this store yet: run `moe-bench reproduce NAME` "
                   f"(one of {', '.join(REPRODUCTIONS)})."]
     else:
-        lines += ["## Summary", "", "| reproduction | preset | runs | claim | verdict |", "|---|---|---|---|---|"]
+        lines += ["## Summary", "", "| reproduction | preset | training FLOPs/run | runs | claim | verdict |",
+                  "|---|---|---|---|---|---|"]
         for s in sections:
             for c in s.claims:
-                lines.append(f"| {s.repro.name} | {s.preset} | {sum(a.n for a in s.arms.values())} | {c.text} | "
-                             f"{VERDICT_MARK[c.verdict]} |")
+                lines.append(f"| {s.repro.name} | {s.preset} | {section_budget(s):.3g} | "
+                             f"{sum(a.n for a in s.arms.values())} | {c.text} | {VERDICT_MARK[c.verdict]} |")
         lines.append("")
-        present = {name for name, _ in found}
+        present = {name for name, _, _ in found}
         missing = [n for n in REPRODUCTIONS if n not in present]
         if missing:
             lines += [f"Not in this store yet: {', '.join(f'`{n}`' for n in missing)} (run "
@@ -75,9 +103,10 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     for s in sections:
         r = s.repro
         seeds = max((a.n for a in s.arms.values()), default=0)
-        lines += [f"## {r.title} — `{r.name}`, preset `{s.preset}`", "",
+        budget = "" if is_default_budget(s) else f", budget {section_budget(s):.3g} training FLOPs"
+        lines += [f"## {r.title} — `{r.name}`, preset `{s.preset}`{budget}", "",
                   f"Task `{r.task}`; baseline `{r.baseline}`; {seeds} seed(s). Reproduce with "
-                  f"`moe-bench reproduce {r.name} --preset {s.preset} --seeds {seeds}`, then `moe-bench report`.", "",
+                  f"`{reproduce_command(s)}`, then `moe-bench report`.", "",
                   *arms_table(s), "", "Claims:", ""]
         for c in s.claims:
             lines.append(f"- **{VERDICT_MARK[c.verdict]}** — {c.text}. *Paper:* {c.paper}. *Ours:* {c.evidence}.")

@@ -16,17 +16,20 @@ class Section:
     repro: Reproduction
     preset: str
     arms: dict[str, ArmStats]
+    budget: float | None = None  # training FLOPs per run; None = the reproduction's default for the preset
     claims: list[Claim] = field(default_factory=list)
     plots: list[tuple[str, list[Path]]] = field(default_factory=list)  # (caption, files)
     paper_column: dict[str, str] = field(default_factory=dict)  # arm -> what the paper reports
     notes: list[str] = field(default_factory=list)
 
 
-def build_section(repro: Reproduction, preset: str, records: list[RunRecord], plot_dir: Path | None) -> Section:
+def build_section(repro: Reproduction, preset: str, records: list[RunRecord], plot_dir: Path | None,
+                  budget: float | None = None) -> Section:
+    """``records`` must share one budget (``budget``, default the preset's): arms are compared as matched."""
     arms = arm_stats(records, [a.label for a in repro.arms])
     if not repro.task.startswith("multi30k"):  # translation: BLEU only at the end, no loss target
         add_step_speedups(arms, repro.baseline)
-    section = Section(repro, preset, arms)
+    section = Section(repro, preset, arms, budget)
     builder = {"switch-vs-dense": _switch_vs_dense, "switch-experts": _switch_experts, "capacity": _capacity,
                "moe-rnn": _moe_rnn, "translation": _translation}[repro.name]
     builder(section)
@@ -151,13 +154,37 @@ def _not_worse(arms: dict[str, ArmStats], a: str, b: str, key: str) -> tuple[str
     return verdict, evidence
 
 
+def section_budget(s: Section) -> float:
+    return s.budget if s.budget is not None else s.repro.budgets[s.preset]
+
+
+def is_default_budget(s: Section) -> bool:
+    return abs(section_budget(s) / s.repro.budgets[s.preset] - 1) < 1e-6
+
+
+def reproduce_command(s: Section) -> str:
+    """The command that (re)makes this section's runs: non-default budgets and arm subsets included."""
+    seeds = max((a.n for a in s.arms.values()), default=0)
+    cmd = f"moe-bench reproduce {s.repro.name} --preset {s.preset} --seeds {seeds}"
+    if not is_default_budget(s):
+        cmd += f" --budget-flops {section_budget(s):g}"
+    if set(s.arms) != {a.label for a in s.repro.arms}:
+        cmd += "".join(f' --arm "{label}"' for label in s.arms)
+    return cmd
+
+
+def plot_stem(s: Section) -> str:
+    """File-name stem of the section's plots, unique per preset and budget (tiny at its default budget: the name)."""
+    stem = s.repro.name if s.preset == "tiny" else f"{s.repro.name}-{s.preset}"
+    return stem if is_default_budget(s) else f"{stem}-{section_budget(s):.2g}flops".replace("+", "")
+
+
 def _budget_note(s: Section) -> str:
     base = s.arms.get(s.repro.baseline)
-    flop_budgets = {r.budget.get("value") for a in s.arms.values() for r in a.records if r.budget.get("kind") == "flops"}
-    budget = max(flop_budgets) if flop_budgets else s.repro.budgets[s.preset]
+    budget = section_budget(s)
     text = f"Budget: {budget:.3g} training FLOPs per run"
-    if len(flop_budgets) > 1:
-        text += f" (runs in the store used {len(flop_budgets)} different budgets: compare with care)"
+    if not is_default_budget(s):
+        text += f" ({budget / s.repro.budgets[s.preset]:.3g}x the preset's default {s.repro.budgets[s.preset]:.3g})"
     if base is None:
         return text + "."
     tokens = base.mean("tokens")
@@ -228,6 +255,39 @@ def _gap_trend_note(s: Section) -> str | None:
             "narrowing ones may close or change sign.")
 
 
+def add_cross_budget_notes(sections: list[Section]) -> None:
+    """Where one reproduction ran at several budgets, say in each of its sections how every arm's loss
+    gap to the baseline moved with the budget: the measured answer to "would a larger budget change
+    the picture?"."""
+    by_repro: dict[tuple[str, str], list[Section]] = {}
+    for s in sections:
+        by_repro.setdefault((s.repro.name, s.preset), []).append(s)
+    for group in by_repro.values():
+        if len(group) < 2:
+            continue
+        group = sorted(group, key=section_budget)
+        baseline = group[0].repro.baseline
+
+        def loss(s: Section, label: str) -> float | None:
+            return s.arms[label].mean("val_loss") if label in s.arms else None
+
+        parts = []
+        base_losses = [(section_budget(s), loss(s, baseline)) for s in group if loss(s, baseline) is not None]
+        if len(base_losses) >= 2:
+            parts.append(f"{baseline} loss " + " → ".join(f"{v:.3f} at {b:.3g}" for b, v in base_losses))
+        for label in [a.label for a in group[0].repro.arms if a.label != baseline]:
+            gaps = [(section_budget(s), loss(s, label) - loss(s, baseline)) for s in group
+                    if loss(s, label) is not None and loss(s, baseline) is not None]
+            if len(gaps) >= 2:
+                parts.append(f"{label} gap " + " → ".join(f"{g:+.3f} at {b:.3g}" for b, g in gaps))
+        if not parts:
+            continue
+        note = ("Across budgets (validation loss, mean over seeds, training FLOPs per run; arm − baseline): "
+                + "; ".join(parts) + ".")
+        for s in group:
+            s.notes.append(note)
+
+
 def _speed_note(s: Section) -> str | None:
     """Throughput is only comparable when the machine was quiet: flag arms whose seeds disagree."""
     worst = []
@@ -274,23 +334,25 @@ def _plots(s: Section, records: list[RunRecord], plot_dir: Path) -> None:
     from bench.report import plots
 
     finished = [r for r in records if r.status == "finished"]
-    name, title = s.repro.name, s.repro.title
+    stem, title = plot_stem(s), s.repro.title
+    if not is_default_budget(s):
+        title += f" ({section_budget(s):.3g} training FLOPs per run)"
     add = s.plots.append
-    add(("Validation loss vs training FLOPs", plots.learning_curves(finished, plot_dir, f"{name}-curves", title)))
+    add(("Validation loss vs training FLOPs", plots.learning_curves(finished, plot_dir, f"{stem}-curves", title)))
     add(("Quality vs active parameters (Pareto front)",
-         plots.quality_vs_active_params(finished, plot_dir, f"{name}-pareto", title)))
-    if name == "switch-experts":
-        add(("Validation loss vs number of experts", plots.loss_vs_experts(finished, plot_dir, f"{name}-experts", title,
+         plots.quality_vs_active_params(finished, plot_dir, f"{stem}-pareto", title)))
+    if s.repro.name == "switch-experts":
+        add(("Validation loss vs number of experts", plots.loss_vs_experts(finished, plot_dir, f"{stem}-experts", title,
                                                                           baseline_label=s.repro.baseline)))
-    if name == "capacity":
+    if s.repro.name == "capacity":
         add(("Capacity factor vs dropped tokens, loss and speed",
-             plots.capacity_tradeoffs(finished, plot_dir, f"{name}-tradeoffs", title)))
+             plots.capacity_tradeoffs(finished, plot_dir, f"{stem}-tradeoffs", title)))
     if not s.repro.task.startswith("multi30k"):
         add(("Step speed-up to the baseline's final loss",
-             plots.steps_to_quality(finished, plot_dir, f"{name}-speedup", title, baseline_label=s.repro.baseline)))
+             plots.steps_to_quality(finished, plot_dir, f"{stem}-speedup", title, baseline_label=s.repro.baseline)))
     sparse = [a for a in s.arms.values() if a.first.expert_stats]
-    for a in sparse[:3] if name != "moe-rnn" else sparse:
+    for a in sparse[:3] if s.repro.name != "moe-rnn" else sparse:
         slug = a.label.replace(" ", "_").replace("=", "").replace(".", "p")
         add((f"Expert load, {a.label} (seed {a.first.seed}, last training batch)",
-             plots.expert_load_heatmap(a.first, plot_dir, f"{name}-load-{slug}", f"{name}: {a.label}")))
+             plots.expert_load_heatmap(a.first, plot_dir, f"{stem}-load-{slug}", f"{s.repro.name}: {a.label}")))
     s.plots[:] = [(caption, files) for caption, files in s.plots if files]

@@ -71,7 +71,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     path = write_report(store.url, tmp_path / "out")
     text = path.read_text()
     assert "## Switch Transformer vs dense at equal FLOPs" in text
-    row = next(line for line in text.splitlines() if line.startswith("| switch-vs-dense | tiny | 16 | Switch (cf 1.25) "
+    row = next(line for line in text.splitlines() if line.startswith("| switch-vs-dense | tiny | 8e+12 | 16 | Switch (cf 1.25) "
                                                                        "reaches a lower validation loss"))
     assert row.endswith("✅ reproduced |")
     matches_wide = next(line for line in text.splitlines() if "matches the ~3.5x-FLOPs dense" in line
@@ -144,3 +144,33 @@ def test_gap_trend_compares_each_seed_with_the_baseline_at_half_and_at_the_end()
     note = next(n for n in section.notes if n.startswith("Loss gap to dense"))
     assert "switch cf=1.25 -0.030 → -0.070 (widening)" in note and "moe cf=1.0 -0.100 → +0.000 (narrowing)" in note
     assert "moe cf=2.0 -0.020 → +0.030 (changed sign)" in note
+
+
+def test_runs_at_another_budget_get_their_own_section_and_a_cross_budget_note(tmp_path):
+    store = ResultsStore(f"sqlite:///{tmp_path / 'b.db'}")
+    default = REPRODUCTIONS["switch-experts"].budgets["tiny"]
+    arms = {"dense": ("dense", 1, (2.40, 2.42), (2.10, 2.12)), "switch E=8": ("switch", 8, (2.41, 2.43), (2.05, 2.06))}
+    for arm, (family, e, short, long) in arms.items():
+        for seed in range(2):
+            r = rec(arm, seed, short[seed], repro="switch-experts", family=family, load=(1,) * e)
+            r.budget = {"kind": "flops", "value": default}  # an untagged run from before the budget tag
+            store.save(r)
+            r = rec(arm, seed, long[seed], repro="switch-experts", family=family, load=(1,) * e)
+            r.run_id += "-long"
+            r.budget, r.extra["budget_flops"] = {"kind": "flops", "value": 3e13}, 3e13
+            store.save(r)
+    text = write_report(store.url, tmp_path / "out").read_text()
+    # Two sections, each comparing its own seeds: the long runs did not replace the short ones.
+    assert text.count("## More experts at equal FLOPs per token") == 2
+    assert "`switch-experts`, preset `tiny`, budget 3e+13 training FLOPs" in text
+    assert f"| switch-experts | tiny | {default:.3g} | 4 |" in text and "| switch-experts | tiny | 3e+13 | 4 |" in text
+    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.4100 ± 0.0100 |" in text
+    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.1100 ± 0.0100 |" in text
+    assert ('moe-bench reproduce switch-experts --preset tiny --seeds 2 --budget-flops 3e+13 --arm "dense" '
+            '--arm "switch E=8"') in text
+    assert f"Budget: 3e+13 training FLOPs per run ({3e13 / default:.3g}x the preset's default {default:.3g})" in text
+    note = (f"dense loss 2.410 at {default:.3g} → 2.110 at 3e+13; "
+            f"switch E=8 gap +0.010 at {default:.3g} → -0.055 at 3e+13.")
+    assert text.count(note) == 2  # in both sections
+    assert (tmp_path / "out" / "plots" / "switch-experts-3e13flops-curves.png").exists()
+    assert (tmp_path / "out" / "plots" / "switch-experts-curves.png").exists()
