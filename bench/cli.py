@@ -78,7 +78,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from bench.perf import format_layer_table, format_training_table, layer_benchmark, training_benchmark
+    from bench.perf import (decoding_benchmark, format_decoding_table, format_layer_table, format_training_table,
+                            layer_benchmark, training_benchmark)
 
     progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
     result = {}
@@ -87,11 +88,14 @@ def cmd_perf(args: argparse.Namespace) -> int:
                                           with_peer=not args.no_peer, progress=progress)
     if args.only in (None, "training"):
         result["training"] = training_benchmark(steps=args.train_steps, progress=progress)
+    if args.only in (None, "decoding"):
+        result["decoding"] = decoding_benchmark(progress=progress)
     if args.json:
         print(json.dumps(result))
     else:
         print("\n\n".join(fmt(result[k]) for k, fmt in (("layer", format_layer_table),
-                                                         ("training", format_training_table)) if k in result))
+                                                         ("training", format_training_table),
+                                                         ("decoding", format_decoding_table)) if k in result))
     return 0
 
 
@@ -313,13 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("perf", help="benchmark: MoE layer vs FLOP-matched dense FFN vs HF peer")
+    p = sub.add_parser("perf", help="benchmarks: MoE layer vs dense FFN and HF peer, training and decoding speed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="token batch sizes")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="expert counts")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the best is reported")
     p.add_argument("--no-peer", action="store_true", help="skip the HuggingFace peer")
-    p.add_argument("--only", choices=["layer", "training"], help="run one part only")
+    p.add_argument("--only", choices=["layer", "training", "decoding"], help="run one part only")
     p.add_argument("--train-steps", type=int, default=12, help="timed steps per training-throughput row")
     p.set_defaults(func=cmd_perf)
     return parser

@@ -3,12 +3,12 @@
 Both model classes are driven through ``_Seq2SeqAdapter`` (encode once, then one ``step`` per
 output position), so the search code never branches on the architecture:
 
-- ``TransformerSeq2Seq``: no KV cache. Every step re-runs the decoder (and the output layer,
-  which ``decode`` applies to every position) over the whole prefix (B, t) and keeps the last
-  position's logits, so decoding L tokens costs O(L^2) decoder token passes instead of O(L).
-  Simple and exactly what teacher-forced ``forward`` computes. Measured on a loaded 2-core CPU,
-  one thread, ``tiny`` preset (d=256, 4+4 layers), vocab 8000, 64 sentences x 30 tokens:
-  dense ~16 sentences/s greedy, ~4 with beam 4.
+- ``TransformerSeq2Seq``: incremental, with a key/value cache (``TransformerSeq2Seq.decode(...,
+  cache=)``): each step runs the decoder on the one new position, attending to the cached keys and
+  values of the earlier ones; cross-attention projects the encoder output once. Decoding L tokens
+  costs O(L) decoder token passes (re-running the prefix, as before 2026-11-29, cost O(L^2)).
+  Same logits as the full-prefix recomputation (tested), except for MoE token dropping, where an
+  eval capacity is counted over the step's tokens instead of the whole prefix.
 - ``RNNSeq2Seq``: one token per step; the LSTM (h, c) states are carried with ``state=``. The
   decoder starts from ``state=None``, as ``RNNSeq2Seq.forward`` does. Same setup: lstm ~240
   sentences/s greedy, ~70 with beam 4.
@@ -49,7 +49,7 @@ class _Seq2SeqAdapter:
     the LSTM states (1, N, C) with the batch on dim 1.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kv_cache: bool = True):
         model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: drive the module itself
         if isinstance(model, RNNSeq2Seq):
             self.kind = "rnn"
@@ -58,21 +58,28 @@ class _Seq2SeqAdapter:
         else:
             raise TypeError(f"cannot decode with {type(model).__name__}: expected TransformerSeq2Seq or RNNSeq2Seq")
         self.model = model
+        self.kv_cache = kv_cache
         self.max_prefix = model.cfg.max_seq_len if self.kind == "transformer" else None
 
     def start(self, src: Tensor, src_mask: Tensor | None) -> dict:
         if self.kind == "rnn":
             memory, _, _ = self.model.encode(src, src_mask)
-        else:
-            memory, _ = self.model.encode(src, src_mask)
-        return {"memory": memory, "src_mask": src_mask, "lstm": None}
+            return {"memory": memory, "src_mask": src_mask, "lstm": None}
+        memory, _ = self.model.encode(src, src_mask)
+        state = {"memory": memory, "src_mask": src_mask, "lstm": None}
+        if self.kv_cache:
+            state["cache"] = [{} for _ in self.model.decoder]
+        return state
 
     def step(self, state: dict, tokens: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
         if self.kind == "rnn":
             logits, _, finals = self.model.decode(state["memory"], state["src_mask"], tokens[:, -1:],
                                                   mask[:, -1:], state=state["lstm"])
             state = dict(state, lstm=finals)
-        else:  # full-prefix recomputation, O(t) per step
+        elif self.kv_cache:  # the new position only; keys/values of the earlier ones come from the cache
+            logits, _ = self.model.decode(state["memory"], state["src_mask"], tokens[:, -1:], mask[:, -1:],
+                                          cache=state["cache"])
+        else:  # the whole prefix again, O(t) per step (a reference, and for benchmarks)
             logits, _ = self.model.decode(state["memory"], state["src_mask"], tokens, mask, last_only=True)
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
 
@@ -83,6 +90,9 @@ class _Seq2SeqAdapter:
                "lstm": None}
         if state["lstm"] is not None:
             out["lstm"] = [tuple(s.index_select(1, index) for s in hc) for hc in state["lstm"]]
+        if "cache" in state:  # per layer {"self"/"cross": {"k", "v"}}, batch on dim 0
+            out["cache"] = [{part: {name: t.index_select(0, index) for name, t in kv.items()}
+                             for part, kv in layer.items()} for layer in state["cache"]]
         return out
 
 
@@ -133,13 +143,14 @@ def _check(src: Tensor, src_mask: Tensor | None, max_len: int, adapter: _Seq2Seq
 
 
 def greedy_decode(model: nn.Module, src: Tensor, src_mask: Tensor | None, bos_id: int, eos_id: int,
-                  max_len: int, pad_id: int = 0) -> list[list[int]]:
+                  max_len: int, pad_id: int = 0, kv_cache: bool = True) -> list[list[int]]:
     """Argmax decoding of a batch: y_t = argmax_v log p(v | y_<t, x), until EOS or ``max_len``.
 
     src: (B, S) ids, src_mask: (B, S) bool True = real token (None = no padding). Returns one
     id list per sentence, without BOS/EOS/PAD. Batched: one decoder call per step for all B.
+    ``kv_cache=False`` re-runs a transformer decoder over the whole prefix at every step.
     """
-    adapter = _Seq2SeqAdapter(model)
+    adapter = _Seq2SeqAdapter(model, kv_cache)
     max_len = _check(src, src_mask, max_len, adapter)
     B, device = src.shape[0], src.device
     if B == 0:
@@ -168,7 +179,7 @@ def gnmt_length_penalty(length: Tensor, alpha: float) -> Tensor:
 
 def beam_search(model: nn.Module, src: Tensor, src_mask: Tensor | None, bos_id: int, eos_id: int,
                 max_len: int, beam_size: int = 4, length_penalty: float = 0.6,
-                pad_id: int = 0) -> list[list[int]]:
+                pad_id: int = 0, kv_cache: bool = True) -> list[list[int]]:
     """Beam search over (B * beam_size) rows; returns the best hypothesis per sentence.
 
     Beams are ranked by cumulative log-prob log p(y | x) while searching; a beam that emits EOS
@@ -177,12 +188,12 @@ def beam_search(model: nn.Module, src: Tensor, src_mask: Tensor | None, bos_id: 
     The returned hypothesis maximises log p(y | x) / lp(|y|) with the GNMT penalty
     lp = ((5 + |y|) / 6) ** length_penalty, |y| counting the EOS when there is one.
     beam_size=1 is greedy decoding. Larger beams usually, but not always, score above greedy:
-    the greedy path can be pruned early (a search error).
+    the greedy path can be pruned early (a search error). ``kv_cache`` as in ``greedy_decode``.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} is not allowed: must be >= 1")
     alpha = length_penalty
-    adapter = _Seq2SeqAdapter(model)
+    adapter = _Seq2SeqAdapter(model, kv_cache)
     max_len = _check(src, src_mask, max_len, adapter)
     B, K, device = src.shape[0], beam_size, src.device
     N = B * K

@@ -87,6 +87,14 @@ def _hf_peer(num_experts: int):
 
 def layer_benchmark(tokens_list=(2048, 8192), experts_list=(8, 32, 128), repeats: int = 5,
                     with_peer: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    if with_peer:
+        bad = [T for T in tokens_list if T % SEQ_LEN]
+        if bad:
+            from bench.config import ConfigError
+
+            raise ConfigError([f"--tokens {' '.join(map(str, bad))}: the HF peer runs sequences of {SEQ_LEN}, so "
+                               f"token counts must be multiples of {SEQ_LEN} (or leave the peer out: --no-peer)"],
+                              "perf")
     tune_cpu_allocator()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs()
@@ -95,7 +103,7 @@ def layer_benchmark(tokens_list=(2048, 8192), experts_list=(8, 32, 128), repeats
     peer_available = True
     for T in tokens_list:
         x = torch.randn(T, D_MODEL, requires_grad=True)
-        x_seq = x.detach().view(T // SEQ_LEN, SEQ_LEN, D_MODEL).requires_grad_()
+        x_seq = x.detach().view(T // SEQ_LEN, SEQ_LEN, D_MODEL).requires_grad_() if with_peer else None
         dense = FeedForward(D_MODEL, D_FF)
         for E in experts_list:
             if progress:
@@ -303,4 +311,57 @@ def format_training_table(result: dict) -> str:
         dropped = "" if r.get("fraction_dropped") is None else f"{100 * r['fraction_dropped']:.1f}%"
         lines.append(f"{r['precision']:<9} {r['impl']:<11} {r['family']:<7} {r['tokens_per_sec']:>9} "
                      f"{r['achieved_gflops']:>8} {r['vs_plain_dense']:>8} {r['vs_moe_bench_dense']:>8} {dropped:>8}")
+    return "\n".join(lines)
+
+
+def decoding_benchmark(batch: int = 64, src_len: int = 24, max_len: int = 40, vocab: int = 8000,
+                       beam_size: int = 4, progress: Callable[[str], None] | None = None) -> dict:
+    """Sentences/s of greedy and beam decoding for the tiny translation transformers, with the
+    key/value cache and re-running the decoder over the prefix (what decoding did before it).
+
+    Random weights never emit EOS, so every sentence decodes exactly ``max_len`` tokens: a fixed
+    workload (real outputs stop earlier). Evaluation capacity is dropless so that both paths
+    compute the same tokens."""
+    from bench.decoding import beam_search, greedy_decode
+    from bench.models import build_model, model_config
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, vocab, (batch, src_len), generator=g)
+    rows = []
+    for family in ("dense", "switch"):
+        over = {"eval_capacity_factor": None} if family == "switch" else None
+        torch.manual_seed(0)
+        model = build_model(model_config(family, "tiny", over, vocab_size=vocab, max_seq_len=max(128, max_len + 1)),
+                            "translation").eval()
+        for search in ("greedy", f"beam {beam_size}"):
+            n = batch if search == "greedy" else max(batch // beam_size, 1)
+            times = {}
+            for kv_cache in (True, False):
+                if progress:
+                    progress(f"{family} {search} decoding, {'KV cache' if kv_cache else 'full prefix'}")
+                start = time.perf_counter()
+                if search == "greedy":
+                    out = greedy_decode(model, src[:n], None, 1, 2, max_len, kv_cache=kv_cache)
+                else:
+                    out = beam_search(model, src[:n], None, 1, 2, max_len, beam_size=beam_size, kv_cache=kv_cache)
+                times[kv_cache] = time.perf_counter() - start
+                if kv_cache:
+                    cached_out = out
+                elif out != cached_out:  # the two paths must decode the same tokens
+                    raise RuntimeError(f"{family} {search}: KV-cache and full-prefix decoding disagree")
+            rows.append(dict(family=family, search=search, sentences=n, tokens_each=max_len,
+                             cached_sentences_per_sec=round(n / times[True], 1),
+                             full_prefix_sentences_per_sec=round(n / times[False], 1),
+                             speedup=round(times[False] / times[True], 2)))
+    return dict(batch=batch, src_len=src_len, max_len=max_len, vocab=vocab, rows=rows)
+
+
+def format_decoding_table(result: dict) -> str:
+    lines = [f"Translation decoding (tiny preset, random weights, {result['max_len']} tokens per sentence, "
+             f"source length {result['src_len']}, vocab {result['vocab']})", "",
+             f"{'model':<7} {'search':<8} {'sentences':>9} {'KV cache sent/s':>16} {'full prefix sent/s':>19} "
+             f"{'speed-up':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['family']:<7} {r['search']:<8} {r['sentences']:>9} {r['cached_sentences_per_sec']:>16} "
+                     f"{r['full_prefix_sentences_per_sec']:>19} {r['speedup']:>8}x")
     return "\n".join(lines)

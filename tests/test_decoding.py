@@ -157,7 +157,8 @@ def test_greedy_matches_full_prefix_reference(family, tiny_cfg):
 
 
 def test_switch_with_capacity_matches_reference_one_sentence_at_a_time(tiny_cfg):
-    # Default eval capacity (factor 2): one sentence per call routes exactly the reference's tokens.
+    # Default eval capacity (factor 2), one sentence per call: each cached step routes one token (never
+    # dropped), the reference the whole prefix; equal unless the reference drops a decoder token.
     model = rigged_model(tiny_cfg, "switch", eval_capacity_factor=2.0)
     assert model.cfg.moe.eval_capacity_factor == 2.0
     src, mask = random_batch(6, seed=3)
@@ -395,3 +396,46 @@ def test_trained_copy_model_decodes_exactly(tiny_cfg):
     assert exact >= 0.8, f"greedy exact match {exact:.2f}"
     beam = beam_search(model, padded, mask, BOS, EOS, 10, beam_size=4)
     assert sum(h == t for h, t in zip(beam, target)) / 100 >= 0.8
+
+
+@pytest.mark.parametrize("family", ["dense", "switch"])
+def test_kv_cache_steps_give_the_full_prefix_logits(family, tiny_cfg):
+    """Incremental decoding (one new position per call, keys/values cached, rows reordered as beam
+    search does) equals re-running the decoder over the whole prefix."""
+    model = rigged_model(tiny_cfg, family)
+    src, mask = random_batch(6, seed=5)
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.cat([torch.full((6, 1), BOS), torch.randint(3, 50, (6, 7), generator=g)], dim=1)
+    tgt_mask = torch.ones_like(tgt, dtype=torch.bool)
+    tgt_mask[2, 5:] = False  # a hypothesis that finished: its later inputs do not take expert capacity
+    with torch.no_grad():
+        memory, _ = model.encode(src, mask)
+        cache = [{} for _ in model.decoder]
+        for t in range(tgt.shape[1]):
+            step, _ = model.decode(memory, mask, tgt[:, t:t + 1], tgt_mask[:, t:t + 1], cache=cache)
+            full, _ = model.decode(memory, mask, tgt[:, :t + 1], tgt_mask[:, :t + 1], last_only=True)
+            torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+            if t == 3:  # beam search reorders rows between steps
+                order = torch.tensor([5, 0, 0, 3, 2, 1])
+                cache = [{part: {k: v.index_select(0, order) for k, v in kv.items()} for part, kv in layer.items()}
+                         for layer in cache]
+                memory, mask, tgt, tgt_mask = memory[order], mask[order], tgt[order], tgt_mask[order]
+        assert cache[0]["self"]["k"].shape[2] == tgt.shape[1]  # one cached position per step
+        with pytest.raises(ValueError, match="one position per step"):
+            model.decode(memory, mask, tgt[:, :2], cache=cache)
+        with pytest.raises(ValueError, match="cache has 1 layers"):
+            model.decode(memory, mask, tgt[:, :1], cache=[{}])
+        long = [{} for _ in model.decoder]
+        model.decode(memory, mask, torch.full((6, model.cfg.max_seq_len), 3), cache=long)
+        with pytest.raises(ValueError, match=f"exceeds max_seq_len={model.cfg.max_seq_len}"):
+            model.decode(memory, mask, tgt[:, :1], cache=long)
+
+
+@pytest.mark.parametrize("family", ["dense", "switch"])
+def test_cached_and_full_prefix_decoding_agree(family, tiny_cfg):
+    model = rigged_model(tiny_cfg, family)
+    src, mask = random_batch(12, seed=9)
+    cached = greedy_decode(model, src, mask, BOS, EOS, MAX_LEN)
+    assert cached == greedy_decode(model, src, mask, BOS, EOS, MAX_LEN, kv_cache=False)
+    assert (beam_search(model, src, mask, BOS, EOS, MAX_LEN, beam_size=3)
+            == beam_search(model, src, mask, BOS, EOS, MAX_LEN, beam_size=3, kv_cache=False))

@@ -50,17 +50,33 @@ class Attention(nn.Module):
                 trunc_normal_(lin.weight, lin.in_features, cfg.init_scale)
 
     def forward(self, x: Tensor, memory: Tensor | None = None, causal: bool = False,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, cache: dict[str, Tensor] | None = None) -> Tensor:
+        """``cache`` (incremental decoding): a dict this layer fills with its keys/values. Self-attention
+        appends the new positions' k/v (after the first call, one position per call, attending to
+        every cached one); cross-attention projects ``memory`` once and reuses it."""
         B, T, C = x.shape
+        nh, hs = self.n_heads, C // self.n_heads
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, -1, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
+
         if self.cross:
             q = self.q(x)
-            k, v = self.kv(memory).split(C, dim=-1)
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = map(heads, self.kv(memory).split(C, dim=-1))
         else:
             q, k, v = self.qkv(x).split(C, dim=-1)
-        nh, hs = self.n_heads, C // self.n_heads
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, -1, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
-        v = v.view(B, -1, nh, hs).transpose(1, 2)
+            k, v = heads(k), heads(v)
+            if cache is not None and "k" in cache:
+                if T != 1:
+                    raise ValueError(f"incremental decoding feeds one position per step after the first, got {T}")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                causal = False  # the one new query may attend to every cached position
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        q = heads(q)  # (B, nh, T, hs)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S) True = attend
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
@@ -86,10 +102,16 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, causal: bool, mask: Tensor | None = None, memory: Tensor | None = None,
-                memory_mask: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
-        x = x + self.drop(self.attn(self.ln_attn(x), causal=causal, key_mask=None if causal else mask))
+                memory_mask: Tensor | None = None,
+                cache: dict[str, dict[str, Tensor]] | None = None) -> tuple[Tensor, MoEAux | None]:
+        """``cache``: incremental decoding state of this block ({"self": ..., "cross": ...}, filled here)."""
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = x + self.drop(self.attn(self.ln_attn(x), causal=causal, key_mask=None if causal else mask,
+                                    cache=self_cache))
         if self.cross is not None:
-            x = x + self.drop(self.cross(self.ln_cross(x), memory=memory, key_mask=memory_mask))
+            x = x + self.drop(self.cross(self.ln_cross(x), memory=memory, key_mask=memory_mask, cache=cross_cache))
         h = self.ln_ffn(x)
         aux = None
         if isinstance(self.ffn, MoELayer):
@@ -111,11 +133,12 @@ class Embedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.max_len = cfg.max_seq_len
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
+        """``offset``: position of idx[:, 0] (incremental decoding feeds positions offset, offset+1, ...)."""
         T = idx.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_len}")
-        return self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))  # (B, T, C)
+        if offset + T > self.max_len:
+            raise ValueError(f"sequence length {offset + T} exceeds max_seq_len={self.max_len}")
+        return self.drop(self.tok(idx) + self.pos(torch.arange(offset, offset + T, device=idx.device)))  # (B, T, C)
 
 
 def output_head(cfg: ModelConfig, emb: nn.Embedding) -> nn.Linear:
@@ -175,13 +198,26 @@ class TransformerSeq2Seq(nn.Module):
         return self.ln_enc(x), auxes
 
     def decode(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor,
-               tgt_mask: Tensor | None = None, last_only: bool = False) -> tuple[Tensor, list[MoEAux]]:
+               tgt_mask: Tensor | None = None, last_only: bool = False,
+               cache: list[dict] | None = None) -> tuple[Tensor, list[MoEAux]]:
         """Decoder logits (B, T, vocab); ``last_only`` projects only the last position (B, 1,
-        vocab), which is all step-by-step decoding needs (the vocab projection is its largest matmul)."""
-        x = self.embed(tgt_in)
+        vocab), which is all step-by-step decoding needs (the vocab projection is its largest matmul).
+
+        ``cache`` (incremental decoding, see ``bench.decoding``): one dict per decoder layer, e.g.
+        ``[{} for _ in model.decoder]`` before the first call; each call then feeds only the new
+        position(s) ``tgt_in`` and ``tgt_mask`` and extends the cache. Same logits as re-running
+        the whole prefix, except that MoE capacity is then counted over the new tokens only."""
+        offset = 0
+        if cache is not None:
+            if len(cache) != len(self.decoder):
+                raise ValueError(f"cache has {len(cache)} layers, the decoder {len(self.decoder)}")
+            past = cache[0].get("self", {}).get("k")
+            offset = 0 if past is None else past.shape[2]
+        x = self.embed(tgt_in, offset)
         auxes = []
-        for block in self.decoder:
-            x, aux = block(x, causal=True, mask=tgt_mask, memory=memory, memory_mask=src_mask)
+        for i, block in enumerate(self.decoder):
+            x, aux = block(x, causal=True, mask=tgt_mask, memory=memory, memory_mask=src_mask,
+                           cache=None if cache is None else cache[i])
             if aux is not None:
                 auxes.append(aux)
         if last_only:

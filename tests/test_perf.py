@@ -1,0 +1,45 @@
+"""`moe-bench perf` benchmarks at toy sizes: they run, agree with themselves and print their tables.
+
+The figures themselves are for the benchmark runs quoted in the issues/README, not asserted here
+(timings on shared CPUs drift)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.perf import (decoding_benchmark, format_decoding_table, format_layer_table, format_training_table,
+                        layer_benchmark, training_benchmark)
+
+
+def test_decoding_benchmark_compares_cached_and_full_prefix_decoding():
+    result = decoding_benchmark(batch=4, src_len=5, max_len=6, vocab=50, beam_size=2)
+    assert [(r["family"], r["search"], r["sentences"]) for r in result["rows"]] == [
+        ("dense", "greedy", 4), ("dense", "beam 2", 2), ("switch", "greedy", 4), ("switch", "beam 2", 2)]
+    for r in result["rows"]:
+        assert r["cached_sentences_per_sec"] > 0 and r["full_prefix_sentences_per_sec"] > 0
+        ratio = r["full_prefix_sentences_per_sec"] and r["cached_sentences_per_sec"] / r["full_prefix_sentences_per_sec"]
+        assert abs(r["speedup"] - ratio) <= 0.05 * ratio + 0.1  # rounding only
+    table = format_decoding_table(result)
+    assert "6 tokens per sentence" in table and "switch  beam 2" in table
+
+
+def test_layer_benchmark_rows_and_table():
+    result = layer_benchmark(tokens_list=(64,), experts_list=(2,), repeats=1, with_peer=False)
+    impls = {r["impl"] for r in result["rows"]}
+    assert "dense" in impls and len(result["rows"]) >= 2
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert "MoE layer forward+backward" in format_layer_table(result)
+    with pytest.raises(ValueError, match="must be multiples of 256 \\(or leave the peer out: --no-peer\\)"):
+        layer_benchmark(tokens_list=(64,), experts_list=(2,), repeats=1, with_peer=True)
+
+
+def test_training_benchmark_rows_and_ratios():
+    torch.manual_seed(0)
+    result = training_benchmark(steps=1, warmup=1, batch=2, seq=16)
+    rows = {(r["precision"], r["impl"], r["family"]): r for r in result["rows"]}
+    assert set(rows) == {(p, i, f) for p in ("fp32", "bf16")
+                         for i, f in (("plain loop", "dense"), ("moe-bench", "dense"), ("moe-bench", "switch"))}
+    for p in ("fp32", "bf16"):
+        assert rows[(p, "plain loop", "dense")]["vs_plain_dense"] == 1.0
+        assert rows[(p, "moe-bench", "dense")]["vs_moe_bench_dense"] == 1.0
+    assert "LM training throughput" in format_training_table(result)
