@@ -150,3 +150,25 @@ def test_moe_every_places_moe_blocks(tiny_cfg):
     assert kinds == ["FeedForward", "MoELayer", "FeedForward", "MoELayer"]
     cfg = tiny_cfg("moe", n_layers=3, moe_every=1)
     assert all(isinstance(b.ffn, MoELayer) for b in build_model(cfg, "lm").blocks)
+
+
+def test_short_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    """Short sequences attend in fp32 on CPU (the bf16 kernel is several times slower there):
+    same result as fp32 attention, bf16 out under autocast, gradients reach q, k and v."""
+    import torch.nn.functional as F
+
+    from bench.models.transformer import CPU_FP32_ATTENTION_MAX_LEN, attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g).requires_grad_() for _ in range(3))
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, False, 0.0)
+        long = attention(*(t.bfloat16().repeat(1, 1, 20, 1) for t in (q, k, v)), None, True, 0.0)
+    assert y.dtype == torch.bfloat16 and long.dtype == torch.bfloat16 and 7 * 20 > CPU_FP32_ATTENTION_MAX_LEN
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)  # bf16 inputs, fp32 math
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+    torch.testing.assert_close(attention(q, k, v, mask, False, 0.0), ref)  # fp32 stays fp32, unchanged
