@@ -203,7 +203,9 @@ def _text_batches(batch: int, seq: int, n: int, seed: int = 0):
 def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    from bench.train.module import adamw
+
+    opt = adamw(list(model.parameters()), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))  # as a good loop would
     model.train()
     start = None
     for i, (x, y) in enumerate(batches):

@@ -111,6 +111,14 @@ class BenchModule(pl.LightningModule):
         self.log_dict(metrics, sync_dist=True)
 
     # --- optimisation -----------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip the global gradient norm (Trainer's gradient_clip_val) ourselves: Lightning's mixed-
+        precision plugin refuses to clip for fused optimizers, which may unscale fp16 gradients
+        inside their step. We train in fp32 or bf16 only, never with an fp16 GradScaler, so the
+        gradients here are the true ones."""
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         decay, no_decay = [], []
@@ -121,11 +129,24 @@ class BenchModule(pl.LightningModule):
             seen.add(id(p))
             # Weight decay on matrices and expert banks; not on norms, biases or embeddings.
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, self.budget_fraction(), cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where the device has one (CPU and CUDA do), else the default.
+
+    On CPUs the default is a Python loop over parameters (its multi-tensor "foreach" path is
+    CUDA-only); measured here on one thread, a step over the tiny Switch translation model's 24M
+    parameters took 134 ms unfused vs 29 ms fused (dense tiny LM, 3.2M: 9.1 vs 2.2 ms). An MoE
+    model has E times the FFN parameters of its FLOP-matched dense model, so the unfused step
+    alone cost it a large share of its throughput. Same update, up to float rounding."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **kwargs)
 
 
 class LMModule(BenchModule):
