@@ -3,7 +3,8 @@
 A claim "A is better than B" is **reproduced** when the mean gap in the claimed direction is
 larger than the seed spread (the larger of the two arms' max-min ranges), **not reproduced**
 when the gap goes the other way by more than the spread, and **mixed** otherwise (within seed
-noise). With one seed there is no spread, and the report says so.
+noise). With one seed of each arm there is no spread to judge a gap against: the verdict is
+**mixed** and says so (the issue's rule: reproduced only when the gap exceeds the spread).
 """
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def compare(arms: dict[str, ArmStats], a: str, b: str, key: str, higher_better: 
     spread = max(spreads) if spreads else 0.0
     seeds = min(arms[a].n, arms[b].n)
     evidence = (f"{a} {_num(ma)} vs {b} {_num(mb)} ({key}, mean of {seeds} seed(s)); gap {_num(gain, '+')} in the "
-                f"claimed direction; seed spread {_num(spread)}" + ("" if spreads else " (one seed: no spread)"))
+                f"claimed direction; seed spread {_num(spread)}")
+    if not spreads:
+        return MIXED, evidence + " — one seed of each: no spread to judge the gap against (run more seeds)"
     if gain > spread:
         return REPRODUCED, evidence
     if gain < -spread:

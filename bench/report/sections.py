@@ -189,19 +189,31 @@ def _budget_note(s: Section) -> str:
         return text + "."
     tokens = base.mean("tokens")
     text += f" ({tokens / 1e6:.2f}M tokens for the baseline, {base.mean('steps'):.0f} steps)."
-    curve = [p for p in base.first.curve if p.get("loss") is not None]
-    if len(curve) >= 2:
-        # Per 100 steps over the last two evaluations: the last interval may be only a few steps.
-        steps = max(curve[-1]["step"] - curve[-2]["step"], 1)
-        drop = (curve[-2]["loss"] - curve[-1]["loss"]) / max(curve[-2]["loss"], 1e-9) * 100 / steps
+    drop = final_loss_slope(base.first.curve)
+    if drop is not None:
         if drop > 0.005:
             text += (f" The baseline's validation loss was still falling at the end ({100 * drop:.1f}% per 100 steps "
-                     "over its last evaluations): models are under-trained, and gaps that depend on learning many "
+                     "over the last 10% of the run): models are under-trained, and gaps that depend on learning many "
                      "experts (large E, low capacity) would likely change with a larger budget; the papers train "
                      "100k+ steps.")
         else:
             text += " The baseline's loss had flattened by the end of the budget."
     return text
+
+
+def final_loss_slope(curve: list[dict]) -> float | None:
+    """Relative fall of the validation loss per 100 steps (a fraction) over the end of a run: from the last
+    evaluation at least max(50 steps, 10% of the run) before the end to the end. The last
+    interval alone can be a few steps at the floor of the lr schedule, which reads as flat."""
+    points = [p for p in curve if p.get("loss") is not None]
+    if len(points) < 2:
+        return None
+    end = points[-1]
+    window = max(50, 0.1 * end["step"])
+    earlier = [p for p in points[:-1] if end["step"] - p["step"] >= window] or points[:1]
+    ref = earlier[-1]
+    steps = max(end["step"] - ref["step"], 1)
+    return (ref["loss"] - end["loss"]) / max(ref["loss"], 1e-9) * 100 / steps
 
 
 def gap_at_half_and_end(arm: ArmStats, base: ArmStats) -> tuple[float, float] | None:

@@ -33,6 +33,9 @@ def test_compare_verdicts_use_the_seed_spread():
     close = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.10), rec("b", 0, 2.05), rec("b", 1, 2.08)])
     assert compare(close, "a", "b", "val_loss", higher_better=False)[0] == MIXED  # gap 0.015 < spread 0.1
     assert compare(arms, "a", "zzz", "val_loss", False)[0] == "no data"
+    single = arm_stats([rec("a", 0, 2.00), rec("b", 0, 2.50)])
+    verdict, evidence = compare(single, "a", "b", "val_loss", higher_better=False)
+    assert verdict == MIXED and "one seed of each: no spread to judge the gap against" in evidence
 
 
 def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
@@ -174,3 +177,15 @@ def test_runs_at_another_budget_get_their_own_section_and_a_cross_budget_note(tm
     assert text.count(note) == 2  # in both sections
     assert (tmp_path / "out" / "plots" / "switch-experts-3e13flops-curves.png").exists()
     assert (tmp_path / "out" / "plots" / "switch-experts-curves.png").exists()
+
+
+def test_final_loss_slope_looks_past_a_short_last_interval():
+    from bench.report.sections import final_loss_slope
+
+    curve = [{"step": 350, "loss": 4.0}, {"step": 400, "loss": 3.9}, {"step": 413, "loss": 3.9}]
+    # From step 350 (>= 50 steps back) to 413: (4.0 - 3.9) / 4.0 per 63 steps -> 3.97% per 100 steps.
+    assert final_loss_slope(curve) == pytest.approx(0.1 / 4.0 * 100 / 63)
+    long = [{"step": s, "loss": 3.0 - s / 10000} for s in range(0, 2001, 100)]  # window 10% = 200 steps
+    assert final_loss_slope(long) == pytest.approx((0.02 / (3.0 - 0.18)) * 100 / 200)
+    assert final_loss_slope([{"step": 10, "loss": 2.0}]) is None
+    assert final_loss_slope([{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.9}]) == pytest.approx(0.05 * 10)
