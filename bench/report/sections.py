@@ -216,23 +216,32 @@ def final_loss_slope(curve: list[dict]) -> float | None:
     return (ref["loss"] - end["loss"]) / max(ref["loss"], 1e-9) * 100 / steps
 
 
+def _loss_at(points: list[tuple[float, float]], x: float) -> float:
+    """Validation loss at step x, linear between evaluations (points sorted by step)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if x < points[0][0] else points[-1][1]
+
+
 def gap_at_half_and_end(arm: ArmStats, base: ArmStats) -> tuple[float, float] | None:
-    """Mean over shared seeds of (arm - baseline) validation loss at the evaluation nearest half
-    the run and at the last evaluation both have (same step = same FLOPs for matched arms)."""
+    """Mean over shared seeds of (arm - baseline) validation loss at half of each run and at its end.
+
+    "Half" is half of each run's own steps: the same training FLOPs for FLOP-matched arms (the
+    same number of steps), and the same fraction of the budget for arms that take more steps for
+    it (an LSTM's cheaper tokens) or fewer (dense-wide runs the baseline's steps at 3.5x FLOPs)."""
     base_by_seed = {r.seed: r for r in base.records}
     half, end = [], []
     for r in arm.records:
         b = base_by_seed.get(r.seed)
         if b is None:
             continue
-        mine = {p["step"]: p["loss"] for p in r.curve if p.get("loss") is not None}
-        theirs = {p["step"]: p["loss"] for p in b.curve if p.get("loss") is not None}
-        common = sorted(set(mine) & set(theirs))
-        if len(common) < 2:
+        mine = sorted((p["step"], p["loss"]) for p in r.curve if p.get("loss") is not None)
+        theirs = sorted((p["step"], p["loss"]) for p in b.curve if p.get("loss") is not None)
+        if len(mine) < 2 or len(theirs) < 2:
             continue
-        mid = min(common, key=lambda step: abs(step - common[-1] / 2))
-        half.append(mine[mid] - theirs[mid])
-        end.append(mine[common[-1]] - theirs[common[-1]])
+        half.append(_loss_at(mine, mine[-1][0] / 2) - _loss_at(theirs, theirs[-1][0] / 2))
+        end.append(mine[-1][1] - theirs[-1][1])
     if not half:
         return None
     return sum(half) / len(half), sum(end) / len(end)

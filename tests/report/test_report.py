@@ -189,3 +189,18 @@ def test_final_loss_slope_looks_past_a_short_last_interval():
     assert final_loss_slope(long) == pytest.approx((0.02 / (3.0 - 0.18)) * 100 / 200)
     assert final_loss_slope([{"step": 10, "loss": 2.0}]) is None
     assert final_loss_slope([{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.9}]) == pytest.approx(0.05 * 10)
+
+
+def test_gap_trend_compares_runs_of_different_lengths_at_the_same_fraction_of_their_run():
+    from bench.report.claims import arm_stats
+    from bench.report.sections import gap_at_half_and_end
+
+    base = rec("lstm", 0, 3.0, family="lstm", curve=[{"step": s, "loss": 4.0 - s / 400} for s in (100, 200, 300, 400)])
+    # An arm with cheaper tokens takes twice the steps for the same FLOPs; evaluations every 150 steps.
+    arm = rec("moe-rnn E=4", 0, 2.8, family="moe-rnn",
+              curve=[{"step": s, "loss": 4.0 - s / 800 - 0.2 * s / 800} for s in (150, 300, 450, 600, 750, 800)])
+    arms = arm_stats([base, arm])
+    half, end = gap_at_half_and_end(arms["moe-rnn E=4"], arms["lstm"])
+    # Half: arm at step 400 (interpolated between 300 and 450) vs baseline at step 200.
+    assert half == pytest.approx((4.0 - 0.5 - 0.1) - (4.0 - 0.5))
+    assert end == pytest.approx((4.0 - 1.0 - 0.2) - 3.0)
