@@ -271,7 +271,8 @@ def _gap_trend_note(s: Section) -> str | None:
         parts.append(f"{label} {h:+.3f} → {e:+.3f} ({direction})")
     if not parts:
         return None
-    return (f"Loss gap to {s.repro.baseline} (arm − baseline, mean over seeds) at half the budget → at the end: "
+    return (f"Loss gap to {s.repro.baseline} (arm − baseline, mean over seeds, on the intermediate evaluations' "
+            "validation batches) at half the budget → at the end: "
             + "; ".join(parts) + ". Gaps still widening at the end would likely grow with a larger budget; "
             "narrowing ones may close or change sign.")
 
