@@ -355,3 +355,21 @@ def test_bf16_on_cpu_buckets_rows_and_matches_the_unbucketed_kernel():
     # Same rows through the same bf16 matmuls, only cut differently: results agree to bf16 rounding.
     torch.testing.assert_close(grouped_expert_ffn(x, w1, w2, counts, "relu"),
                                grouped_expert_ffn(x, w1, w2, counts, "relu", granule=0), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_dispatch_uses_padded_only_for_few_rows_per_expert(monkeypatch):
+    """fp32: padded below 16 rows per expert on average; bf16 autocast: below 64 (moe.py docstring)."""
+    from bench.models.moe import auto_padded_below_rows
+
+    assert auto_padded_below_rows(torch.float32) == 16 and auto_padded_below_rows(torch.bfloat16) == 64
+    layer = MoELayer(16, 32, MoEConfig(num_experts=4, capacity_factor=None, dispatch="auto"))
+    used = []
+    for name in ("_sorted_experts", "_padded_experts"):
+        original = getattr(layer, name)
+        monkeypatch.setattr(layer, name, lambda *a, _n=name, _f=original: used.append(_n) or _f(*a))
+    layer(torch.randn(60, 16))  # 15 rows per expert
+    layer(torch.randn(64, 16))  # 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(252, 16))  # 63
+        layer(torch.randn(256, 16))  # 64
+    assert used == ["_padded_experts", "_sorted_experts", "_padded_experts", "_sorted_experts"]

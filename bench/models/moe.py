@@ -9,11 +9,14 @@ Two kernels compute the experts, with identical results (tested against a per-to
   custom autograd node (``experts.py``); computes no padding.
 - ``padded``: scatter into an (E, slots, d) buffer and run two batched matmuls (static shapes,
   what TPU/GShard implementations do; the buffer is trimmed to the fullest expert's load).
-- ``auto`` (default): ``sorted`` unless experts average fewer than ``AUTO_PADDED_BELOW_ROWS``
-  rows, where MKL's batched matmul beats many tiny matmuls. Measured by ``moe-bench perf`` on a
-  2-core CPU (d=256, d_ff=1024): 8192 tokens, E=8: sorted 1.26x dense vs padded 1.44x;
-  2048 tokens, E=128 (16 rows/expert): sorted 145 ms vs padded 115 ms. A plain autograd loop over
-  ``w1[e]`` slices was 1.4-1.7x slower than both.
+- ``auto`` (default): ``sorted`` unless experts average fewer rows than ``auto_padded_below_rows``
+  of the compute dtype. fp32, ``moe-bench perf`` on a quiet 2-core CPU (d=256, d_ff=1024,
+  2026-11-29): 8192 tokens, E=8: sorted 90 ms vs padded 111; E=32: 101 vs 127; E=128 (64 rows
+  per expert): 148 vs 167; 2048 tokens, E=32: 35 vs 39; E=128 (16 rows): 77 vs 79. So padded
+  only below 16 rows in fp32. Reduced precision keeps 64: oneDNN's batched bf16 matmul was ~1.6x
+  as fast as a loop of per-expert matmuls at 512 rows (one thread), and small per-expert bf16
+  matmuls pay a kernel per shape. A plain autograd loop over ``w1[e]`` slices was 1.4-1.7x slower
+  than both kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ from bench.models.experts import compute_dtype, grouped_expert_ffn, row_granule
 from bench.models.routing import Router, Routing
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-AUTO_PADDED_BELOW_ROWS = 64
+AUTO_PADDED_BELOW_ROWS = {"fp32": 16, "reduced": 64}  # see the module docstring
+
+
+def auto_padded_below_rows(dtype: torch.dtype) -> int:
+    return AUTO_PADDED_BELOW_ROWS["reduced" if dtype in (torch.bfloat16, torch.float16) else "fp32"]
 
 
 def trunc_normal_(weight: Tensor, fan_in: int, scale: float) -> Tensor:
@@ -118,7 +125,8 @@ class MoELayer(nn.Module):
         gate = routing.gates.reshape(-1)[keep]
         kernel = self.cfg.dispatch
         if kernel == "auto":
-            kernel = "padded" if token.numel() < AUTO_PADDED_BELOW_ROWS * self.cfg.num_experts else "sorted"
+            rows = auto_padded_below_rows(compute_dtype(x)) * self.cfg.num_experts
+            kernel = "padded" if token.numel() < rows else "sorted"
         if kernel == "sorted":
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
