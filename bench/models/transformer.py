@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.config import ModelConfig
+from bench.models.experts import compute_dtype
 from bench.models.moe import FeedForward, MoEAux, MoELayer, trunc_normal_
 
 
@@ -41,9 +42,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
               dropout_p: float) -> Tensor:
     """scaled_dot_product_attention, in fp32 for short reduced-precision sequences on CPU (see above)."""
     short = max(q.shape[-2], k.shape[-2]) <= CPU_FP32_ATTENTION_MAX_LEN
-    if q.device.type == "cpu" and short and (q.dtype in (torch.bfloat16, torch.float16)
-                                              or torch.is_autocast_enabled("cpu")):
-        dtype = q.dtype if q.dtype != torch.float32 else torch.get_autocast_dtype("cpu")
+    dtype = compute_dtype(q)
+    if q.device.type == "cpu" and short and dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs straight back
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                is_causal=is_causal, dropout_p=dropout_p)

@@ -145,10 +145,11 @@ def _mean_curve(series: list[list[tuple[float, float]]], interpolate: bool = Fal
         return sorted((x, loss) for x, loss in sums.values())
     lo, hi = max(s[0][0] for s in series), min(s[-1][0] for s in series)
     grid = sorted({x for s in series for x, _ in s if lo <= x <= hi})
-    return [(x, sum(_interp(s, x) for s in series) / len(series)) for x in grid]
+    return [(x, sum(interp(s, x) for s in series) / len(series)) for x in grid]
 
 
-def _interp(s: list[tuple[float, float]], x: float) -> float:
+def interp(s: list[tuple[float, float]], x: float) -> float:
+    """y at x on the curve s ((x, y) sorted by x), linear between points, constant beyond the ends."""
     for (x0, y0), (x1, y1) in pairwise(s):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import papers
+from bench.report.plots import interp
 from bench.report.claims import (ArmStats, Claim, add_step_speedups, all_seeds, arm_stats, claim, compare, fmt,
                                  trend)
 from bench.reproduce import Reproduction
@@ -216,14 +217,6 @@ def final_loss_slope(curve: list[dict]) -> float | None:
     return (ref["loss"] - end["loss"]) / max(ref["loss"], 1e-9) * 100 / steps
 
 
-def _loss_at(points: list[tuple[float, float]], x: float) -> float:
-    """Validation loss at step x, linear between evaluations (points sorted by step)."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1] if x < points[0][0] else points[-1][1]
-
-
 def gap_at_half_and_end(arm: ArmStats, base: ArmStats) -> tuple[float, float] | None:
     """Mean over shared seeds of (arm - baseline) validation loss at half of each run and at its end.
 
@@ -240,7 +233,7 @@ def gap_at_half_and_end(arm: ArmStats, base: ArmStats) -> tuple[float, float] | 
         theirs = sorted((p["step"], p["loss"]) for p in b.curve if p.get("loss") is not None)
         if len(mine) < 2 or len(theirs) < 2:
             continue
-        half.append(_loss_at(mine, mine[-1][0] / 2) - _loss_at(theirs, theirs[-1][0] / 2))
+        half.append(interp(mine, mine[-1][0] / 2) - interp(theirs, theirs[-1][0] / 2))
         end.append(mine[-1][1] - theirs[-1][1])
     if not half:
         return None
