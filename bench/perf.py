@@ -9,12 +9,19 @@ For each token batch and expert count it times forward+backward of
 and prints two bounds beside them, measured in the same run:
 - ``matmul floor``: our grouped expert matmuls alone on perfectly balanced blocks of T/E rows
   (what small per-expert matmuls cost on this CPU, with no routing at all),
+- ``in-cache floor``: the same matmuls (and activation) with one expert's weights and gradient
+  buffers reused for every expert, so they stay in cache: what the arithmetic of small
+  per-expert matmuls costs once weight traffic is taken away,
 - ``memory floor``: 3 x expert-weight bytes (read forward, read backward, write gradients)
   divided by the copy bandwidth measured now.
+On a CPU, MKL does not overlap streaming the next expert's weights with the current expert's
+arithmetic, so ``in-cache floor + memory floor`` is what the per-expert loop can reach; at
+E = 128 that sum is well above the dense FFN (see the module docstring of bench/models/moe.py).
 Times are the best of ``repeats`` interleaved rounds (shared machines drift; compare ratios).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +76,40 @@ def _train_step(module: torch.nn.Module, x: torch.Tensor, forward: Callable) -> 
     return step
 
 
+def _matmul_floor_step(layer: MoELayer, x: torch.Tensor, counts: list[int]):
+    """(step, weights): the grouped kernel alone on blocks of ``counts`` rows, with copies of
+    the layer's expert weights. The ParameterList holds the very tensors the kernel uses: one
+    built from plain tensors wraps new Parameters, whose .grad zero_grad would clear while the
+    kernel's tensors kept accumulating gradients (an extra pass over all weights per step)."""
+    weights = torch.nn.ParameterList([layer.w1.detach().clone(), layer.w2.detach().clone()])
+    return _train_step(weights, x, lambda: grouped_expert_ffn(x, weights[0], weights[1], counts, "relu")), weights
+
+
+def _in_cache_matmuls(x: torch.Tensor, d_ff: int, counts: list[int]) -> Callable[[], None]:
+    """Forward+backward matmuls of the grouped kernel on blocks of ``counts`` rows, every block
+    using the same (cached) expert weights and gradient buffers: arithmetic without weight traffic."""
+    A, d = x.shape
+    x = x.detach()
+    w1, w2 = torch.randn(d, d_ff) * 0.03, torch.randn(d_ff, d) * 0.03
+    gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+    h, gh = x.new_empty(A, d_ff), x.new_empty(A, d_ff)
+    y, gx, gy = x.new_empty(A, d), x.new_empty(A, d), torch.randn(A, d)
+    blocks = [slice(start - n, start) for start, n in zip(itertools.accumulate(counts), counts)]
+
+    def step() -> None:
+        for s in blocks:
+            torch.mm(x[s], w1, out=h[s])
+            h[s].relu_()
+            torch.mm(h[s], w2, out=y[s])
+        for s in blocks:
+            torch.mm(h[s].t(), gy[s], out=gw2)
+            torch.mm(gy[s], w2.t(), out=gh[s])
+            torch.ops.aten.threshold_backward.grad_input(gh[s], h[s], 0, grad_input=gh[s])
+            torch.mm(x[s].t(), gh[s], out=gw1)
+            torch.mm(gh[s], w1.t(), out=gx[s])
+    return step
+
+
 def _hf_peer(num_experts: int):
     try:
         from transformers import SwitchTransformersConfig
@@ -115,11 +156,9 @@ def layer_benchmark(tokens_list=(2048, 8192), experts_list=(8, 32, 128), repeats
                                                            dispatch=kernel))
                 layers[impl] = layer
                 fns[impl] = _train_step(layer, x, lambda layer=layer: layer(x)[0])
-            w1 = layers["ours"].w1.detach().clone().requires_grad_()
-            w2 = layers["ours"].w2.detach().clone().requires_grad_()
             counts = [T // E] * E
-            fns["matmul floor"] = _train_step(
-                torch.nn.ParameterList([w1, w2]), x, lambda: grouped_expert_ffn(x, w1, w2, counts, "relu"))
+            fns["matmul floor"], _ = _matmul_floor_step(layers["ours"], x, counts)
+            fns["in-cache floor"] = _in_cache_matmuls(x, D_FF, counts)
             peer = _hf_peer(E) if with_peer else None
             if peer is None:
                 peer_available = False

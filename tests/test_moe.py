@@ -363,13 +363,8 @@ def test_auto_dispatch_uses_padded_only_for_few_rows_per_expert(monkeypatch):
 
     assert auto_padded_below_rows(torch.float32) == 16 and auto_padded_below_rows(torch.bfloat16) == 64
     layer = MoELayer(16, 32, MoEConfig(num_experts=4, capacity_factor=None, dispatch="auto"))
-    used = []
-    for name in ("_sorted_experts", "_padded_experts"):
-        original = getattr(layer, name)
-        monkeypatch.setattr(layer, name, lambda *a, _n=name, _f=original: used.append(_n) or _f(*a))
-    layer(torch.randn(60, 16))  # 15 rows per expert
-    layer(torch.randn(64, 16))  # 16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(torch.randn(252, 16))  # 63
-        layer(torch.randn(256, 16))  # 64
-    assert used == ["_padded_experts", "_sorted_experts", "_padded_experts", "_sorted_experts"]
+    used = [layer.kernel_for(rows, dtype) for rows, dtype in
+            ((60, torch.float32), (64, torch.float32), (252, torch.bfloat16), (256, torch.bfloat16))]
+    assert used == ["padded", "sorted", "padded", "sorted"]  # 15, 16, 63, 64 rows per expert
+    forced = MoELayer(16, 32, MoEConfig(num_experts=4, dispatch="sorted"))
+    assert forced.kernel_for(4, torch.float32) == "sorted"

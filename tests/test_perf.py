@@ -43,3 +43,20 @@ def test_training_benchmark_rows_and_ratios():
         assert rows[(p, "plain loop", "dense")]["vs_plain_dense"] == 1.0
         assert rows[(p, "moe-bench", "dense")]["vs_moe_bench_dense"] == 1.0
     assert "LM training throughput" in format_training_table(result)
+
+
+def test_matmul_floor_step_does_not_accumulate_gradients():
+    """Each timed step must start from fresh gradients, as a training step does."""
+    from bench.models.config import MoEConfig
+    from bench.models.moe import MoELayer
+    from bench.perf import _matmul_floor_step
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, MoEConfig(num_experts=2))
+    x = torch.randn(6, 8, requires_grad=True)
+    step, weights = _matmul_floor_step(layer, x, [3, 3])
+    step()
+    first = [w.grad.clone() for w in weights]
+    step()
+    for w, g in zip(weights, first):
+        torch.testing.assert_close(w.grad, g)  # not 2 * g

@@ -123,11 +123,7 @@ class MoELayer(nn.Module):
         token = torch.arange(T, device=x.device).repeat_interleave(k)[keep]  # (A,) kept assignments
         expert = routing.expert_index.reshape(-1)[keep]
         gate = routing.gates.reshape(-1)[keep]
-        kernel = self.cfg.dispatch
-        if kernel == "auto":
-            rows = auto_padded_below_rows(compute_dtype(x)) * self.cfg.num_experts
-            kernel = "padded" if token.numel() < rows else "sorted"
-        if kernel == "sorted":
+        if self.kernel_for(token.numel(), compute_dtype(x)) == "sorted":
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
             out, slots = self._sorted_experts(x.index_select(0, token), expert)
@@ -138,6 +134,12 @@ class MoELayer(nn.Module):
             out, slots = self._padded_experts(x, token, expert, position, group, num_groups)
         weighted = out * gate.unsqueeze(-1).to(out.dtype)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, weighted), slots
+
+    def kernel_for(self, assignments: int, dtype: torch.dtype) -> str:
+        """The configured kernel; for ``auto``, padded only when experts average few rows."""
+        if self.cfg.dispatch != "auto":
+            return self.cfg.dispatch
+        return "padded" if assignments < auto_padded_below_rows(dtype) * self.cfg.num_experts else "sorted"
 
     def _sorted_experts(self, rows: Tensor, expert: Tensor) -> tuple[Tensor, int]:
         """rows (A, d) sorted by ``expert``: each expert runs on its contiguous block."""

