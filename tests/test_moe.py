@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -368,3 +369,32 @@ def test_auto_dispatch_uses_padded_only_for_few_rows_per_expert(monkeypatch):
     assert used == ["padded", "sorted", "padded", "sorted"]  # 15, 16, 63, 64 rows per expert
     forced = MoELayer(16, 32, MoEConfig(num_experts=4, dispatch="sorted"))
     assert forced.kernel_for(4, torch.float32) == "sorted"
+
+
+def test_trunc_normal_small_tensors_keep_torchs_random_stream():
+    """Every tiny/small preset weight (so every committed result) draws exactly what torch draws."""
+    from bench.models.moe import trunc_normal_
+
+    torch.manual_seed(3)
+    ours = trunc_normal_(torch.empty(64, 32), fan_in=64, scale=0.1)
+    torch.manual_seed(3)
+    std = (0.1 / 64) ** 0.5
+    torch.testing.assert_close(ours, torch.nn.init.trunc_normal_(torch.empty(64, 32), std=std, a=-2 * std, b=2 * std),
+                               rtol=0, atol=0)
+
+
+def test_trunc_normal_large_tensors_redraw_only_rejected_values(monkeypatch):
+    """Above the size threshold: values within +-2 sigma, with the truncated normal's mean and std."""
+    from bench.models import moe
+
+    monkeypatch.setattr(moe, "REDRAW_REJECTED_ABOVE", 1000)
+    torch.manual_seed(0)
+    w = moe.trunc_normal_(torch.empty(200, 1000), fan_in=100, scale=0.1)
+    sigma = (0.1 / 100) ** 0.5
+    assert w.abs().max() <= 2 * sigma
+    # Normal truncated at +-2: var = 1 - 2 * 2 * phi(2) / (Phi(2) - Phi(-2)) = 0.7737, std 0.8796.
+    phi2 = math.exp(-2.0) / math.sqrt(2 * math.pi)
+    expected_std = sigma * math.sqrt(1 - 4 * phi2 / math.erf(2 / math.sqrt(2)))
+    assert abs(w.std().item() / expected_std - 1) < 0.01  # 2e5 samples: sampling error ~0.2%
+    assert abs(w.mean().item()) < 0.01 * sigma
+    assert (w.abs() > 1.9 * sigma).any()  # the tails are populated, not clipped
