@@ -28,7 +28,13 @@ def test_layer_benchmark_rows_and_table():
     impls = {r["impl"] for r in result["rows"]}
     assert "dense" in impls and len(result["rows"]) >= 2
     assert all(r["ms"] > 0 for r in result["rows"])
-    assert "MoE layer forward+backward" in format_layer_table(result)
+    assert impls == {"dense", "ours", "ours-sorted", "ours-padded", "matmul floor", "in-cache floor"}
+    ms = {r["impl"]: r["ms"] for r in result["rows"]}
+    (bound,) = result["bounds"]
+    # no-overlap bound = in-cache floor + memory floor (each rounded to 0.1 ms in the record)
+    assert bound["no_overlap_bound_ms"] == pytest.approx(ms["in-cache floor"] + bound["memory_floor_ms"], abs=0.15)
+    table = format_layer_table(result)
+    assert "MoE layer forward+backward" in table and "no-overlap" in table and "in-cache floor" in table
     with pytest.raises(ValueError, match="must be multiples of 256 \\(or leave the peer out: --no-peer\\)"):
         layer_benchmark(tokens_list=(64,), experts_list=(2,), repeats=1, with_peer=True)
 
