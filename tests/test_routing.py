@@ -384,3 +384,12 @@ def test_router_losses_and_metrics_are_consistent():
     assert torch.equal(r.metrics["kept_per_expert"], counts.clamp(max=3))
     assert torch.all(r.gates[~r.keep] == 0) and torch.all(r.gates[r.keep] > 0)
     assert r.metrics["fraction_dropped"].item() == pytest.approx(1 - r.keep.float().mean().item())
+
+
+def test_top1_ties_break_as_topk_does():
+    """Exact ties occur in training; breaking them differently (e.g. with max) changes a seeded
+    run's trajectory and every committed switch result would stop reproducing."""
+    logits = torch.rand(512, 8)
+    logits[:, 3] = logits[:, 5] = 2.0  # every row ties between experts 3 and 5
+    idx, gates, probs = softmax_topk_gating(logits, k=1)
+    torch.testing.assert_close(idx, probs.topk(1, dim=-1).indices, rtol=0, atol=0)
