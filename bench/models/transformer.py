@@ -81,16 +81,14 @@ class Attention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.view(B, -1, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
 
+        cached = cache is not None and "k" in cache  # an incremental step after the first
         if self.cross:
             q = self.q(x)
-            if cache is not None and "k" in cache:
-                k, v = cache["k"], cache["v"]
-            else:
-                k, v = map(heads, self.kv(memory).split(C, dim=-1))
+            k, v = (cache["k"], cache["v"]) if cached else map(heads, self.kv(memory).split(C, dim=-1))
         else:
             q, k, v = self.qkv(x).split(C, dim=-1)
             k, v = heads(k), heads(v)
-            if cache is not None and "k" in cache:
+            if cached:
                 if T != 1:
                     raise ValueError(f"incremental decoding feeds one position per step after the first, got {T}")
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
