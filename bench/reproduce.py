@@ -20,6 +20,8 @@ from bench.config import ConfigError
 from bench.tracking.records import ResultsStore, RunRecord, new_run_id
 
 PRESETS = ("tiny", "small", "base")
+# Tier -> model preset: "ref" trains the tiny preset's shape for long enough to leave the plateau.
+TIER_PRESET = {"tiny": "tiny", "ref": "tiny", "small": "small", "base": "base"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ _LM_FIXED = {"eval_every": 50, "eval_batches": 4, "warmup_steps": 20}
 # at 3-4e-3, 2.43 at 8e-3). At the preset's width every arm ended on the ~2.47 bigram
 # plateau and no claim could be told apart from seed noise.
 _LM_TINY = {"d_model": 128, "n_heads": 4, "d_ff": 512, "lr": 3e-3}
+# Reference tier: the tiny preset's shape (d_model 256) for ~6.8M tokens; every evaluation covers
+# the whole validation split (7 batches of 64 x 256), so curves and final losses are on one set.
+_LM_REF = {"eval_every": 100, "eval_batches": 100, "warmup_steps": 100, "lr": 2e-3}
 
 # T5-Large's role in Table 1: a dense model with ~3.5x the FLOPs per token of the preset's
 # dense model (bench.flops, at seq 256, vocab 65): tiny 3.49x, small 3.39x, base 3.51x (the
@@ -108,10 +113,10 @@ REPRODUCTIONS: dict[str, Reproduction] = {r.name: r for r in [
             Arm("moe cf=1.25", "moe", {"capacity_factor": 1.25}),
             Arm("moe cf=2.0", "moe", {"capacity_factor": 2.0}),
         ),
-        budgets={"tiny": 8e12, "small": 2e15, "base": 2e17},
+        budgets={"tiny": 8e12, "ref": 1.5e14, "small": 2e15, "base": 2e17},
         seeds=3,
         fixed=_LM_FIXED,
-        preset_fixed={"tiny": _LM_TINY},
+        preset_fixed={"tiny": _LM_TINY, "ref": _LM_REF},
     ),
     Reproduction(
         name="switch-experts",
@@ -198,7 +203,7 @@ def arm_budget(repro: Reproduction, arm: Arm, preset: str, flops: float | None =
 
     task = load_task(repro.task)
     base = repro.arm(repro.baseline)
-    cfg, _ = resolve_configs(task, base.family, preset, arm_settings(repro, base, preset, extra), None)
+    cfg, _ = resolve_configs(task, base.family, TIER_PRESET[preset], arm_settings(repro, base, preset, extra), None)
     seq_len = task.seq_len if task.type == "lm" else task.tgt_len
     per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
     return {"kind": "tokens", "value": float(int(flops / per_token))}
@@ -215,7 +220,7 @@ class PlannedRun:
 def plan(repro: Reproduction, preset: str, seeds: int, store: ResultsStore, arms: list[str] | None = None,
          flops: float | None = None, extra: dict[str, Any] | None = None) -> list[PlannedRun]:
     """Every (arm, seed) pair, seed-major so partial results cover all arms early."""
-    if preset not in PRESETS:
+    if preset not in TIER_PRESET:
         raise ConfigError([f"preset={preset!r} is not allowed; expected one of {', '.join(PRESETS)}"], "reproduce")
     if seeds < 1:
         raise ConfigError([f"seeds={seeds} is not allowed; expected >= 1"], "reproduce")
@@ -245,7 +250,7 @@ def planned_config(repro: Reproduction, arm: Arm, preset: str, budget: dict[str,
     from bench.data.tasks import load_task
     from bench.train.run import resolve_configs
 
-    cfg, rc = resolve_configs(load_task(repro.task), arm.family, preset, arm_settings(repro, arm, preset, extra),
+    cfg, rc = resolve_configs(load_task(repro.task), arm.family, TIER_PRESET[preset], arm_settings(repro, arm, preset, extra),
                               budget)
     return {"model": to_dict(cfg), "run": to_dict(rc)}
 
@@ -288,11 +293,12 @@ def run_reproduction(name: str, preset: str = "tiny", seeds: int | None = None, 
         settings = arm_settings(repro, run.arm, preset, extra)
         run_id = new_run_id(f"{repro.name}-{run.arm.family}")
         try:
-            record = train(repro.task, run.arm.family, preset, settings, budget=b, seed=run.seed, storage=storage,
+            record = train(repro.task, run.arm.family, TIER_PRESET[preset], settings, budget=b, seed=run.seed, storage=storage,
                            data_dir=data_dir, group=repro.group(preset), name=f"{repro.name}: {run.arm.label}",
                            progress=progress, run_id=run_id,
                            # budget_flops: the report keeps each budget of a reproduction apart.
-                           tags={"reproduction": repro.name, "arm": run.arm.label, "budget_flops": flops})
+                           tags={"reproduction": repro.name, "arm": run.arm.label, "budget_flops": flops,
+                                 **({"tier": preset} if preset != TIER_PRESET[preset] else {})})
         except Exception as e:  # recorded as failed by train(); the other arms still run
             if store.get(run_id) is None:
                 raise
