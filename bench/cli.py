@@ -183,34 +183,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from bench.reproduce import REPRODUCTIONS, format_reproduction, run_reproduction
+    from bench.plans import all_plans, load_plan
+    from bench.report.summary import format_plan_results
+    from bench.runner import run_plan
 
     if args.list:
-        for name, r in REPRODUCTIONS.items():
-            budgets = ", ".join(f"{p} {b:.2g}" for p, b in r.budgets.items())
-            print(f"{name:<16} {r.title}\n{'':<16} task {r.task}; {len(r.arms)} arms x {r.seeds} seeds; "
-                  f"training FLOPs per run: {budgets}")
+        for name, plan in all_plans().items():
+            print(f"{name:<16} {plan.title}\n{'':<16} task {plan.task}; {len(plan.arms)} arms")
+            for tier_name, tier in plan.tiers.items():
+                arms = len(plan.tier_arms(tier_name))
+                print(f"{'':<18}tier {tier_name:<6} preset {tier.preset:<6} {tier.budget_flops:.2g} FLOPs/run, "
+                      f"{arms} arms x {tier.seeds} seeds" + (f" ({tier.note})" if tier.note else ""))
         return 0
     if not args.name:
-        raise ConfigError([f"name a reproduction: one of {', '.join(REPRODUCTIONS)} (or --list)"], "reproduce")
+        raise ConfigError([f"name a plan: one of {', '.join(all_plans())}, or the path of your own plan YAML "
+                           "(--list shows them)"], "reproduce")
     budget = _budget(args)
     if budget is not None and budget["kind"] != "flops":
         raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
-    records = run_reproduction(args.name, preset=args.preset, seeds=args.seeds, storage=args.storage,
-                               data_dir=args.data_dir, overrides=args.overrides, arms=args.arm or None,
-                               budget_flops=budget["value"] if budget else None, progress=not args.json)
+    tier = args.tier or args.preset or "tiny"
+    plan = load_plan(args.name)
+    records = run_plan(plan, tier=tier, seeds=args.seeds, storage=args.storage, data_dir=args.data_dir,
+                       overrides=args.overrides, arms=args.arm or None,
+                       budget_flops=budget["value"] if budget else None, progress=not args.json)
     if args.json:
         print(json.dumps([r.summary() for r in records]))
     else:
-        print("\n" + format_reproduction(args.name, records))
-        print("\nnext: moe-bench report" + (f" --storage {args.storage}" if args.storage else ""))
+        print("\n" + format_plan_results(plan, tier, records))
+        storage = f" --storage {args.storage}" if args.storage else ""
+        print(f"\nnext: moe-bench report{storage}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import write_report
 
-    path = write_report(args.storage, args.out, plots=not args.no_plots)
+    plans = None
+    if args.plan:
+        from bench.plans import all_plans, load_plan
+
+        plans = all_plans()
+        for path in args.plan:
+            own = load_plan(path)
+            plans[own.name] = own
+    path = write_report(args.storage, args.out, plots=not args.no_plots, plans=plans)
     print(f"wrote {path}" + ("" if args.no_plots else f" and plots in {path.parent / 'plots'}"))
     return 0
 
@@ -289,16 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the study summary as one JSON object")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("reproduce", help="paper reproductions: fixed sets of runs at one matched budget")
-    p.add_argument("name", nargs="?", help="switch-vs-dense, switch-experts, capacity, moe-rnn or translation")
-    p.add_argument("--preset", default="tiny", help="tiny (2-core CPU, <= ~30 min each), small or base (GPU)")
-    p.add_argument("--seeds", type=int, help="seeds per arm (default: the reproduction's, 2-3)")
+    p = sub.add_parser("reproduce", help="run a plan: paper reproductions or your own arms at one matched budget")
+    p.add_argument("name", nargs="?", help="a shipped plan (switch-vs-dense, switch-experts, capacity, moe-rnn, "
+                                           "translation) or the path of your own plan YAML")
+    p.add_argument("--tier", help="tiny (quick, 2-core CPU), ref (reference results, CPU-hours), small or base "
+                                  "(GPU); default tiny")
+    p.add_argument("--preset", help=argparse.SUPPRESS)  # the tier's old name (tiers were presets)
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: the tier's)")
     p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
     p.add_argument("--data-dir")
     p.add_argument("--arm", action="append", help="run only this arm (repeatable), e.g. --arm dense")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every arm (changes the reproduction: say so when you report it)")
-    _add_budget_args(p, "; --budget-flops replaces the preset's per-run budget")
+    _add_budget_args(p, "; --budget-flops replaces the tier's per-run budget")
     p.add_argument("--list", action="store_true", help="list the reproductions and their budgets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reproduce)
@@ -306,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="REPORT.md + plots: the reproductions beside the papers, with verdicts")
     p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
     p.add_argument("--out", default="results", help="output folder (REPORT.md and plots/; default results)")
-    p.add_argument("--no-plots", action="store_true", help="Markdown only")
+    p.add_argument("--no-plots", action="store_true", help="Markdown and claims.json only")
+    p.add_argument("--plan", action="append", metavar="PLAN.yaml",
+                   help="also report this plan of your own (repeatable); shipped plans are always included")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="browse runs, curves, studies and the report in a local web app")

@@ -110,6 +110,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", problems: list[
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, f"{prefix}{key}.", problems)
             continue
+        nested = _nested_dataclasses(tp, value, prefix + key, problems)
+        if nested is not None:
+            kwargs[key] = nested
+            continue
         try:
             kwargs[key] = coerce(value, tp, prefix + key)
         except ValueError as e:
@@ -120,6 +124,23 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", problems: list[
         if problems:
             raise ConfigError(problems)
     return obj
+
+
+def _nested_dataclasses(tp: Any, value: Any, name: str, problems: list[str]) -> Any:
+    """``list[D]`` / ``dict[str, D]`` of dataclass D built item by item (problems named
+    ``name[i].field`` / ``name.key.field``); None when ``tp`` holds no dataclass."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (list, tuple) and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{name}={value!r} is not allowed: expected a list")
+            return []
+        return [from_dict(args[0], v, f"{name}[{i}].", problems) for i, v in enumerate(value)]
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        if not isinstance(value, dict):
+            problems.append(f"{name}={value!r} is not allowed: expected a mapping")
+            return {}
+        return {k: from_dict(args[1], v, f"{name}.{k}.", problems) for k, v in value.items()}
+    return None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -133,6 +154,14 @@ def check(obj: Any, prefix: str = "") -> list[str]:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             found.extend(check(value, f"{prefix}{f.name}."))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    found.extend(check(v, f"{prefix}{f.name}[{i}]."))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    found.extend(check(v, f"{prefix}{f.name}.{k}."))
     if hasattr(obj, "problems"):
         found.extend(prefix + p for p in obj.problems())
     return found

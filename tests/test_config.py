@@ -95,7 +95,8 @@ def test_unknown_override_key_lists_valid_keys():
 def test_unique_suffix_override_keys_resolve():
     cfg = model_config("switch", "tiny", overrides={"num_experts": 4, "moe.capacity_factor": 1.5})
     assert cfg.moe.num_experts == 4 and cfg.moe.capacity_factor == 1.5
-    cfg = model_config("moe", "tiny", overrides=["num_experts=16", "top_k=4", "drop_policy=probability"])
+    cfg = model_config("moe", "tiny", overrides=["num_experts=16", "top_k=4", "drop_policy=probability",
+                                                 "capacity_factor=null", "eval_capacity_factor=null"])
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.drop_policy) == (16, 4, "probability")
     # an exact top-level name wins over suffix matching ('dropout' vs 'moe.expert_dropout')
     cfg = model_config("switch", "tiny", overrides={"dropout": 0.0})
@@ -264,3 +265,8 @@ def test_exponent_without_dot_is_a_number():
     assert parse_override("lr=3e-4") == ("lr", 3e-4)
     assert parse_override("budget=4E13") == ("budget", 4e13)
     assert parse_override("name=e5") == ("name", "e5")
+
+
+def test_probability_drop_policy_with_capacity_is_refused_in_causal_models():
+    with pytest.raises(ConfigError, match="drop_policy='probability' is not allowed with a capacity limit"):
+        model_config("moe", "tiny", overrides=["drop_policy=probability"])

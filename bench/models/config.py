@@ -67,6 +67,12 @@ class MoEConfig:
         for name in ("load_balance_weight", "z_loss_weight", "importance_weight", "load_weight"):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 0")
+        if self.drop_policy == "probability" and (self.capacity_factor, self.eval_capacity_factor) != (None, None):
+            # Every family routes inside a causal stack (LM, translation decoder, LSTM): ranking a
+            # group by gate would let later tokens decide which earlier tokens are dropped.
+            p.append("drop_policy='probability' is not allowed with a capacity limit: it ranks a group's tokens by "
+                     "gate, so later tokens would decide which earlier ones are dropped (a leak in causal models); "
+                     "use drop_policy='position', or capacity_factor=null eval_capacity_factor=null (dropless)")
         return p
 
 

@@ -92,11 +92,12 @@ class MoELayer(nn.Module):
     """Router + expert bank. forward(x (..., d), mask) -> (y (..., d), MoEAux)."""
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str = "relu",
-                 init_scale: float = 0.1):
+                 init_scale: float = 0.1, causal: bool = False):
         super().__init__()
         self.cfg = cfg
         E = cfg.num_experts
-        self.router = Router(d_model, cfg)
+        # causal: in a causal stack a token's routing and dropping depend on earlier tokens only.
+        self.router = Router(d_model, cfg, causal=causal)
         self.router.reset_parameters(init_scale)
         self.w1 = nn.Parameter(trunc_normal_(torch.empty(E, d_model, d_ff), d_model, init_scale))
         self.w2 = nn.Parameter(trunc_normal_(torch.empty(E, d_ff, d_model), d_ff, init_scale))

@@ -23,7 +23,7 @@ class MixtureBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.family == "moe-rnn":
-            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale)
+            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale, causal=True)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, 0.0, cfg.init_scale)
         self.drop = nn.Dropout(cfg.dropout)

@@ -131,14 +131,20 @@ def expert_capacity(tokens: int, num_experts: int, k: int, capacity_factor: Opti
 
 
 def slot_positions(expert_index: Tensor, gates: Tensor, num_experts: int, group_size: int,
-                   drop_policy: str = "position") -> Tensor:
+                   drop_policy: str = "position", causal: bool = False) -> Tensor:
     """Slot of each assignment in its expert's buffer, counted within its routing group.
 
     Priority: all first choices before any second choice (GShard); within one choice rank,
     by token position ("position") or by descending gate ("probability", V-MoE's batch
-    prioritized routing). Vectorised with a stable sort: no loop over tokens or experts.
-    expert_index, gates: (T, k) -> position (T, k).
+    prioritized routing). ``causal``: token by token instead (token t's k choices, then token
+    t+1's), so no assignment's slot depends on a later token: with GShard's order a token's second
+    choice can be dropped because of *later* tokens' first choices, a leak of the future in a
+    causal model. Identical for k = 1. Vectorised with a stable sort: no loop over tokens or
+    experts. expert_index, gates: (T, k) -> position (T, k).
     """
+    if causal and drop_policy != "position":
+        raise ValueError(f"drop_policy={drop_policy!r} ranks a group's tokens by gate, so a token's slot depends on "
+                         "later tokens: not allowed in a causal model (use drop_policy='position')")
     T, k = expert_index.shape
     S = group_size
     pad = -T % S  # a partial last group is padded with assignments to a null bucket (index E)
@@ -147,6 +153,15 @@ def slot_positions(expert_index: Tensor, gates: Tensor, num_experts: int, group_
         gates = torch.cat([gates, gates.new_zeros(pad, k)])
     G = (T + pad) // S
     buckets = num_experts + 1 if pad else num_experts
+    if causal:  # token-major: (G, S, k) flattened token by token
+        flat = expert_index.view(G, S * k)
+        sorted_experts, perm = flat.sort(dim=-1, stable=True)
+        counts = torch.zeros(G, buckets, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(1, flat, torch.ones_like(flat))
+        starts = counts.cumsum(dim=-1) - counts
+        rank_in_expert = torch.arange(k * S, device=flat.device).expand(G, -1) - starts.gather(1, sorted_experts)
+        pos = torch.empty_like(flat).scatter_(1, perm, rank_in_expert)
+        return pos.view(T + pad, k)[:T]
     ranked = expert_index.view(G, S, k).transpose(1, 2)  # (G, k, S) rank-major priority
     order = None
     if drop_policy == "probability":
@@ -166,7 +181,7 @@ def slot_positions(expert_index: Tensor, gates: Tensor, num_experts: int, group_
 
 def assign_capacity(expert_index: Tensor, gates: Tensor, num_experts: int,
                     capacity_factor: Optional[float], group_size: Optional[int] = None,
-                    drop_policy: str = "position") -> tuple[Tensor, Tensor, Optional[int], int]:
+                    drop_policy: str = "position", causal: bool = False) -> tuple[Tensor, Tensor, Optional[int], int]:
     """Slots and keep-mask for every assignment. Returns (position, keep, capacity, group_size).
 
     Tokens are cut into groups of ``group_size`` in order (None: one group); each group has
@@ -175,7 +190,10 @@ def assign_capacity(expert_index: Tensor, gates: Tensor, num_experts: int,
     T, k = expert_index.shape
     S = T if group_size is None or group_size >= T else group_size
     S = max(S, 1)
-    position = slot_positions(expert_index, gates, num_experts, S, drop_policy)
+    capacity = expert_capacity(S, num_experts, k, capacity_factor)
+    if capacity is None:  # dropless: slots only order the expert buffers, nothing depends on them
+        causal = causal and drop_policy == "position"
+    position = slot_positions(expert_index, gates, num_experts, S, drop_policy, causal)
     capacity = expert_capacity(S, num_experts, k, capacity_factor)
     keep = position < capacity if capacity is not None else torch.ones_like(position, dtype=torch.bool)
     return position, keep, capacity, S
@@ -188,9 +206,10 @@ def assign_capacity(expert_index: Tensor, gates: Tensor, num_experts: int,
 class Router(nn.Module):
     """Router weights for one MoE layer (switch / topk / noisy_topk) and the routing decision."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
+    def __init__(self, d_model: int, cfg: MoEConfig, causal: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.causal = causal  # capacity slots token by token (see slot_positions)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         # Shazeer 2017 initialises W_g and W_noise to zero (uniform routing with noise at start).
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, d_model)) if cfg.router == "noisy_topk" else None
@@ -233,7 +252,7 @@ class Router(nn.Module):
             losses["load"] = cv_squared(load)
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         position, keep, capacity, group_size = assign_capacity(
-            expert_index, gates, cfg.num_experts, factor, cfg.group_size, cfg.drop_policy)
+            expert_index, gates, cfg.num_experts, factor, cfg.group_size, cfg.drop_policy, self.causal)
         gates = gates * keep
         metrics = routing_metrics(probs, expert_index, keep, cfg.num_experts)
         return Routing(expert_index, gates, position, keep, capacity, group_size, losses, metrics)

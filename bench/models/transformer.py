@@ -105,7 +105,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: x + Attn(LN(x)) [+ CrossAttn(LN(x), memory)] + FFN-or-MoE(LN(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, moe: bool, cross: bool = False, causal: bool = True):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
@@ -113,7 +113,7 @@ class Block(nn.Module):
         self.cross = Attention(cfg, cross=True) if cross else None
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         if moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale)
+            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale, causal=causal)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.init_scale)
         self.drop = nn.Dropout(cfg.dropout)
@@ -199,7 +199,7 @@ class TransformerSeq2Seq(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = Embedding(cfg)
-        self.encoder = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.encoder = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i), causal=False) for i in range(cfg.n_layers))
         self.ln_enc = nn.LayerNorm(cfg.d_model)
         self.decoder = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i), cross=True) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)

@@ -1,6 +1,6 @@
 """`moe-bench report`: the reproductions in the results store, beside the papers, as Markdown + plots.
 
-    write_report(storage=None, out_dir="results") -> Path of REPORT.md
+    write_report(storage=None, out_dir="results") -> Path of REPORT.md (claims.json beside it)
 
 Plots go to ``<out_dir>/plots/`` as PNG and interactive HTML (one shared local plotly.min.js).
 Everything comes from the store, so the committed store regenerates the committed report.
@@ -8,17 +8,21 @@ Everything comes from the store, so the committed store regenerates the committe
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import math
 from collections import Counter
 from pathlib import Path
 
+from bench.plans import Plan, all_plans
 from bench.tracking.records import ResultsStore, RunRecord
 
-VERDICT_MARK = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced", "mixed": "➖ mixed",
-                "no data": "… no data"}
+VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
+                "inconclusive": "inconclusive", "no-data": "no data"}
+TIER_ORDER = ("tiny", "ref", "small", "base")
 
 
 def _tagged_budget(r: RunRecord) -> float | None:
-    """The reproduction's FLOP budget a run belongs to: its tag (runs since the tag exists), else its
+    """The plan's FLOP budget a run belongs to: its tag (runs since the tag exists), else its
     own budget when that is in FLOPs; None for an untagged tokens-budget arm (dense-wide)."""
     tagged = r.extra.get("budget_flops")
     if tagged is not None:
@@ -28,48 +32,84 @@ def _tagged_budget(r: RunRecord) -> float | None:
     return None
 
 
-def reproduction_records(store: ResultsStore) -> dict[tuple[str, str, float], list[RunRecord]]:
-    """(reproduction, preset, training-FLOPs budget) -> its records, from the run tags written by
-    `moe-bench reproduce`. Runs at another budget (``--budget-flops``) are another comparison: mixing
-    them would compare arms at unequal compute and let one budget's seed replace the other's."""
-    from bench.reproduce import REPRODUCTIONS
+def run_tier(r: RunRecord) -> str:
+    """The plan tier a run belongs to: its tag, else its model preset (tiers named after one)."""
+    return r.extra.get("tier") or r.preset
 
-    by_preset: dict[tuple[str, str], list[RunRecord]] = {}
+
+def reproduction_records(store: ResultsStore, plans: dict[str, Plan]) -> dict[tuple[str, str, float], list[RunRecord]]:
+    """(plan, tier, training-FLOPs budget) -> its records, from the run tags written by the runner.
+    Runs at another budget (``--budget-flops``) are another comparison: mixing them would compare
+    arms at unequal compute and let one budget's seed replace the other's."""
+    by_tier: dict[tuple[str, str], list[RunRecord]] = {}
     for r in store.list():
         name = r.extra.get("reproduction")
-        if name in REPRODUCTIONS:
-            by_preset.setdefault((name, r.preset), []).append(r)
+        if name in plans and run_tier(r) in plans[name].tiers:
+            by_tier.setdefault((name, run_tier(r)), []).append(r)
     out: dict[tuple[str, str, float], list[RunRecord]] = {}
-    for (name, preset), records in by_preset.items():
-        default = float(REPRODUCTIONS[name].budgets.get(preset, 0.0))
+    for (name, tier), records in by_tier.items():
+        default = float(plans[name].tiers[tier].budget_flops)
         known = {b for b in map(_tagged_budget, records) if b is not None}
         # Untagged tokens-budget runs predate the tag; they belong with the default budget if any run has it.
         fallback = default if default in known or not known else min(known)
         for r in records:
             budget = _tagged_budget(r)
-            out.setdefault((name, preset, fallback if budget is None else budget), []).append(r)
+            out.setdefault((name, tier, fallback if budget is None else budget), []).append(r)
     return out
 
 
-def write_report(storage: str | None = None, out_dir: str | Path = "results", plots: bool = True) -> Path:
+def _users_plans(store: ResultsStore, known: dict[str, Plan]) -> dict[str, Plan]:
+    """Plans of a user's own that runs in the store were made with (their ``plan_file`` tag), where
+    the file is still there; a missing file is skipped (pass it with ``--plan``)."""
+    from bench.config import ConfigError
+    from bench.plans import load_plan
+
+    found = {}
+    for path in {r.extra.get("plan_file") for r in store.list() if r.extra.get("plan_file")}:
+        try:
+            plan = load_plan(path)
+        except ConfigError:
+            continue
+        if plan.name not in known:
+            found[plan.name] = plan
+    return found
+
+
+def _interval(c) -> str:
+    e = c.effect
+    if e.estimate is None:
+        return "-"
+    if e.ci_low is None or not math.isfinite(e.ci_low):
+        return f"{e.estimate:+.4g} (1 seed)"
+    return f"{e.estimate:+.4g} [{e.ci_low:+.4g}, {e.ci_high:+.4g}]"
+
+
+def write_report(storage: str | None = None, out_dir: str | Path = "results", plots: bool = True,
+                 plans: dict[str, Plan] | None = None) -> Path:
+    """REPORT.md, claims.json and plots/ from the store; ``plans`` defaults to the shipped ones."""
     from bench.report.sections import (add_cross_budget_notes, arms_table, build_section, is_default_budget,
                                        reproduce_command, section_budget)
-    from bench.reproduce import REPRODUCTIONS
 
+    plans = plans if plans is not None else all_plans()
     store = ResultsStore(storage)
+    plans = {**plans, **_users_plans(store, plans)}
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:
         plot_dir.mkdir(parents=True, exist_ok=True)
-    found = reproduction_records(store)
+    found = reproduction_records(store, plans)
     sections = []
-    for name, repro in REPRODUCTIONS.items():
-        for preset in ("tiny", "small", "base"):
-            for budget in sorted(b for n, p, b in found if (n, p) == (name, preset)):
-                sections.append(build_section(repro, preset, found[(name, preset, budget)],
+    for name, plan in plans.items():
+        tiers = sorted(plan.tiers, key=lambda t: (TIER_ORDER.index(t) if t in TIER_ORDER else len(TIER_ORDER), t))
+        for tier in tiers:
+            for budget in sorted(b for n, t, b in found if (n, t) == (name, tier)):
+                sections.append(build_section(plan, tier, found[(name, tier, budget)],
                                               plot_dir if plots else None, budget=budget))
     add_cross_budget_notes(sections)
+
+    claims_json = [c.as_json(s.plan.name, s.tier, section_budget(s)) for s in sections for c in s.claims]
+    (out_dir / "claims.json").write_text(json.dumps(claims_json, indent=1) + "\n", encoding="utf-8")
 
     commits = Counter((r.git_commit or "unknown")[:12] for recs in found.values() for r in recs)
     n_runs = sum(len(v) for v in found.values())
@@ -77,39 +117,47 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
              f"Generated by `moe-bench report --storage {store.url}` from {n_runs} recorded runs "
              f"(code commit(s): {', '.join(f'{c} ({n})' for c, n in commits.most_common())}) on "
              f"{_dt.date.today().isoformat()}. Every number below comes from the results store; re-running the "
-             "command regenerates this file and `plots/`.", "",
-             "How to read it: each reproduction trains its arms with the same training-FLOPs budget (unless noted) "
-             "over several seeds. A claim is **reproduced** when our gap in the paper's direction exceeds the seed "
-             "spread (max-min of either arm), **not reproduced** when it goes the other way by more than the spread, "
-             "and **mixed** when it is within seed noise. Absolute numbers are not comparable with the papers "
-             "(character-level Tiny Shakespeare / Multi30k on a 2-core CPU vs C4 and 1B-Word on TPU clusters); "
-             "orderings and ratios are.", ""]
+             "command regenerates this file, `claims.json` and `plots/`.", "",
+             "How to read it: each plan trains its arms with the same training-FLOPs budget (unless noted) over "
+             "several seeds; a seed fixes the initialisation and the data order of every arm, so runs with the same "
+             "seed are pairs. Each claim is an **effect in the paper's direction** (positive = as the paper says; "
+             "e.g. the dense loss minus the Switch loss, in nats), the mean over paired seeds with a 95% Student-t "
+             "interval; trends are least-squares slopes per seed (per doubling of the expert count), averaged the "
+             "same way. Verdicts: **reproduced** (interval above 0), **refuted** (below 0), **no effect beyond "
+             "delta** (inside +-delta, the smallest effect that matters, stated per claim), **inconclusive** "
+             "otherwise. Step speed-ups and equal-time losses compare evaluation curves with evaluation curves (one "
+             "evaluation set). Absolute numbers are not comparable with the papers' (character-level Tiny "
+             "Shakespeare / Multi30k on a 2-core CPU vs C4 and 1B-Word on TPU clusters).", ""]
     if not sections:
         lines += ["No reproduction runs in this store yet: run `moe-bench reproduce NAME` "
-                  f"(one of {', '.join(REPRODUCTIONS)})."]
+                  f"(one of {', '.join(plans)})."]
     else:
-        lines += ["## Summary", "", "| reproduction | preset | training FLOPs/run | runs | claim | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Summary", "", "| plan | tier | training FLOPs/run | runs | claim | effect [95% CI] | seeds | "
+                  "verdict |", "|---|---|---|---|---|---|---|---|"]
         for s in sections:
             for c in s.claims:
-                lines.append(f"| {s.repro.name} | {s.preset} | {section_budget(s):.3g} | "
-                             f"{sum(a.n for a in s.arms.values())} | {c.text} | {VERDICT_MARK[c.verdict]} |")
+                lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
+                             f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
+                             f"{c.effect.n_seeds} | {VERDICT_MARK[c.verdict]} |")
         lines.append("")
         present = {name for name, _, _ in found}
-        missing = [n for n in REPRODUCTIONS if n not in present]
+        missing = [n for n in plans if n not in present]
         if missing:
             lines += [f"Not in this store yet: {', '.join(f'`{n}`' for n in missing)} (run "
-                      "`moe-bench reproduce NAME --preset tiny`, then this command again).", ""]
+                      "`moe-bench reproduce NAME --tier tiny`, then this command again).", ""]
     for s in sections:
-        r = s.repro
+        p = s.plan
         seeds = max((a.n for a in s.arms.values()), default=0)
         budget = "" if is_default_budget(s) else f", budget {section_budget(s):.3g} training FLOPs"
-        lines += [f"## {r.title} — `{r.name}`, preset `{s.preset}`{budget}", "",
-                  f"Task `{r.task}`; baseline `{r.baseline}`; {seeds} seed(s). Reproduce with "
-                  f"`{reproduce_command(s)}`, then `moe-bench report`.", "",
-                  *arms_table(s), "", "Claims:", ""]
+        tier = p.tier(s.tier)
+        lines += [f"## {p.title} — `{p.name}`, tier `{s.tier}`{budget}", "",
+                  f"Task `{p.task}`; model preset `{tier.preset}`; baseline `{p.baseline}`; {seeds} seed(s)"
+                  + (f" ({tier.note})" if tier.note else "") + f". Reproduce with `{reproduce_command(s)}`, then "
+                  "`moe-bench report`.", "", *arms_table(s), "", "Claims (effect in the paper's direction, 95% CI "
+                  "over paired seeds):", ""]
         for c in s.claims:
-            lines.append(f"- **{VERDICT_MARK[c.verdict]}** — {c.text}. *Paper:* {c.paper}. *Ours:* {c.evidence}.")
+            lines.append(f"- {VERDICT_MARK[c.verdict]}: {c.claim.text}. *Paper:* {c.claim.paper}. "
+                         f"*Ours:* {c.evidence}.")
         lines += ["", *s.notes, ""]
         for caption, files in s.plots:
             png = next((f for f in files if f.suffix == ".png"), None)
@@ -124,4 +172,4 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     return path
 
 
-__all__ = ["write_report", "reproduction_records"]
+__all__ = ["write_report", "reproduction_records", "run_tier"]

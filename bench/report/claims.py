@@ -1,10 +1,8 @@
-"""Per-arm statistics over seeds, and a plain verdict per qualitative claim of the papers.
+"""Per-arm numbers over seeds, and each plan claim judged on paired seeds (``bench.report.stats``).
 
-A claim "A is better than B" is **reproduced** when the mean gap in the claimed direction is
-larger than the seed spread (the larger of the two arms' max-min ranges), **not reproduced**
-when the gap goes the other way by more than the spread, and **mixed** otherwise (within seed
-noise). With one seed of each arm there is no spread to judge a gap against: the verdict is
-**mixed** and says so (the issue's rule: reproduced only when the gap exceeds the spread).
+Metrics that compare a run with the baseline run of the *same seed* (step speed-up, loss at the
+baseline's training time) are computed on the evaluation curves only, so both sides of every
+comparison are measured on the same evaluation data.
 """
 from __future__ import annotations
 
@@ -13,9 +11,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from bench.plans import Claim, Plan
+from bench.report import stats
 from bench.tracking.records import RunRecord
 
-REPRODUCED, NOT_REPRODUCED, MIXED, NO_DATA = "reproduced", "not reproduced", "mixed", "no data"
+# Throughputs differ by model size: their claims compare relative differences (a / b - 1).
+RELATIVE_METRICS = ("tokens_per_second",)
 
 
 @dataclass
@@ -24,12 +25,23 @@ class ArmStats:
     records: list[RunRecord]
     values: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per seed
 
+    def present(self, key: str) -> list[float]:
+        return [v for v in self.values.get(key) or [] if v is not None]
+
     def mean(self, key: str) -> float | None:
-        vals = self.values.get(key) or []
+        vals = self.present(key)
         return statistics.mean(vals) if vals else None
 
+    def by_seed(self, key: str) -> dict[int, float]:
+        """seed -> value (``values[key]`` holds one entry per record, None where it is missing)."""
+        return {r.seed: v for r, v in zip(self.records, self.values.get(key) or []) if v is not None}
+
+    def sd(self, key: str) -> float | None:
+        vals = self.present(key)
+        return statistics.stdev(vals) if len(vals) > 1 else None
+
     def half_range(self, key: str) -> float | None:
-        vals = self.values.get(key) or []
+        vals = self.present(key)
         return (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
 
     @property
@@ -81,121 +93,130 @@ def arm_stats(records: list[RunRecord], order: list[str] | None = None) -> dict[
     out = {}
     for label in labels:
         rs = sorted(groups[label], key=lambda r: r.seed)
-        stats = ArmStats(label, rs)
-        for r in rs:
-            for k, v in record_values(r).items():
-                stats.values.setdefault(k, []).append(v)
-        out[label] = stats
+        arm = ArmStats(label, rs)
+        per_run = [record_values(r) for r in rs]
+        for key in {k for values in per_run for k in values}:
+            arm.values[key] = [values.get(key) for values in per_run]
+        out[label] = arm
     return out
 
 
-def add_step_speedups(arms: dict[str, ArmStats], baseline: str) -> None:
-    """Per seed: baseline's steps / steps this arm needs to reach the baseline's mean final
-    validation loss (interpolated on its evaluation curve); 0.0 when it never gets there."""
-    from bench.report.plots import speedup_to_target
+def curve_points(record: RunRecord, x: str = "step") -> list[tuple[float, float]]:
+    """(x, val loss) of a run's evaluation curve, sorted by x (all on the same evaluation data)."""
+    from bench.report.stats import curve_xy
+
+    return curve_xy(record.curve, x)
+
+
+def add_paired_metrics(arms: dict[str, ArmStats], baseline: str) -> None:
+    """Per seed, against the baseline run of the same seed, on evaluation curves only:
+
+    - ``step_speedup``: baseline's last evaluated step / the step at which this run's curve first
+      reaches the baseline's last evaluated loss (a run compared with itself gives exactly 1.0).
+      A run that never gets there counts as its own last step (an upper bound on its speed-up).
+    - ``loss_at_equal_time``: this run's loss at the baseline's training seconds (its curve,
+      linear between evaluations; its last point when it finished sooner).
+    """
+    from bench.report.stats import interp, speedup_to_target
 
     base = arms.get(baseline)
-    if base is None or base.mean("val_loss") is None:
+    if base is None:
         return
-    target, base_steps = base.mean("val_loss"), base.mean("steps")
+    base_by_seed = {r.seed: r for r in base.records}
     for arm in arms.values():
-        speedups = []
+        speedups, at_time = [], []
         for r in arm.records:
-            step = speedup_to_target(r.curve + [{"step": r.steps, "loss": r.metrics.get("val_loss")}], target)
-            speedups.append(base_steps / step if step else 0.0)
+            b = base_by_seed.get(r.seed)
+            mine, theirs = curve_points(r), curve_points(b) if b is not None else []
+            if not mine or not theirs:
+                speedups.append(None)
+                at_time.append(None)
+                continue
+            base_step, target = theirs[-1]
+            step = speedup_to_target(mine, target)
+            speedups.append(base_step / (step if step else mine[-1][0]))
+            mine_t, theirs_t = curve_points(r, "seconds"), curve_points(b, "seconds")
+            at_time.append(interp(mine_t, theirs_t[-1][0]) if mine_t and theirs_t else None)
         arm.values["step_speedup"] = speedups
+        arm.values["loss_at_equal_time"] = at_time
 
 
 @dataclass
-class Claim:
-    text: str
-    paper: str  # what the paper reports, in words and numbers
+class ClaimResult:
+    claim: Claim
+    effect: stats.Effect
     verdict: str
-    evidence: str  # our numbers
+    evidence: str
+
+    def as_json(self, reproduction: str, tier: str, budget: float) -> dict[str, Any]:
+        c, e = self.claim, self.effect
+        return {"reproduction": reproduction, "tier": tier, "budget_flops": budget, "claim": c.text,
+                "paper": c.paper, "kind": c.kind, "metric": c.metric, "direction": c.direction,
+                "arms": c.arms(), "headline": c.headline, "estimate": e.estimate, "ci_low": e.ci_low,
+                "ci_high": e.ci_high, "n_seeds": e.n_seeds, "delta": c.effect_delta,
+                "detectable_effect": e.detectable, "per_seed": {str(k): v for k, v in e.per_seed.items()},
+                "verdict": self.verdict}
 
 
-def compare(arms: dict[str, ArmStats], a: str, b: str, key: str, higher_better: bool) -> tuple[str, str]:
-    """(verdict, evidence) for "arm a is better than arm b on key"."""
-    if a not in arms or b not in arms or arms[a].mean(key) is None or arms[b].mean(key) is None:
-        return NO_DATA, f"needs finished runs of {a!r} and {b!r}"
-    ma, mb = arms[a].mean(key), arms[b].mean(key)
-    gain = (ma - mb) if higher_better else (mb - ma)
-    spreads = [2 * s for s in (arms[a].half_range(key), arms[b].half_range(key)) if s is not None]
-    spread = max(spreads) if spreads else 0.0
-    seeds = min(arms[a].n, arms[b].n)
-    evidence = (f"{a} {_num(ma)} vs {b} {_num(mb)} ({key}, mean of {seeds} seed(s)); gap {_num(gain, '+')} in the "
-                f"claimed direction; seed spread {_num(spread)}")
-    if not spreads:
-        return MIXED, evidence + " — one seed of each: no spread to judge the gap against (run more seeds)"
-    if gain > spread:
-        return REPRODUCED, evidence
-    if gain < -spread:
-        return NOT_REPRODUCED, evidence
-    return MIXED, evidence + " — within seed noise"
+def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[int, float]:
+    return {s: v / reference[s] for s, v in per_seed.items() if reference.get(s)}
 
 
-def _num(x: float, sign: str = "") -> str:
-    """4 decimals for losses and ratios, whole numbers for throughputs."""
+def evaluate_claim(claim: Claim, arms: dict[str, ArmStats]) -> ClaimResult:
+    """The claim's effect in the paper's direction over paired seeds, its interval and verdict."""
+    key = claim.metric
+    if claim.kind == "trend":
+        values = {}
+        for label, x in claim.x.items():
+            if label in arms and arms[label].by_seed(key):
+                xx = math.log2(x) if claim.log_x else x
+                values.setdefault(xx, {}).update(arms[label].by_seed(key))
+        if key in RELATIVE_METRICS:  # slope of the value relative to the seed's mean over arms
+            seeds = {s for per in values.values() for s in per}
+            means = {s: statistics.fmean([per[s] for per in values.values() if s in per]) for s in seeds}
+            values = {x: _relative(per, means) for x, per in values.items()}
+        effect = stats.paired_slope(values, decreasing=claim.direction == "lower")
+        unit = "per doubling of x" if claim.log_x else "per unit of x"
+        shown = ", ".join(f"{label}: {_num(arms[label].mean(key))}" for label in claim.x
+                          if label in arms and arms[label].mean(key) is not None)
+        evidence = f"{shown} ({key}); slope {unit}"
+    else:
+        a = arms[claim.a].by_seed(key) if claim.a in arms else {}
+        b = arms[claim.b].by_seed(key) if claim.b in arms else {}
+        if key in RELATIVE_METRICS:
+            a, b = _relative(a, b), {s: 1.0 for s in b}
+        effect = stats.paired_difference(a, b, higher_better=claim.direction == "higher")
+        evidence = (f"{claim.a} {_num(arms[claim.a].mean(key)) if a else '-'} vs {claim.b} "
+                    f"{_num(arms[claim.b].mean(key)) if b else '-'} ({key}, means)")
+    delta = claim.effect_delta
+    verdict = stats.verdict(effect, delta, "not-worse" if claim.kind == "not-worse" else "better")
+    if effect.n_seeds:
+        evidence += (f"; effect in the paper's direction {_num(effect.estimate, '+')}, 95% CI "
+                     f"[{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}] over {effect.n_seeds} paired seed(s); "
+                     f"delta {delta:g}")
+        if effect.detectable is not None:
+            evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
+    else:
+        evidence += "; no seed has runs of every arm the claim needs"
+    return ClaimResult(claim, effect, verdict, evidence)
+
+
+def _num(x: float | None, sign: str = "") -> str:
+    """4 significant decimals for losses and ratios, whole numbers for throughputs."""
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return "inf" if x > 0 else "-inf"
     return format(x, f"{sign},.0f") if abs(x) >= 100 else format(x, f"{sign}.4f")
-
-
-def trend(arms: dict[str, ArmStats], xs: dict[str, float], key: str, decreasing: bool) -> tuple[str, str]:
-    """(verdict, evidence) for "key falls (or rises) as x grows" across the arms in xs."""
-    pts = [(x, arms[a].mean(key), arms[a].half_range(key) or 0.0) for a, x in xs.items()
-           if a in arms and arms[a].mean(key) is not None]
-    if len(pts) < 3:
-        return NO_DATA, "needs at least 3 finished arms"
-    pts.sort()
-    rho = _spearman([p[0] for p in pts], [p[1] for p in pts])
-    sign = -1 if decreasing else 1
-    ends = pts[-1][1] - pts[0][1]
-    spread = 2 * max(p[2] for p in pts)
-    evidence = (", ".join(f"{x:g}: {_num(y)}" for x, y, _ in pts) + f" ({key}); Spearman rho {rho:+.2f}; "
-                f"last-first {_num(ends, '+')}, seed spread {_num(spread)}")
-    if sign * rho >= 0.8 and sign * ends > spread:
-        return REPRODUCED, evidence
-    if sign * rho <= 0 and -sign * ends > spread:
-        return NOT_REPRODUCED, evidence
-    return MIXED, evidence
-
-
-def _spearman(xs: list[float], ys: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.mean(rx), statistics.mean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else 0.0
-
-
-def all_seeds(arms: dict[str, ArmStats], label: str, key: str, test: Callable[[float], bool],
-              what: str) -> tuple[str, str]:
-    """(verdict, evidence) for a per-seed property: every seed -> reproduced, none -> not, else mixed."""
-    if label not in arms or not arms[label].values.get(key):
-        return NO_DATA, f"needs finished runs of {label!r}"
-    vals = arms[label].values[key]
-    ok = [test(v) for v in vals]
-    evidence = f"{label}: {what} " + ", ".join(f"{v:.3g}" for v in vals) + f" (holds for {sum(ok)}/{len(ok)} seeds)"
-    if all(ok):
-        return REPRODUCED, evidence
-    if not any(ok):
-        return NOT_REPRODUCED, evidence
-    return MIXED, evidence
-
-
-def claim(text: str, paper: str, result: tuple[str, str]) -> Claim:
-    return Claim(text, paper, result[0], result[1])
 
 
 def fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-__all__ = ["ArmStats", "Claim", "arm_stats", "add_step_speedups", "compare", "trend", "all_seeds", "claim",
-           "record_values", "REPRODUCED", "NOT_REPRODUCED", "MIXED", "NO_DATA"]
+def plan_arm_order(plan: Plan) -> list[str]:
+    return [a.label for a in plan.arms]
+
+
+__all__ = ["ArmStats", "ClaimResult", "arm_stats", "add_paired_metrics", "evaluate_claim", "record_values", "fmt",
+           "curve_points", "RELATIVE_METRICS"]

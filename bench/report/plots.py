@@ -16,10 +16,10 @@ import math
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bench.report.stats import curve_xy as _curve_xy, finite as _num, interp, speedup_to_target
 from bench.tracking.records import RunRecord
 
 X_AXES = ("flops", "step", "tokens", "seconds")
@@ -34,14 +34,6 @@ PLOTLY_TEMPLATE = "plotly_white"
 # ----------------------------------------------------------------------------------------------
 # Reading records
 # ----------------------------------------------------------------------------------------------
-
-def _num(value: Any) -> float | None:
-    """A finite float, or None for missing/non-numeric/NaN/inf values (bools are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
 
 def _get(data: Any, *keys: str) -> Any:
     for key in keys:
@@ -105,22 +97,6 @@ def _spread(values: Iterable[float | None]) -> tuple[float, float, float] | None
     return (sum(xs) / len(xs), min(xs), max(xs)) if xs else None
 
 
-def _curve_xy(curve: Any, x: str) -> list[tuple[float, float]]:
-    """(x, loss) pairs of one curve sorted by x; points without both values are skipped and a
-    repeated x keeps its last evaluation (a resumed run logs the resume step again)."""
-    by_x: dict[float, float] = {}
-    for point in curve if isinstance(curve, list) else ():
-        if isinstance(point, dict):
-            px, loss = _num(point.get(x)), _num(point.get("loss"))
-        elif isinstance(point, (list, tuple)) and len(point) == 2:
-            px, loss = _num(point[0]), _num(point[1])
-        else:
-            continue
-        if px is not None and loss is not None:
-            by_x[px] = loss
-    return sorted(by_x.items())
-
-
 def _key(x: float) -> float:
     return float(f"{x:.9g}")  # x values computed the same way in every seed compare equal
 
@@ -146,35 +122,6 @@ def _mean_curve(series: list[list[tuple[float, float]]], interpolate: bool = Fal
     lo, hi = max(s[0][0] for s in series), min(s[-1][0] for s in series)
     grid = sorted({x for s in series for x, _ in s if lo <= x <= hi})
     return [(x, sum(interp(s, x) for s in series) / len(series)) for x in grid]
-
-
-def interp(s: list[tuple[float, float]], x: float) -> float:
-    """y at x on the curve s ((x, y) sorted by x), linear between points, constant beyond the ends."""
-    for (x0, y0), (x1, y1) in pairwise(s):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return s[0][1] if x <= s[0][0] else s[-1][1]
-
-
-def speedup_to_target(curve_points: Sequence[Any], target_loss: float, x: str = "step") -> float | None:
-    """The first ``x`` (step, tokens, flops, seconds) at which a loss curve reaches ``target_loss``
-    (loss <= target), linearly interpolated between the last evaluation above the target and the
-    first one at or below it; None when the curve never gets there (or is empty).
-
-    ``curve_points``: ``record.curve``-style dicts with ``x`` and "loss" keys (points missing
-    either are skipped; points are taken in order of x), or (x, loss) pairs. Dividing the
-    baseline's x by this gives the speed-up of one run over the baseline."""
-    target = _num(target_loss)
-    points = _curve_xy(list(curve_points or []), x)
-    if target is None:
-        return None
-    for i, (px, loss) in enumerate(points):
-        if loss <= target:
-            if i == 0:
-                return px
-            x0, l0 = points[i - 1]
-            return x0 + (l0 - target) / (l0 - loss) * (px - x0)  # l0 > target >= loss
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,23 +648,19 @@ def expert_load_heatmap(record: RunRecord, out_dir: Path, stem: str, title: str)
 # ----------------------------------------------------------------------------------------------
 
 def _step_curve(record: RunRecord) -> list[tuple[float, float]]:
-    """(step, val loss) of one run: its evaluation curve plus the final evaluation
-    (``record.steps``, ``metrics["val_loss"]``), which replaces a curve point at the same step."""
-    points = list(record.curve) if isinstance(record.curve, list) else []
-    final_loss = _num(_get(record.metrics, "val_loss"))
-    if final_loss is not None and _num(record.steps) is not None and record.steps > 0:
-        points.append({"step": record.steps, "loss": final_loss})
-    return _curve_xy(points, "step")
+    """(step, val loss) of one run's evaluation curve. The final evaluation is left out: in quick
+    tiers it covers the whole validation split while curve points cover a few batches, and
+    mixing the two made the baseline look faster than itself."""
+    return _curve_xy(record.curve if isinstance(record.curve, list) else [], "step")
 
 
 def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str,
                      baseline_label: str) -> list[Path]:
     """Horizontal bars, one per arm: the speed-up in training steps over the baseline =
-    (baseline's final step) / (first step at which the arm's mean curve reaches the baseline's
-    final validation loss, interpolated between evaluations). Final step and loss are the
-    baseline's means over seeds of ``record.steps`` and ``metrics["val_loss"]`` (the curve's last
-    point when those are missing); an arm's mean curve averages its seeds' evaluation curves,
-    each ending with the run's final evaluation. The baseline's own bar is 1 by definition; arms
+    (baseline's last evaluated step) / (first step at which the arm's mean curve reaches the
+    baseline's last evaluated loss, interpolated between evaluations), all on the evaluation
+    curves (one evaluation set). Step and loss are the baseline's means over seeds; an arm's mean
+    curve averages its seeds' evaluation curves. The baseline's own bar is 1 by definition; arms
     whose curve never gets there are shown as "not reached". Nothing is drawn without a baseline."""
     runs = _finished(records)
     colors = _colors(runs)

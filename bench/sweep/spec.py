@@ -168,15 +168,26 @@ class SweepSpec:
 
 
 # -- loading ------------------------------------------------------------------------------------
+def shipped_studies() -> list[str]:
+    """Names of the search-space studies in sweeps/ (the other YAMLs there are plans of arms)."""
+    from bench.plans import is_plan_file
+
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml") if not is_plan_file(p))
+
+
 def find_spec(name_or_path: str) -> Path:
     """A YAML path, or the name of a shipped study (``switch-experts`` -> sweeps/switch-experts.yaml)."""
+    from bench.plans import is_plan_file
+
     path = Path(name_or_path)
+    if not path.is_file():
+        path = SWEEPS_DIR / f"{name_or_path}.yaml"
     if path.is_file():
+        if is_plan_file(path):
+            raise ConfigError([f"{path} is a plan of fixed arms, not a search space: run it with "
+                               f"`moe-bench reproduce {name_or_path}`"], "sweep spec")
         return path
-    shipped = SWEEPS_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))) or "none"
+    known = ", ".join(shipped_studies()) or "none"
     raise ConfigError([f"spec={name_or_path!r} is neither a YAML file nor a shipped study "
                        f"(shipped: {known})"], "sweep spec")
 
@@ -479,4 +490,4 @@ def _check_space_keys(params: list[Param], problems: list[str]) -> None:
 
 
 __all__ = ["SweepSpec", "Param", "Objective", "OBJECTIVES", "SAMPLERS", "PRUNERS", "load_spec", "parse_spec",
-           "find_spec", "SWEEPS_DIR"]
+           "find_spec", "SWEEPS_DIR", "shipped_studies"]

@@ -1,11 +1,14 @@
 """Report: verdicts against hand-made records, and REPORT.md + plots written from a store."""
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
+from bench.plans import load_plan
 from bench.report import write_report
-from bench.reproduce import REPRODUCTIONS
-from bench.report.claims import MIXED, NOT_REPRODUCED, REPRODUCED, arm_stats, compare, record_values, trend
+from bench.report.claims import arm_stats, evaluate_claim, record_values
 from bench.tracking.records import ResultsStore, RunRecord
 
 
@@ -24,18 +27,19 @@ def rec(arm, seed, loss, repro="switch-vs-dense", family="switch", tps=1000.0, d
         extra={"reproduction": repro, "arm": arm})
 
 
-def test_compare_verdicts_use_the_seed_spread():
-    arms = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.02), rec("b", 0, 2.10), rec("b", 1, 2.16)])
-    verdict, evidence = compare(arms, "a", "b", "val_loss", higher_better=False)
-    assert verdict == REPRODUCED  # gap 0.12 > spread 0.06
-    assert "gap +0.1200" in evidence and "seed spread 0.0600" in evidence
-    assert compare(arms, "b", "a", "val_loss", higher_better=False)[0] == NOT_REPRODUCED
-    close = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.10), rec("b", 0, 2.05), rec("b", 1, 2.08)])
-    assert compare(close, "a", "b", "val_loss", higher_better=False)[0] == MIXED  # gap 0.015 < spread 0.1
-    assert compare(arms, "a", "zzz", "val_loss", False)[0] == "no data"
-    single = arm_stats([rec("a", 0, 2.00), rec("b", 0, 2.50)])
-    verdict, evidence = compare(single, "a", "b", "val_loss", higher_better=False)
-    assert verdict == MIXED and "one seed of each: no spread to judge the gap against" in evidence
+def test_better_claims_are_judged_on_paired_seeds():
+    from bench.plans import Claim
+
+    arms = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.02), rec("a", 2, 2.01),
+                      rec("b", 0, 2.10), rec("b", 1, 2.16), rec("b", 2, 2.12)])
+    claim = Claim(text="a beats b", a="a", b="b", metric="val_loss", direction="lower")
+    result = evaluate_claim(claim, arms)
+    assert result.verdict == "reproduced" and result.effect.n_seeds == 3
+    assert "effect in the paper's direction +0.1167, 95% CI [+0.0650, +0.1684] over 3 paired seed(s)" in result.evidence
+    backwards = Claim(text="b beats a", a="b", b="a", metric="val_loss", direction="lower")
+    assert evaluate_claim(backwards, arms).verdict == "refuted"
+    ghost = Claim(text="a beats zzz", a="a", b="zzz", metric="val_loss")
+    assert evaluate_claim(ghost, arms).verdict == "no-data"
 
 
 def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
@@ -46,13 +50,19 @@ def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
     assert arms["a"].n == 1 and arms["a"].values["val_loss"] == [2.0]
 
 
-def test_trend_needs_rank_correlation_and_a_gap_beyond_noise():
-    falling = arm_stats([rec(f"switch E={e}", 0, loss) for e, loss in [(1, 2.3), (2, 2.2), (4, 2.15), (8, 2.1)]])
-    xs = {f"switch E={e}": e for e in (1, 2, 4, 8)}
-    verdict, evidence = trend(falling, xs, "val_loss", decreasing=True)
-    assert verdict == REPRODUCED and "Spearman rho -1.00" in evidence
-    rising = arm_stats([rec(f"switch E={e}", 0, loss) for e, loss in [(1, 2.1), (2, 2.2), (4, 2.25), (8, 2.3)]])
-    assert trend(rising, xs, "val_loss", decreasing=True)[0] == NOT_REPRODUCED
+def test_trend_claims_are_per_seed_slopes_on_log2_x():
+    from bench.plans import Claim
+
+    falling = arm_stats([rec(f"switch E={e}", seed, 2.3 - 0.05 * math.log2(e) + 0.001 * seed * e)
+                         for e in (1, 2, 4, 8) for seed in range(3)])
+    claim = Claim(text="loss falls with E", kind="trend", x={f"switch E={e}": e for e in (1, 2, 4, 8)}, log_x=True,
+                  metric="val_loss", direction="lower", delta=0.005)
+    result = evaluate_claim(claim, falling)
+    assert result.verdict == "reproduced" and result.effect.n_seeds == 3
+    assert result.effect.per_seed[0] == pytest.approx(0.05)
+    rising = Claim(text="loss rises with E", kind="trend", x=claim.x, log_x=True, metric="val_loss",
+                   direction="higher", delta=0.005)
+    assert evaluate_claim(rising, falling).verdict == "refuted"
 
 
 def test_record_values_load_imbalance_and_dropped_tokens():
@@ -76,15 +86,20 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert "## Switch Transformer vs dense at equal FLOPs" in text
     row = next(line for line in text.splitlines() if line.startswith("| switch-vs-dense | tiny | 8e+12 | 16 | Switch (cf 1.25) "
                                                                        "reaches a lower validation loss"))
-    assert row.endswith("✅ reproduced |")
+    assert row.endswith("| +0.22 [+0.22, +0.22] | 2 | **reproduced** |")  # gains 0.22 and 0.22: no spread
     matches_wide = next(line for line in text.splitlines() if "matches the ~3.5x-FLOPs dense" in line
                         and line.startswith("| switch-vs-dense"))
-    assert matches_wide.endswith("❌ not reproduced |")  # the wide model is better by far more than the spread
+    assert matches_wide.endswith("**refuted** |")  # the wide model is better by far more than delta
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    headline = next(c for c in claims if c["claim"].startswith("Switch (cf 1.25) reaches a lower validation loss"))
+    assert {k: headline[k] for k in ("reproduction", "tier", "metric", "n_seeds", "verdict")} == {
+        "reproduction": "switch-vs-dense", "tier": "tiny", "metric": "val_loss", "n_seeds": 2, "verdict": "reproduced"}
+    assert headline["estimate"] == pytest.approx(0.22) and headline["ci_low"] == pytest.approx(0.22)
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
-    assert "Not in this store yet: `switch-experts`, `capacity`, `moe-rnn`, `translation`" in text
-    budget = REPRODUCTIONS["switch-vs-dense"].budgets["tiny"]
-    assert "seed spread" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
+    assert "Not in this store yet: `capacity`, `moe-rnn`, `switch-experts`, `translation`" in text
+    budget = load_plan("switch-vs-dense").tiers["tiny"].budget_flops
+    assert "95% CI" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
@@ -99,11 +114,10 @@ def test_report_on_an_empty_store_says_how_to_fill_it(tmp_path):
 
 
 def test_noisy_throughput_is_flagged():
-    from bench.reproduce import reproduction
     from bench.report.sections import build_section
 
     records = [rec("dense", 0, 2.3, family="dense", tps=1000.0), rec("dense", 1, 2.3, family="dense", tps=1500.0)]
-    section = build_section(reproduction("switch-vs-dense"), "tiny", records, plot_dir=None)
+    section = build_section(load_plan("switch-vs-dense"), "tiny", records, plot_dir=None)
     assert any(n.startswith("Caution: tokens/s of one arm differed by up to 50% between its seeds (dense)")
                for n in section.notes)
 
@@ -117,8 +131,8 @@ def test_cli_report_and_reproduce_list(tmp_path, capsys):
     assert f"wrote {tmp_path / 'o' / 'REPORT.md'}" in capsys.readouterr().out
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
-    tiny = REPRODUCTIONS["switch-vs-dense"].budgets["tiny"]
-    assert "switch-vs-dense" in listing and "8 arms x 3 seeds" in listing and f"tiny {tiny:g}" in listing
+    assert "switch-vs-dense" in listing and "tier tiny   preset tiny   8e+12 FLOPs/run, 8 arms x 3 seeds" in listing
+    assert "tier ref    preset tiny   1.5e+14 FLOPs/run, 2 arms x 5 seeds" in listing
     assert main(["reproduce", "capacity", "--budget-tokens", "100"]) == 2
     assert "reproductions are matched on training FLOPs: use --budget-flops" in capsys.readouterr().err
     assert main(["reproduce", "capacity", "--arm", "bogus", "--storage", url]) == 2
@@ -128,7 +142,6 @@ def test_cli_report_and_reproduce_list(tmp_path, capsys):
 def test_gap_trend_compares_each_seed_with_the_baseline_at_half_and_at_the_end():
     from bench.report.claims import arm_stats
     from bench.report.sections import build_section, gap_at_half_and_end
-    from bench.reproduce import reproduction
 
     def curve(losses):
         return [{"step": s, "loss": v} for s, v in zip((50, 100, 150, 200), losses)]
@@ -143,7 +156,7 @@ def test_gap_trend_compares_each_seed_with_the_baseline_at_half_and_at_the_end()
     arms = arm_stats(records)
     assert gap_at_half_and_end(arms["switch cf=1.25"], arms["dense"]) == pytest.approx((-0.03, -0.07))
     assert gap_at_half_and_end(arms["moe cf=1.0"], arms["dense"]) == pytest.approx((-0.10, 0.0))
-    section = build_section(reproduction("switch-vs-dense"), "tiny", records, plot_dir=None)
+    section = build_section(load_plan("switch-vs-dense"), "tiny", records, plot_dir=None)
     note = next(n for n in section.notes if n.startswith("Loss gap to dense"))
     assert "switch cf=1.25 -0.030 → -0.070 (widening)" in note and "moe cf=1.0 -0.100 → +0.000 (narrowing)" in note
     assert "moe cf=2.0 -0.020 → +0.030 (changed sign)" in note
@@ -151,7 +164,7 @@ def test_gap_trend_compares_each_seed_with_the_baseline_at_half_and_at_the_end()
 
 def test_runs_at_another_budget_get_their_own_section_and_a_cross_budget_note(tmp_path):
     store = ResultsStore(f"sqlite:///{tmp_path / 'b.db'}")
-    default = REPRODUCTIONS["switch-experts"].budgets["tiny"]
+    default = load_plan("switch-experts").tiers["tiny"].budget_flops
     arms = {"dense": ("dense", 1, (2.40, 2.42), (2.10, 2.12)), "switch E=8": ("switch", 8, (2.41, 2.43), (2.05, 2.06))}
     for arm, (family, e, short, long) in arms.items():
         for seed in range(2):
@@ -165,13 +178,13 @@ def test_runs_at_another_budget_get_their_own_section_and_a_cross_budget_note(tm
     text = write_report(store.url, tmp_path / "out").read_text()
     # Two sections, each comparing its own seeds: the long runs did not replace the short ones.
     assert text.count("## More experts at equal FLOPs per token") == 2
-    assert "`switch-experts`, preset `tiny`, budget 3e+13 training FLOPs" in text
+    assert "`switch-experts`, tier `tiny`, budget 3e+13 training FLOPs" in text
     assert f"| switch-experts | tiny | {default:.3g} | 4 |" in text and "| switch-experts | tiny | 3e+13 | 4 |" in text
-    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.4100 ± 0.0100 |" in text
-    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.1100 ± 0.0100 |" in text
-    assert ('moe-bench reproduce switch-experts --preset tiny --seeds 2 --budget-flops 3e+13 --arm "dense" '
+    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.4100 ± 0.0141 |" in text
+    assert "| dense | 2 | 1,000 | 1,000 | 6.00 | 0.10M | 2.1100 ± 0.0141 |" in text
+    assert ('moe-bench reproduce switch-experts --tier tiny --seeds 2 --budget-flops 3e+13 --arm "dense" '
             '--arm "switch E=8"') in text
-    assert f"Budget: 3e+13 training FLOPs per run ({3e13 / default:.3g}x the preset's default {default:.3g})" in text
+    assert f"Budget: 3e+13 training FLOPs per run ({3e13 / default:.3g}x the tier's default {default:.3g})" in text
     note = (f"dense loss 2.410 at {default:.3g} → 2.110 at 3e+13; "
             f"switch E=8 gap +0.010 at {default:.3g} → -0.055 at 3e+13.")
     assert text.count(note) == 2  # in both sections

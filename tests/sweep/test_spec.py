@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench.config import ConfigError
-from bench.sweep.spec import SWEEPS_DIR, find_spec, load_spec, parse_spec
+from bench.sweep.spec import find_spec, load_spec, parse_spec, shipped_studies
 
 BASE = {"task": "tinyshakespeare-char", "family": "switch", "budget": {"steps": 5}}
 
@@ -77,22 +77,23 @@ def test_cli_overrides_join_fixed_settings_and_replace_preset_and_budget(tmp_pat
     assert spec.budget == {"kind": "steps", "value": 20} and spec.n_trials == 3 and spec.name == "s"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", shipped_studies())
 def test_shipped_studies_validate(name):
     spec = load_spec(name, ["preset=tiny"])
     assert spec.budget["kind"] == "flops" and spec.target_trials() >= 6
 
 
-def test_shipped_grids_are_the_papers_grids():
-    experts = load_spec("switch-experts")
-    assert experts.grid() == {"num_experts": [1, 2, 4, 8, 16, 32]}
-    capacity = load_spec("switch-capacity")
-    assert capacity.grid() == {"capacity_factor": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], "num_experts": [8, 32]}
-    assert capacity.target_trials() == 12
+def test_plans_in_sweeps_are_not_studies():
+    assert shipped_studies() == ["pareto", "switch-tpe"]
+    with pytest.raises(ConfigError, match="is a plan of fixed arms.*moe-bench reproduce capacity"):
+        load_spec("capacity")
+
+
+def test_shipped_studies_name_their_objectives():
     assert load_spec("pareto").directions == ["maximize", "minimize"]
     assert load_spec("switch-tpe").pruning_monitor() == "val/mean_token_prob"
 
 
 def test_unknown_spec_names_the_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped: pareto, switch-capacity, switch-experts, switch-tpe"):
+    with pytest.raises(ConfigError, match="shipped: pareto, switch-tpe\\)"):
         find_spec("no-such-study")

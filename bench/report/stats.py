@@ -1,0 +1,191 @@
+"""Claim statistics: effects with 95% confidence intervals over paired seeds, and verdicts.
+
+A seed fixes the initialisation and the data order of every arm, so two arms' runs with the same
+seed form a pair; their difference cancels the data-order noise both share. Every claim is an
+*effect oriented in the paper's direction* (positive = the paper's claim holds), estimated as the
+mean over seeds with a Student-t interval:
+
+- ``paired_difference``: "arm a is better than arm b" -> per-seed gain, e.g. b's loss - a's loss.
+- ``paired_slope``: "the metric falls as x grows" -> per seed, the least-squares slope of the
+  metric on x (log2 x for expert counts) across the arms; the effect is the mean slope, signed so
+  that the paper's direction is positive.
+
+Verdicts (``verdict``): **reproduced** when the interval excludes 0 in the paper's direction,
+**refuted** when it excludes 0 the other way, **no-effect** when it lies inside +-delta (the
+smallest effect that matters, stated per metric), **inconclusive** otherwise. A non-inferiority
+claim ("a matches b") is reproduced when the interval's low end is above -delta and refuted when
+its high end is below -delta.
+
+The report also states the smallest effect detectable at that n (two-sided 5% test, 80% power)
+given the observed seed-to-seed standard deviation of the paired differences.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from typing import Any, Sequence
+
+REPRODUCED, REFUTED, NO_EFFECT, INCONCLUSIVE, NO_DATA = "reproduced", "refuted", "no-effect", "inconclusive", "no-data"
+VERDICTS = (REPRODUCED, REFUTED, NO_EFFECT, INCONCLUSIVE, NO_DATA)
+CONFIDENCE = 0.95
+POWER = 0.80
+
+
+def t_quantile(p: float, df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+@dataclass
+class Effect:
+    """An effect in the paper's direction (positive = as the paper claims), over paired seeds."""
+
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n_seeds: int
+    per_seed: dict[int, float] = field(default_factory=dict)
+    sd: float | None = None
+    detectable: float | None = None  # smallest |effect| this n detects with 80% power at 5%
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float | None]:
+    """(mean, low, high, sd) of a Student-t interval; with one value the interval is unbounded."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return mean, -math.inf, math.inf, None
+    sd = statistics.stdev(values)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, sd
+
+
+def detectable_effect(sd: float | None, n: int, confidence: float = CONFIDENCE, power: float = POWER) -> float | None:
+    """Smallest true mean effect a paired t-test at this n finds with the given power (normal-shift
+    approximation with t quantiles: (t_{1-a/2} + t_{power}) * sd / sqrt(n))."""
+    if sd is None or n < 2:
+        return None
+    df = n - 1
+    return (t_quantile(0.5 + confidence / 2, df) + t_quantile(power, df)) * sd / math.sqrt(n)
+
+
+def effect_from(per_seed: dict[int, float]) -> Effect:
+    if not per_seed:
+        return Effect(None, None, None, 0)
+    vals = [per_seed[s] for s in sorted(per_seed)]
+    mean, low, high, sd = mean_interval(vals)
+    return Effect(mean, low, high, len(vals), dict(sorted(per_seed.items())), sd, detectable_effect(sd, len(vals)))
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float], higher_better: bool) -> Effect:
+    """Per-seed gain of arm a over arm b (a - b when higher is better, b - a when lower is)."""
+    sign = 1.0 if higher_better else -1.0
+    return effect_from({s: sign * (a[s] - b[s]) for s in a if s in b})
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("slope needs at least two distinct x values")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def paired_slope(values: dict[float, dict[int, float]], decreasing: bool, min_points: int = 3) -> Effect:
+    """``values``: x -> {seed: metric}. Per seed with at least ``min_points`` arms, the OLS slope of
+    the metric on x; the effect is signed so that the claimed direction is positive."""
+    sign = -1.0 if decreasing else 1.0
+    seeds = sorted({s for per in values.values() for s in per})
+    per_seed = {}
+    for s in seeds:
+        pts = [(x, per[s]) for x, per in values.items() if s in per]
+        if len(pts) >= min_points:
+            per_seed[s] = sign * slope([p[0] for p in pts], [p[1] for p in pts])
+    return effect_from(per_seed)
+
+
+def verdict(effect: Effect, delta: float, kind: str = "better") -> str:
+    """See the module docstring. ``kind``: "better" (a directional claim) or "not-worse"."""
+    if effect.n_seeds < 2 or effect.ci_low is None or not math.isfinite(effect.ci_low):
+        return NO_DATA if effect.n_seeds == 0 else INCONCLUSIVE
+    low, high = effect.ci_low, effect.ci_high
+    if kind == "not-worse":
+        if low > -delta:
+            return REPRODUCED
+        if high < -delta:
+            return REFUTED
+        return INCONCLUSIVE
+    if low > 0:
+        return REPRODUCED
+    if high < 0:
+        return REFUTED
+    if -delta < low and high < delta:
+        return NO_EFFECT
+    return INCONCLUSIVE
+
+
+# --- evaluation curves -----------------------------------------------------------------------
+def finite(value: Any) -> float | None:
+    """A finite float, or None for missing/non-numeric/NaN/inf values (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def curve_xy(curve: Any, x: str) -> list[tuple[float, float]]:
+    """(x, loss) pairs of one curve sorted by x; points without both values are skipped and a
+    repeated x keeps its last evaluation (a resumed run logs the resume step again)."""
+    by_x: dict[float, float] = {}
+    for point in curve if isinstance(curve, list) else ():
+        if isinstance(point, dict):
+            px, loss = finite(point.get(x)), finite(point.get("loss"))
+        elif isinstance(point, (list, tuple)) and len(point) == 2:
+            px, loss = finite(point[0]), finite(point[1])
+        else:
+            continue
+        if px is not None and loss is not None:
+            by_x[px] = loss
+    return sorted(by_x.items())
+
+
+def interp(s: list[tuple[float, float]], x: float) -> float:
+    """y at x on the curve s ((x, y) sorted by x), linear between points, constant beyond the ends."""
+    for (x0, y0), (x1, y1) in pairwise(s):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return s[0][1] if x <= s[0][0] else s[-1][1]
+
+
+def speedup_to_target(curve_points: Sequence[Any], target_loss: float, x: str = "step") -> float | None:
+    """The first ``x`` (step, tokens, flops, seconds) at which a loss curve reaches ``target_loss``
+    (loss <= target), linearly interpolated between the last evaluation above the target and the
+    first one at or below it; None when the curve never gets there (or is empty).
+
+    ``curve_points``: ``record.curve``-style dicts with ``x`` and "loss" keys (points missing
+    either are skipped; points are taken in order of x), or (x, loss) pairs. Dividing the
+    baseline's x by this gives the speed-up of one run over the baseline."""
+    target = finite(target_loss)
+    points = curve_xy(list(curve_points or []), x)
+    if target is None:
+        return None
+    for i, (px, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return px
+            x0, l0 = points[i - 1]
+            return x0 + (l0 - target) / (l0 - loss) * (px - x0)  # l0 > target >= loss
+    return None
+
+
+__all__ = ["Effect", "VERDICTS", "REPRODUCED", "REFUTED", "NO_EFFECT", "INCONCLUSIVE", "NO_DATA", "mean_interval",
+           "detectable_effect", "paired_difference", "paired_slope", "slope", "verdict", "effect_from",
+           "t_quantile", "finite", "curve_xy", "interp", "speedup_to_target"]

@@ -1,0 +1,141 @@
+"""Runs a plan's arms: every (arm, seed) pair of one tier, resumable, one failure policy.
+
+    moe-bench reproduce NAME|PLAN.yaml [--tier T] [--seeds N] [--arm LABEL ...] [--storage URL]
+
+Each run trains with ``bench.train.train`` into the plan's group (``repro-NAME-TIER``), tagged
+with ``reproduction``, ``arm``, ``tier`` and ``budget_flops``. Re-running skips pairs that already
+finished with exactly the planned config, so a killed plan continues where it stopped, and a
+changed definition is re-run, never mixed in. A failed run is recorded and the others go on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bench.config import ConfigError, override_pairs
+from bench.plans import Arm, Plan, is_shipped, load_plan
+from bench.tracking.records import ResultsStore, RunRecord, new_run_id
+
+
+def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training budget of one arm (see ``Arm.budget``); ``flops`` replaces the tier's budget."""
+    flops = flops or plan.tier(tier).budget_flops
+    if arm.budget == "flops":
+        return {"kind": "flops", "value": flops}
+    from bench.data.tasks import load_task
+    from bench.flops import model_cost
+    from bench.train.run import resolve_configs
+
+    task = load_task(plan.task)
+    base = plan.arm(plan.baseline)
+    cfg, _ = resolve_configs(task, base.model, plan.tier(tier).preset, plan.arm_settings(base, tier, extra), None)
+    seq_len = task.seq_len if task.type == "lm" else task.tgt_len
+    per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
+    return {"kind": "tokens", "value": float(int(flops / per_token))}
+
+
+def planned_config(plan: Plan, arm: Arm, tier: str, budget: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved model and run configs this arm trains with (as stored in its record)."""
+    from bench.config import to_dict
+    from bench.data.tasks import load_task
+    from bench.train.run import resolve_configs
+
+    cfg, rc = resolve_configs(load_task(plan.task), arm.model, plan.tier(tier).preset,
+                              plan.arm_settings(arm, tier, extra), budget)
+    return {"model": to_dict(cfg), "run": to_dict(rc)}
+
+
+def same_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    def norm(d):
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    return norm(stored.get("model")) == norm(wanted["model"]) and norm(stored.get("run")) == norm(wanted["run"])
+
+
+@dataclass
+class PlannedRun:
+    arm: Arm
+    seed: int
+    budget: dict[str, Any]
+    done: RunRecord | None = None  # a finished record from an earlier invocation
+
+
+def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
+              flops: float | None = None, extra: dict[str, Any] | None = None) -> list[PlannedRun]:
+    """Every (arm, seed) pair of a tier, seed-major so partial results cover all arms early."""
+    spec = plan.tier(tier)
+    if seeds is not None and seeds < 1:
+        raise ConfigError([f"seeds={seeds} is not allowed; expected >= 1"], "reproduce")
+    chosen = plan.tier_arms(tier)
+    if arms:
+        labels = {a.label for a in plan.arms}
+        unknown = [a for a in arms if a not in labels]
+        if unknown:
+            raise ConfigError([f"arm {a!r} is not in {plan.name}; arms: {', '.join(x.label for x in plan.arms)}"
+                               for a in unknown], "reproduce")
+        chosen = [a for a in plan.arms if a.label in arms]
+    budgets = {a.label: arm_budget(plan, a, tier, flops, extra) for a in chosen}
+    wanted = {a.label: planned_config(plan, a, tier, budgets[a.label], extra) for a in chosen}
+    finished: dict[tuple[str, int], RunRecord] = {}
+    for r in store.list(group=plan.group(tier)):
+        arm = r.extra.get("arm")
+        if r.status == "finished" and arm in wanted and same_config(r.config, wanted[arm]):
+            finished.setdefault((arm, r.seed), r)
+    return [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
+            for seed in spec.seed_list(seeds) for a in chosen]
+
+
+def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = None, storage: str | None = None,
+             data_dir: str | None = None, overrides: list[str] | None = None, arms: list[str] | None = None,
+             budget_flops: float | None = None, progress: bool = True,
+             announce: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """Train every missing (arm, seed) pair of a plan's tier; return all its finished records."""
+    from bench.train.run import train
+
+    announce = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    # Dozens of runs: Lightning's per-run "GPU available ..." banner drowns the progress lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    plan = name_or_path if isinstance(name_or_path, Plan) else load_plan(name_or_path)
+    store = ResultsStore(storage)
+    problems: list[str] = []
+    extra = dict(override_pairs(overrides or [], problems))
+    if problems:
+        raise ConfigError(problems, "reproduce --set")
+    runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra)
+    todo = [r for r in runs if r.done is None]
+    flops = float(budget_flops or plan.tier(tier).budget_flops)
+    preset = plan.tier(tier).preset
+    announce(f"{plan.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), tier {tier} "
+             f"(preset {preset}), budget {flops:.3g} training FLOPs per run, group {plan.group(tier)}")
+    records = [r.done for r in runs if r.done is not None]
+    for i, run in enumerate(todo, 1):
+        b = run.budget
+        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
+        run_id = new_run_id(f"{plan.name}-{run.arm.model}")
+        tags = {"reproduction": plan.name, "arm": run.arm.label, "budget_flops": flops}
+        if tier != preset:  # tiers named after their preset keep the records of earlier versions
+            tags["tier"] = tier
+        if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
+            tags["plan_file"] = plan.source
+        try:
+            record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
+                           seed=run.seed, storage=storage, data_dir=data_dir, group=plan.group(tier),
+                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=tags)
+        except Exception as e:  # recorded as failed by train(); the other arms still run
+            if store.get(run_id) is None:
+                raise
+            announce(f"  {run.arm.label} (seed {run.seed}) failed: {type(e).__name__}: {e}")
+            continue
+        if record.status == "interrupted":
+            announce("interrupted: run the same command again to continue (finished runs are kept)")
+            raise KeyboardInterrupt
+        records.append(record)
+    return records
+
+
+__all__ = ["PlannedRun", "plan_runs", "run_plan", "arm_budget", "planned_config", "same_config"]

@@ -1,0 +1,107 @@
+"""Claim statistics against hand-computed values: paired t intervals, per-seed slopes, verdicts,
+and the unbiased step speed-up (a run compared with itself gives exactly 1.0x)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.plans import Claim
+from bench.report.claims import add_paired_metrics, arm_stats, evaluate_claim
+from bench.report.stats import (Effect, detectable_effect, mean_interval, paired_difference, paired_slope,
+                                t_quantile, verdict)
+from tests.report.test_report import rec
+
+
+def test_t_quantiles_match_the_tables():
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
+    assert t_quantile(0.80, 4) == pytest.approx(0.940965, abs=1e-6)
+
+
+def test_paired_difference_is_a_t_interval_over_seed_pairs():
+    a = {0: 2.00, 1: 2.02, 2: 2.01, 7: 1.0}  # seed 7 has no partner in b: not used
+    b = {0: 2.10, 1: 2.16, 2: 2.12}
+    e = paired_difference(a, b, higher_better=False)  # gains b - a: 0.10, 0.14, 0.11
+    sd = math.sqrt(((0.10 - 0.35 / 3) ** 2 + (0.14 - 0.35 / 3) ** 2 + (0.11 - 0.35 / 3) ** 2) / 2)
+    half = 4.302653 * sd / math.sqrt(3)
+    assert e.n_seeds == 3 and e.per_seed == pytest.approx({0: 0.10, 1: 0.14, 2: 0.11})
+    assert e.estimate == pytest.approx(0.35 / 3) and e.sd == pytest.approx(sd)
+    assert (e.ci_low, e.ci_high) == (pytest.approx(0.35 / 3 - half, abs=1e-6), pytest.approx(0.35 / 3 + half, abs=1e-6))
+    assert e.detectable == pytest.approx((4.302653 + t_quantile(0.8, 2)) * sd / math.sqrt(3))
+    assert verdict(e, delta=0.01) == "reproduced"
+    assert verdict(paired_difference(b, a, higher_better=False), 0.01) == "refuted"
+
+
+def test_paired_pairs_remove_shared_seed_noise():
+    # Seeds differ a lot (0.3) but the arms' gap is the same 0.02 in every seed: a tight interval,
+    # where the max-min spread rule could not tell the arms apart.
+    a = {s: 2.0 + 0.1 * s for s in range(4)}
+    b = {s: 2.02 + 0.1 * s for s in range(4)}
+    e = paired_difference(a, b, higher_better=False)
+    assert e.estimate == pytest.approx(0.02) and e.ci_low == pytest.approx(0.02) and e.ci_high == pytest.approx(0.02)
+
+
+def test_verdicts():
+    def eff(low, high, n=5):
+        return Effect((low + high) / 2, low, high, n)
+
+    assert verdict(eff(0.01, 0.05), 0.01) == "reproduced"
+    assert verdict(eff(-0.05, -0.01), 0.01) == "refuted"
+    assert verdict(eff(-0.004, 0.006), 0.01) == "no-effect"
+    assert verdict(eff(-0.004, 0.02), 0.01) == "inconclusive"
+    assert verdict(Effect(0.1, -math.inf, math.inf, 1), 0.01) == "inconclusive"  # one seed: no interval
+    assert verdict(Effect(None, None, None, 0), 0.01) == "no-data"
+    # non-inferiority ("a matches b"): not worse by more than delta
+    assert verdict(eff(-0.008, 0.02), 0.01, "not-worse") == "reproduced"
+    assert verdict(eff(-0.05, -0.02), 0.01, "not-worse") == "refuted"
+    assert verdict(eff(-0.05, 0.02), 0.01, "not-worse") == "inconclusive"
+
+
+def test_paired_slope_fits_each_seed_then_averages():
+    # x = log2 E: 0, 1, 2, 3. Seed 0 falls 0.05 per doubling, seed 1 0.03; seed 2 has 2 arms only (skipped).
+    values = {x: {0: 2.3 - 0.05 * x, 1: 2.4 - 0.03 * x} for x in (0, 1, 2, 3)}
+    values[0][2], values[3][2] = 2.0, 1.0
+    e = paired_slope(values, decreasing=True)
+    assert e.per_seed == pytest.approx({0: 0.05, 1: 0.03}) and e.n_seeds == 2
+    half = 12.706205 * math.sqrt(2 * 0.01 ** 2) / math.sqrt(2)
+    assert e.estimate == pytest.approx(0.04) and e.ci_high == pytest.approx(0.04 + half, abs=1e-5)
+    assert verdict(e, 0.005) == "inconclusive"
+
+
+def test_mean_interval_of_one_value_is_unbounded():
+    assert mean_interval([2.0]) == (2.0, -math.inf, math.inf, None)
+    assert detectable_effect(None, 1) is None
+
+
+def test_a_run_compared_with_itself_has_step_speedup_exactly_one():
+    base = [rec("dense", s, 2.0, family="dense") for s in range(3)]
+    twin = []
+    for r in base:  # the same curves under another arm name
+        t = rec("twin", r.seed, 2.0, family="dense")
+        t.curve = [dict(p) for p in r.curve]
+        twin.append(t)
+    arms = arm_stats(base + twin)
+    add_paired_metrics(arms, "dense")
+    assert arms["dense"].values["step_speedup"] == [1.0, 1.0, 1.0]
+    assert arms["twin"].values["step_speedup"] == [1.0, 1.0, 1.0]
+    claim = Claim(text="twin is faster", a="twin", b="dense", metric="step_speedup", direction="higher")
+    result = evaluate_claim(claim, arms)
+    assert result.effect.estimate == 0.0 and result.verdict == "no-effect"
+
+
+def test_step_speedup_and_equal_time_loss_use_curves_only():
+    # The final evaluation (whole split) is lower than any curve point (a few batches): it must not
+    # become the target, or the baseline would look faster than itself.
+    def curve(losses, seconds_per_step):
+        return [{"step": s, "seconds": s * seconds_per_step, "loss": v} for s, v in zip((100, 200, 300, 400), losses)]
+
+    dense = rec("dense", 0, 1.5, family="dense", curve=curve([3.0, 2.5, 2.2, 2.0], 0.1))
+    switch = rec("switch", 0, 1.4, curve=curve([2.8, 2.2, 2.0, 1.9], 0.125))
+    arms = arm_stats([dense, switch])
+    add_paired_metrics(arms, "dense")
+    assert arms["dense"].values["step_speedup"] == [1.0]
+    assert arms["switch"].values["step_speedup"] == pytest.approx([400 / 300])  # reaches 2.0 at step 300
+    # dense trains 40 s; at 40 s switch is at step 320: between 2.0 (300) and 1.9 (400)
+    assert arms["switch"].values["loss_at_equal_time"] == pytest.approx([2.0 - 0.1 * 20 / 100])
+    assert arms["dense"].values["loss_at_equal_time"] == pytest.approx([2.0])

@@ -1,0 +1,163 @@
+"""Plans: the shipped plan files, validation of a user's plan, matched budgets, resumable runs."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bench.config import ConfigError, parse_override
+from bench.data.tasks import load_task
+from bench.flops import model_cost
+from bench.models import model_config
+from bench.plans import all_plans, load_plan, parse_plan
+from bench.runner import arm_budget, plan_runs, planned_config, run_plan
+from bench.tracking.records import ResultsStore, RunRecord
+from tests.train.conftest import SMALL
+
+
+def test_shipped_plans_cover_the_papers_arms():
+    plans = all_plans()
+    assert sorted(plans) == ["capacity", "moe-rnn", "switch-experts", "switch-vs-dense", "translation"]
+    svd = plans["switch-vs-dense"]
+    assert [a.label for a in svd.arms] == ["dense", "dense-wide", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0",
+                                           "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
+    assert svd.tiers["tiny"].seeds == 3 and svd.tiers["ref"].seeds >= 5
+    assert [a.settings["num_experts"] for a in plans["switch-experts"].arms[1:]] == [1, 2, 4, 8, 16, 32, 64]
+    assert [a.settings["capacity_factor"] for a in plans["capacity"].arms] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    assert {a.model for a in plans["moe-rnn"].arms} == {"lstm", "moe-rnn"}
+    assert {a.model for a in plans["translation"].arms} == {"dense", "switch", "moe-rnn", "lstm"}
+    with pytest.raises(ConfigError, match="plan 'nope' is not known; shipped plans: capacity, moe-rnn"):
+        load_plan("nope")
+
+
+def test_each_reference_tier_has_its_own_seeds_and_headline_claims():
+    plans = all_plans()
+    seeds = {name: set(p.tiers["ref"].seed_list()) for name, p in plans.items()}
+    names = sorted(seeds)
+    for i, a in enumerate(names):  # arms of different plans are different runs: independent evidence
+        for b in names[i + 1:]:
+            assert not seeds[a] & seeds[b], (a, b)
+    for name in ("switch-vs-dense", "switch-experts", "moe-rnn"):
+        assert len(seeds[name]) >= 5
+        headline = [c for c in plans[name].claims if c.headline]
+        assert headline and all(set(c.arms()) & {a.label for a in plans[name].tier_arms("ref")} for c in headline)
+
+
+def test_moe_rnn_sparsity_control_uses_every_expert():
+    plan = load_plan("moe-rnn")
+    arm = plan.arm("moe-rnn E=4")
+    model = planned_config(plan, arm, "ref", arm_budget(plan, arm, "ref"))["model"]
+    assert model["moe"]["num_experts"] == model["moe"]["top_k"] == 4  # all experts active: no sparsity
+
+
+@pytest.mark.parametrize("tier", ["tiny", "small", "base"])
+def test_wide_dense_arm_has_3_5x_flops_and_the_dense_models_tokens(tier):
+    plan = load_plan("switch-vs-dense")
+    task = load_task(plan.task)
+    preset = plan.tiers[tier].preset
+
+    def cost(label):
+        arm = plan.arm(label)
+        model = planned_config(plan, arm, tier, arm_budget(plan, arm, tier))["model"]
+        cfg = model_config("dense", preset, {k: model[k] for k in ("d_model", "n_heads", "d_ff", "n_layers")},
+                           vocab_size=65, max_seq_len=256)
+        return model_cost(cfg, task.seq_len).train_flops_per_token
+
+    dense, wide = cost("dense"), cost("dense-wide")
+    assert 3.35 <= wide / dense <= 3.55  # T5-Large's ~3.5x T5-Base, relative to each tier's model
+    flops = plan.tiers[tier].budget_flops
+    assert arm_budget(plan, plan.arm("dense-wide"), tier) == {"kind": "tokens", "value": float(int(flops / dense))}
+    assert arm_budget(plan, plan.arm("switch cf=1.0"), tier) == {"kind": "flops", "value": flops}
+
+
+def test_tiny_and_ref_tiers_train_their_shapes():
+    plan = load_plan("switch-vs-dense")
+    for arm in plan.arms:
+        cfg = planned_config(plan, arm, "tiny", arm_budget(plan, arm, "tiny"))
+        assert cfg["run"]["optim"]["lr"] == 3e-3
+        if arm.label != "dense-wide":
+            assert (cfg["model"]["d_model"], cfg["model"]["d_ff"]) == (128, 512)
+    ref = planned_config(plan, plan.arm("dense"), "ref", arm_budget(plan, plan.arm("dense"), "ref"))
+    assert (ref["model"]["d_model"], ref["model"]["d_ff"], ref["run"]["optim"]["lr"]) == (256, 1024, 2e-3)
+    # every ref evaluation covers the whole validation split, so curves and final losses share one set
+    assert ref["run"]["train"]["eval_batches"] * ref["run"]["train"]["eval_batch_size"] * 256 > 111_000
+
+
+def test_plan_runs_are_seed_major_skip_finished_pairs_and_reject_bad_input(tmp_path):
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    plan = load_plan("capacity")
+    arm = plan.arm("switch cf=1.0")
+    config = planned_config(plan, arm, "tiny", arm_budget(plan, arm, "tiny"))
+    tags = {"reproduction": "capacity", "arm": "switch cf=1.0"}
+    store.save(RunRecord(run_id="x", group=plan.group("tiny"), status="finished", seed=1, config=config, extra=tags))
+    # a finished run of an older definition (another budget) does not count as done
+    stale = {**config, "run": {**config["run"], "budget": {"kind": "flops", "value": 1.0}}}
+    store.save(RunRecord(run_id="old", group=plan.group("tiny"), status="finished", seed=0, config=stale, extra=tags))
+    runs = plan_runs(plan, "tiny", store)
+    assert [(r.arm.label, r.seed) for r in runs[:2]] == [("switch cf=0.5", 0), ("switch cf=0.75", 0)]
+    assert [r.done.run_id for r in runs if r.done] == ["x"] and len(runs) == 12
+    ref = plan_runs(plan, "ref", store)  # the ref tier: its own arms and seeds
+    assert sorted({r.seed for r in ref}) == [200, 201, 202] and len(ref) == 12
+    with pytest.raises(ConfigError, match="arm 'bogus' is not in capacity"):
+        plan_runs(plan, "tiny", store, arms=["bogus"])
+    with pytest.raises(ConfigError, match="tier 'huge' is not in plan 'capacity'; tiers: tiny, ref, small, base"):
+        plan_runs(plan, "huge", store)
+
+
+def test_a_bad_plan_lists_every_problem_at_once():
+    bad = {"name": "x", "title": "x", "task": "tinyshakespeare-char", "baseline": "nope",
+           "tiers": {"tiny": {"budget_flops": -1, "preset": "huge", "seeds": 0}},
+           "arms": [{"label": "a", "model": "dense"}, {"label": "a", "model": "transformerz", "colour": 1}],
+           "claims": [{"text": "t", "kind": "better", "a": "a", "b": "ghost"},
+                      {"text": "u", "kind": "trend", "x": {"a": 1}, "metric": "accuracy"}]}
+    with pytest.raises(ConfigError) as err:
+        parse_plan(bad, "bad.yaml")
+    text = str(err.value)
+    for expected in ("unknown key 'arms[1].colour'", "arms[1].model='transformerz' is not allowed",
+                     "tiers.tiny.preset='huge' is not allowed", "tiers.tiny.budget_flops=-1.0 is not allowed",
+                     "tiers.tiny.seeds=0 is not allowed", "baseline='nope' is not an arm", "arm label 'a' appears twice",
+                     "claim 't': 'ghost' is not an arm", "a trend claim needs x for at least 3 arms",
+                     "metric 'accuracy' has no default delta"):
+        assert expected in text, expected
+    with pytest.raises(ConfigError, match="title is required\n.*task is required"):
+        parse_plan({"name": "x"}, "short.yaml")
+
+
+def test_shipped_plan_reproduces_and_resumes(run_env):
+    kw = dict(seeds=1, storage=run_env["storage"], overrides=SMALL + ["d_expert=64"], arms=["dense", "switch cf=1.25"],
+              budget_flops=3e9, progress=False, announce=lambda msg: None)
+    first = run_plan("switch-vs-dense", **kw)
+    assert sorted(r.extra["arm"] for r in first) == ["dense", "switch cf=1.25"]
+    assert all(r.status == "finished" and r.group == "repro-switch-vs-dense-tiny" for r in first)
+    assert all(r.budget == {"kind": "flops", "value": 3e9} and r.train_flops >= 3e9 for r in first)
+    assert all(r.extra["budget_flops"] == 3e9 and "tier" not in r.extra for r in first)
+    assert all(r.curve for r in first)  # learning curves for the report
+    again = run_plan("switch-vs-dense", **kw)  # nothing left to do: the same records
+    assert sorted(r.run_id for r in again) == sorted(r.run_id for r in first)
+    assert len(ResultsStore(run_env["storage"]).list(group="repro-switch-vs-dense-tiny")) == 2
+
+
+def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, tmp_path, capsys):
+    from bench.cli import main
+
+    plan = {"name": "my-comparison", "title": "My two arms", "task": "tinyshakespeare-char", "baseline": "dense",
+            "settings": dict(parse_override(p) for p in SMALL),
+            "tiers": {"tiny": {"budget_flops": 2e9, "seeds": 1}},
+            "arms": [{"label": "dense", "model": "dense"},
+                     {"label": "switch", "model": "switch", "settings": {"d_expert": 64}}],
+            "claims": [{"text": "Switch beats dense", "kind": "better", "a": "switch", "b": "dense",
+                        "metric": "val_loss", "direction": "lower"}]}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["reproduce", str(path), "--storage", run_env["storage"]]) == 0
+    out = capsys.readouterr().out
+    assert "My two arms (tier tiny)" in out and "Switch beats dense" in out and "1 seed: no interval" in out
+    records = ResultsStore(run_env["storage"]).list(group="repro-my-comparison-tiny")
+    assert sorted(r.extra["arm"] for r in records) == ["dense", "switch"]
+    assert {r.extra["plan_file"] for r in records} == {str(path)}
+    assert main(["report", "--storage", run_env["storage"], "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "My two arms — `my-comparison`, tier `tiny`" in report
+    assert "| my-comparison | tiny | 2e+09 | 2 | Switch beats dense |" in report
+    claims = __import__("json").loads((tmp_path / "out" / "claims.json").read_text())
+    (mine,) = [c for c in claims if c["reproduction"] == "my-comparison"]
+    assert mine["verdict"] == "inconclusive" and mine["n_seeds"] == 1 and mine["metric"] == "val_loss"
