@@ -1,35 +1,49 @@
-# moe-bench: `make install` once, then `make demo` (the main job) and `make test`.
+# moe-bench: `make demo` (the main job) and `make test` each install what they need first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Real datasets: point MOE_BENCH_DATA at a copy (../shared/data in this repository's workspace).
-export MOE_BENCH_DATA ?= $(abspath ../shared/data)
+STAMP := $(VENV)/.installed
+# torch: the CPU build from PyTorch's CPU wheel index when it is reachable and there is no NVIDIA
+# GPU, else $(TORCH_SPEC) from the default index (which is where a CUDA build comes from).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test perf clean
+.PHONY: install demo test perf clean clean-runs
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_INDEX)" ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
+	    timeout 15 $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
+	        "$(TORCH_INDEX)" >/dev/null 2>&1; then \
+	    echo "installing $(TORCH_SPEC) (CPU build) from $(TORCH_INDEX)"; \
+	    $(PY) -m pip install --quiet "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"; \
+	else \
+	    echo "installing $(TORCH_SPEC) from the default index ($(TORCH_INDEX) not used: GPU present or not reachable)"; \
+	    $(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+	fi
+	$(PY) -m pip install --quiet -e '.[test,peer]'
+	touch $(STAMP)
 
-install: $(PY)
-	$(PY) -m pip install --upgrade pip
-	# CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test,peer]'
+install: $(STAMP)
 
-# Dense vs Switch on Tiny Shakespeare at one matched training-FLOPs budget (~2M tokens each,
-# about 5 minutes on a 2-core CPU), then a comparison table.
-DEMO_BUDGET ?= 4e13
-demo: $(PY)
+# Dense vs Switch on Tiny Shakespeare at one matched training-FLOPs budget, 3 paired seeds each
+# (~10 minutes on a 2-core CPU): the parameter/FLOP accounting, then the comparison with its
+# confidence interval. Records go to the default store, results/moe-bench.db.
+demo: $(STAMP)
 	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model dense
 	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model switch
-	$(VENV)/bin/moe-bench compare --task tinyshakespeare-char --models dense switch --preset tiny \
-		--budget-flops $(DEMO_BUDGET) --storage sqlite:///results/demo.db
+	$(VENV)/bin/moe-bench reproduce switch-vs-dense --tier demo
+	@echo "next: source $(VENV)/bin/activate, then e.g. moe-bench runs, moe-bench report, moe-bench dashboard"
 
-test: $(PY)
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-perf: $(PY)
+perf: $(STAMP)
 	$(VENV)/bin/moe-bench perf
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+clean-runs:  # run folders (checkpoints, CSV, offline W&B) of every run; the results store is kept
+	rm -rf runs

@@ -2,7 +2,7 @@
 
 Each file a task's splits need is looked up, in order, in:
   1. the explicit ``data_dir`` argument (``--data-dir``),
-  2. ``$MOE_BENCH_DATA``,
+  2. ``$MOE_BENCH_DATA``, or when it is not set ``<checkout>/data`` and ``<checkout>/../shared/data``,
   3. the cache: ``$MOE_BENCH_CACHE`` or ``~/.cache/moe-bench`` (``<cache>/data/<corpus dir>/``),
 and otherwise downloaded from the task's URL into the cache. Data dirs may be read-only (CI mounts
 the shared data that way), so everything this module writes goes to the cache.
@@ -34,6 +34,9 @@ ENV_DATA = "MOE_BENCH_DATA"
 ENV_CACHE = "MOE_BENCH_CACHE"
 ENV_OFFLINE = "MOE_BENCH_OFFLINE"
 SUMS_NAME = "SHA256SUMS"
+# Looked in when $MOE_BENCH_DATA is not set: <checkout>/data, then <checkout>/../shared/data.
+_REPO = Path(__file__).resolve().parents[2]
+REPO_DATA_DIRS = (_REPO / "data", _REPO.parent / "shared" / "data")
 _CHUNK = 1 << 20
 
 
@@ -311,6 +314,10 @@ def _candidates(data_dir: str | Path | None, cache: Path) -> Iterator[tuple[str,
         yield f"${ENV_DATA}", Path(env).expanduser(), ""
     else:
         yield f"${ENV_DATA}", None, "not set"
+        # The same data inside and outside `make`: a data folder in or beside the checkout.
+        for root in REPO_DATA_DIRS:
+            if root.is_dir():
+                yield "beside the checkout", root, ""
     yield "cache", cache / "data", ""
 
 
@@ -447,5 +454,8 @@ def _missing_message(task: TaskConfig, missing: dict[str, list[str]], cache: Pat
         f"    - put the files in the cache: {cache / 'data' / rel}/ ({ENV_CACHE} moves the cache)",
     ]
     if any(task.corpus.file(n).url for n in missing):
-        lines.append(f"    - go online once (unset {ENV_OFFLINE}) so they are downloaded into the cache")
+        if os.environ.get(ENV_OFFLINE):
+            lines.append(f"    - go online once (unset {ENV_OFFLINE}) so they are downloaded into the cache")
+        else:
+            lines.append("    - check the network: the download from the task's URL failed (see above)")
     return "\n".join(lines)

@@ -32,6 +32,10 @@ def format_plan_results(plan: Plan, tier: str, records: list[RunRecord]) -> str:
             else:
                 effect = f"{e.estimate:+.4g} [{e.ci_low:+.4g}, {e.ci_high:+.4g}], {e.n_seeds} seeds"
             lines.append(f"  {r.verdict:<12} {r.claim.text}: {effect}")
+        if any(r.verdict == "inconclusive" for r in results):
+            lines.append("  inconclusive = not resolved at this budget and number of seeds: the interval holds both 0 "
+                         "and effects larger than the claim's delta. More seeds (--seeds) or a longer tier "
+                         "(--tier ref) decide it; results/REPORT.md has the reference tier's answers.")
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ def offline_private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_BENCH_CACHE", str(cache))
     monkeypatch.setenv("MOE_BENCH_OFFLINE", "1")
     monkeypatch.delenv("MOE_BENCH_DATA", raising=False)
+    monkeypatch.setattr("bench.data.sources.REPO_DATA_DIRS", ())  # nor the data beside the checkout
     # (network lookups are limited to loopback for every test by tests/conftest.py)
     return cache
 

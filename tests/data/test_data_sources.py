@@ -96,6 +96,18 @@ def test_missing_data_gives_one_clear_error(tmp_path):
     assert "offline" in msg and "unset MOE_BENCH_OFFLINE" in msg
 
 
+def test_without_moe_bench_data_the_data_beside_the_checkout_is_found(monkeypatch, tmp_path):
+    from bench.data import sources
+
+    beside = tmp_path / "shared" / "data"
+    (beside / "tinyshakespeare").mkdir(parents=True)
+    (beside / "tinyshakespeare" / "input.txt").write_text("hello")
+    monkeypatch.setattr(sources, "REPO_DATA_DIRS", (tmp_path / "data", beside))
+    task = load_task("tinyshakespeare-char")
+    with pytest.raises(DataError, match="beside the checkout"):  # found there (the checksum fails on "hello")
+        resolve_corpus(task)
+
+
 def test_missing_file_without_url_lists_all_missing(tmp_path):
     task = _task([{"name": "a.txt"}, {"name": "b.txt"}])
     task.splits.val.file = "b.txt"
