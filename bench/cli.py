@@ -203,6 +203,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
     tier = args.tier or args.preset or "tiny"
     plan = load_plan(args.name)
+    if args.throughput:
+        from bench.throughput import measure_throughput
+
+        records = measure_throughput(plan, tier, storage=args.storage, arms=args.arm or None, repeats=args.repeats,
+                                     data_dir=args.data_dir, announce=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.json:
+            print(json.dumps([r.summary() for r in records]))
+        else:
+            by_arm: dict[str, list[float]] = {}
+            for r in records:
+                by_arm.setdefault(r.extra["arm"], []).append(r.metrics["tokens_per_second"])
+            for arm, values in by_arm.items():
+                print(f"{arm:<24} {sorted(values)[len(values) // 2]:>10,.0f} tokens/s (median of {len(values)})")
+        return 0
     records = run_plan(plan, tier=tier, seeds=args.seeds, storage=args.storage, data_dir=args.data_dir,
                        overrides=args.overrides, arms=args.arm or None,
                        budget_flops=budget["value"] if budget else None, progress=not args.json)
@@ -318,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every arm (changes the reproduction: say so when you report it)")
     _add_budget_args(p, "; --budget-flops replaces the tier's per-run budget")
-    p.add_argument("--list", action="store_true", help="list the reproductions and their budgets")
+    p.add_argument("--throughput", action="store_true",
+                   help="instead of training: measure every arm's training tokens/s together in this process "
+                        "(interleaved; for the equal-wall-clock claims). Run it on a quiet machine")
+    p.add_argument("--repeats", type=int, default=3, help="--throughput: measurements per arm (default 3)")
+    p.add_argument("--list", action="store_true", help="list the plans, their tiers and budgets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from bench.models.config import FAMILY_MOE_DEFAULTS, ModelConfig
+from bench.models.config import ModelConfig
 
 
 @dataclass
@@ -175,54 +175,7 @@ def model_cost(cfg: ModelConfig, seq_len: int, task_type: str = "lm", src_len: i
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOP matching (Switch paper: a sparse model is matched to a dense one by equal forward FLOPs)
-
-
-def match_sparse_to_dense(dense: ModelConfig, family: str, num_experts: int, top_k: int | None = None) -> ModelConfig:
-    """The ``switch`` or ``moe`` config FLOP-matched to ``dense``: same d_model and depth.
-
-    switch: top-1, each expert as wide as the dense FFN. moe: top-2 (or ``top_k``), experts of
-    1/k the dense width, so the k experts a token visits cost one dense FFN. Only the router is extra
-    (2 * d_model * E FLOPs per MoE layer, well under 1% at these shapes).
-    """
-    if family not in ("switch", "moe"):
-        raise ValueError(f"family={family!r}: expected 'switch' or 'moe'")
-    moe = dataclasses.replace(dense.moe, **FAMILY_MOE_DEFAULTS[family], num_experts=num_experts)
-    if top_k is not None:
-        moe.top_k = top_k
-    moe.d_expert = max(1, dense.d_ff // moe.top_k)
-    return dataclasses.replace(dense, family=family, moe=moe)
-
-
-def match_lstm_to_moe_rnn(moe_rnn: ModelConfig) -> ModelConfig:
-    """The ``lstm`` control for a ``moe-rnn``: a dense FFN of equal training-forward FLOPs.
-
-    k experts of width f cost k*4Cf, the router 2CE (+2CE noise projection), so the dense
-    width is k*f + E (noisy top-k) or k*f + E/2 (rounded up)."""
-    m = moe_rnn.moe
-    router_mats = 2 if m.router == "noisy_topk" else 1
-    d_ff = m.top_k * moe_rnn.expert_width + math.ceil(router_mats * m.num_experts / 2)
-    return dataclasses.replace(moe_rnn, family="lstm", d_ff=d_ff,
-                               moe=dataclasses.replace(m, d_expert=moe_rnn.expert_width))
-
-
-# ---------------------------------------------------------------------------------------------
-# budgets
-
-
-def tokens_for_budget(train_flops: float, cost: Cost) -> int:
-    """How many (target) tokens a training-FLOPs budget buys."""
-    return int(train_flops // cost.train_flops_per_token)
-
-
-def steps_for_budget(train_flops: float, cost: Cost, batch_size: int, seq_len: int | None = None) -> int:
-    """Optimizer steps a budget buys at ``batch_size`` sequences of ``seq_len`` tokens (>= 1)."""
-    tokens_per_step = batch_size * (seq_len or cost.seq_len)
-    return max(1, tokens_for_budget(train_flops, cost) // tokens_per_step)
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement (tests and `moe-bench flops --measure` compare it with the analytic count)
+# measurement (the tests compare it with the analytic count)
 
 
 def _lstm_layer_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:

@@ -272,7 +272,7 @@ def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float
     return n * batches[0][0].numel() / (time.perf_counter() - start), None
 
 
-def _lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
+def lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -330,8 +330,8 @@ def training_benchmark(steps: int = 12, warmup: int = 20, batch: int = 16, seq: 
     rows = []
     for bf16 in (False, True):
         for impl, family, runner in (("plain loop", "dense", _plain_loop_tokens_per_sec),
-                                     ("moe-bench", "dense", _lightning_tokens_per_sec),
-                                     ("moe-bench", "switch", _lightning_tokens_per_sec)):
+                                     ("moe-bench", "dense", lightning_tokens_per_sec),
+                                     ("moe-bench", "switch", lightning_tokens_per_sec)):
             if progress:
                 progress(f"{impl} {family} {'bf16' if bf16 else 'fp32'}")
             torch.manual_seed(0)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan
-from bench.tracking.records import ResultsStore, RunRecord, new_run_id
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id
 
 
 def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
@@ -84,7 +84,7 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
     finished: dict[tuple[str, int], RunRecord] = {}
     for r in store.list(group=plan.group(tier)):
         arm = r.extra.get("arm")
-        if r.status == "finished" and arm in wanted and same_config(r.config, wanted[arm]):
+        if r.status == "finished" and arm in wanted and not is_throughput(r) and same_config(r.config, wanted[arm]):
             finished.setdefault((arm, r.seed), r)
     return [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
             for seed in spec.seed_list(seeds) for a in chosen]

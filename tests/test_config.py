@@ -243,15 +243,6 @@ def test_presets_are_flop_matched_without_overrides():
         assert a == pytest.approx(b, rel=0.01)
 
 
-def test_with_moe_replaces_only_moe_fields():
-    from bench.models.config import with_moe
-
-    cfg = model_config("switch", "tiny")
-    new = with_moe(cfg, num_experts=2)
-    assert new.moe.num_experts == 2 and cfg.moe.num_experts == 8
-    assert dataclasses.replace(new, moe=cfg.moe) == cfg
-
-
 def test_model_config_reports_unknown_key_and_bad_value_together():
     err = config_error("dense", "tiny", overrides={"num_expert": 4, "d_model": "abc"})
     assert "unknown key 'num_expert'" in str(err)

@@ -6,16 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from bench.flops import (
-    Cost,
-    match_lstm_to_moe_rnn,
-    match_sparse_to_dense,
-    measure_forward_flops,
-    model_cost,
-    steps_for_budget,
-    tokens_for_budget,
-)
+from bench.flops import measure_forward_flops, model_cost
 from bench.models import FAMILIES, build_model, model_config
+from bench.models.config import match_lstm_to_moe_rnn, match_sparse_to_dense
 from bench.models.moe import MoELayer
 
 TASKS = ("lm", "translation")
@@ -149,21 +142,6 @@ def test_lstm_match_for_plain_topk_router():
     assert lstm.d_ff == 4 * 256 + 8  # one router matrix: k*f + ceil(E/2) = 1024 + ceil(7.5)
     f_moe = model_cost(moe_rnn, 64).forward_flops_per_token
     assert model_cost(lstm, 64).forward_flops_per_token == pytest.approx(f_moe, rel=0.01)
-
-
-def _cost(forward_per_token: float, seq_len: int = 8) -> Cost:
-    return Cost(total_params=1, active_params=1, embedding_params=0,
-                forward_flops_per_token=forward_per_token,
-                executed_forward_flops_per_token=forward_per_token, seq_len=seq_len)
-
-
-def test_tokens_and_steps_for_budget():
-    cost = _cost(100.0, seq_len=8)  # train: 300 FLOPs per token
-    assert tokens_for_budget(1_000_000, cost) == 3333  # floor(1e6 / 300)
-    assert steps_for_budget(1_000_000, cost, batch_size=4) == 104  # 3333 // (4 * 8)
-    assert steps_for_budget(1_000_000, cost, batch_size=4, seq_len=16) == 52  # 3333 // 64
-    assert steps_for_budget(1_000, cost, batch_size=4) == 1  # 3 tokens: never fewer than one step
-    assert tokens_for_budget(299, cost) == 0
 
 
 def test_executed_flops_include_capacity_padding(tiny_cfg):

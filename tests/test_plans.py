@@ -161,3 +161,23 @@ def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, t
     claims = __import__("json").loads((tmp_path / "out" / "claims.json").read_text())
     (mine,) = [c for c in claims if c["reproduction"] == "my-comparison"]
     assert mine["verdict"] == "inconclusive" and mine["n_seeds"] == 1 and mine["metric"] == "val_loss"
+
+
+def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, tmp_path):
+    from bench.report import throughput_records
+    from bench.throughput import measure_throughput
+
+    plan = parse_plan({"name": "speed", "title": "speed", "task": "tinyshakespeare-char", "baseline": "dense",
+                       "settings": dict(parse_override(p) for p in SMALL),
+                       "tiers": {"tiny": {"budget_flops": 2e9, "seeds": 1}},
+                       "arms": [{"label": "dense", "model": "dense"},
+                                {"label": "switch", "model": "switch", "settings": {"d_expert": 64}}]}, "speed.yaml")
+    records = measure_throughput(plan, "tiny", storage=run_env["storage"], repeats=2, steps=3, warmup=2)
+    assert [(r.extra["arm"], r.seed) for r in records] == [("dense", 0), ("switch", 0), ("dense", 1), ("switch", 1)]
+    assert all(r.metrics["tokens_per_second"] > 0 and r.extra["kind"] == "throughput" for r in records)
+    assert records[1].extra["dropless"] is True and records[0].extra["dropless"] is False
+    store = ResultsStore(run_env["storage"])
+    speeds = throughput_records(store)[("speed", "tiny")]
+    assert sorted(speeds) == ["dense", "switch"] and len(speeds["dense"]) == 2
+    # a throughput measurement is never mistaken for a finished training run of its arm
+    assert all(r.done is None for r in plan_runs(plan, "tiny", store))

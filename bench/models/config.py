@@ -1,12 +1,13 @@
 """Model configuration: one dataclass for every family, named size presets, validation.
 
 Presets give the *dense* shapes (transformer families) and the *moe-rnn* shapes (RNN families);
-``switch``/``moe`` and ``lstm`` configs are derived from them with the FLOP-matching helpers in
-``bench.flops`` so that a preset name always means "compute-matched to the same dense model".
+``switch``/``moe`` and ``lstm`` configs are derived from them with the FLOP-matching helpers
+below so that a preset name always means "compute-matched to the same dense model".
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -183,8 +184,6 @@ def model_config(
     stays compute-matched; ``moe.*`` overrides apply after the family's router defaults. An
     explicit ``d_ff`` on ``lstm`` sets the control's dense width directly.
     """
-    from bench import flops  # matching helpers live with the FLOP accounting
-
     problems = []
     if family not in FAMILIES:
         problems.append(f"model={family!r} is not allowed: expected one of {', '.join(FAMILIES)}")
@@ -213,17 +212,47 @@ def model_config(
         if family != "dense":
             top_k = late.get("moe.top_k", FAMILY_MOE_DEFAULTS[family]["top_k"])
             top_k = top_k if isinstance(top_k, int) and top_k >= 1 else None  # bad values reported below
-            cfg = flops.match_sparse_to_dense(base, family, shapes["moe"]["num_experts"], top_k=top_k)
+            cfg = match_sparse_to_dense(base, family, shapes["moe"]["num_experts"], top_k=top_k)
     else:
         moe = dict(FAMILY_MOE_DEFAULTS["moe-rnn"], **shapes["rnn_moe"])
         base = from_dict(ModelConfig, dict(family="moe-rnn", **shapes["rnn"], moe=moe))
         early.update({k: v for k, v in late.items() if k != "d_ff"})  # routing shapes the lstm match
         base = apply(base, dict(early, **{k: v for k, v in task.items() if k not in early}))
-        cfg = flops.match_lstm_to_moe_rnn(base) if family == "lstm" else base
+        cfg = match_lstm_to_moe_rnn(base) if family == "lstm" else base
     cfg = apply(cfg, late)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), context)
     return cfg
+
+
+# FLOP matching (Switch paper: a sparse model is matched to a dense one by equal forward FLOPs;
+# bench.flops counts what these shapes cost, the tests check the match).
+def match_sparse_to_dense(dense: ModelConfig, family: str, num_experts: int, top_k: int | None = None) -> ModelConfig:
+    """The ``switch`` or ``moe`` config FLOP-matched to ``dense``: same d_model and depth.
+
+    switch: top-1, each expert as wide as the dense FFN. moe: top-2 (or ``top_k``), experts of
+    1/k the dense width, so the k experts a token visits cost one dense FFN. Only the router is extra
+    (2 * d_model * E FLOPs per MoE layer, well under 1% at these shapes).
+    """
+    if family not in ("switch", "moe"):
+        raise ValueError(f"family={family!r}: expected 'switch' or 'moe'")
+    moe = dataclasses.replace(dense.moe, **FAMILY_MOE_DEFAULTS[family], num_experts=num_experts)
+    if top_k is not None:
+        moe.top_k = top_k
+    moe.d_expert = max(1, dense.d_ff // moe.top_k)
+    return dataclasses.replace(dense, family=family, moe=moe)
+
+
+def match_lstm_to_moe_rnn(moe_rnn: ModelConfig) -> ModelConfig:
+    """The ``lstm`` control for a ``moe-rnn``: a dense FFN of equal training-forward FLOPs.
+
+    k experts of width f cost k*4Cf, the router 2CE (+2CE noise projection), so the dense
+    width is k*f + E (noisy top-k) or k*f + E/2 (rounded up)."""
+    m = moe_rnn.moe
+    router_mats = 2 if m.router == "noisy_topk" else 1
+    d_ff = m.top_k * moe_rnn.expert_width + math.ceil(router_mats * m.num_experts / 2)
+    return dataclasses.replace(moe_rnn, family="lstm", d_ff=d_ff,
+                               moe=dataclasses.replace(m, d_expert=moe_rnn.expert_width))
 
 
 def _resolve_overrides(overrides: dict[str, Any] | list[str], problems: list[str]) -> dict[str, Any]:
@@ -235,7 +264,3 @@ def _resolve_overrides(overrides: dict[str, Any] | list[str], problems: list[str
         except KeyError as e:
             problems.append(e.args[0])
     return resolved
-
-
-def with_moe(cfg: ModelConfig, **changes: Any) -> ModelConfig:
-    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))

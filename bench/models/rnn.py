@@ -2,7 +2,7 @@
 
 ``moe-rnn``: embedding -> LSTM -> [x + dropout(MoE(x))] -> LSTM ... -> output, noisy top-k
 gating (k = 4 by default), no capacity limit. ``lstm``: the same network with the MoE replaced
-by a dense FFN of equal forward FLOPs (see ``bench.flops.match_lstm_to_moe_rnn``), the
+by a dense FFN of equal forward FLOPs (see ``bench.models.config.match_lstm_to_moe_rnn``), the
 compute-matched control. Translation: an LSTM encoder-decoder with dot-product attention
 (Luong et al. 2015) and the MoE block between the first and second LSTM of each stack.
 Shapes: B batch, T target length, S source length, C = d_model.

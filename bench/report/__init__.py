@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.plans import Plan, all_plans
-from bench.tracking.records import ResultsStore, RunRecord
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput
 
 VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
                 "inconclusive": "inconclusive", "no-data": "no data"}
@@ -44,7 +44,7 @@ def reproduction_records(store: ResultsStore, plans: dict[str, Plan]) -> dict[tu
     by_tier: dict[tuple[str, str], list[RunRecord]] = {}
     for r in store.list():
         name = r.extra.get("reproduction")
-        if name in plans and run_tier(r) in plans[name].tiers:
+        if name in plans and run_tier(r) in plans[name].tiers and not is_throughput(r):
             by_tier.setdefault((name, run_tier(r)), []).append(r)
     out: dict[tuple[str, str, float], list[RunRecord]] = {}
     for (name, tier), records in by_tier.items():
@@ -55,6 +55,16 @@ def reproduction_records(store: ResultsStore, plans: dict[str, Plan]) -> dict[tu
         for r in records:
             budget = _tagged_budget(r)
             out.setdefault((name, tier, fallback if budget is None else budget), []).append(r)
+    return out
+
+
+def throughput_records(store: ResultsStore) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """(plan, tier) -> arm -> tokens/s of every quiet throughput measurement (``bench.throughput``)."""
+    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in store.list():
+        tps = r.metrics.get("tokens_per_second")
+        if is_throughput(r) and r.status == "finished" and tps:
+            out.setdefault((r.extra.get("reproduction"), run_tier(r)), {}).setdefault(r.extra.get("arm"), []).append(tps)
     return out
 
 
@@ -99,13 +109,15 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     if plots:
         plot_dir.mkdir(parents=True, exist_ok=True)
     found = reproduction_records(store, plans)
+    speeds = throughput_records(store)
     sections = []
     for name, plan in plans.items():
         tiers = sorted(plan.tiers, key=lambda t: (TIER_ORDER.index(t) if t in TIER_ORDER else len(TIER_ORDER), t))
         for tier in tiers:
             for budget in sorted(b for n, t, b in found if (n, t) == (name, tier)):
                 sections.append(build_section(plan, tier, found[(name, tier, budget)],
-                                              plot_dir if plots else None, budget=budget))
+                                              plot_dir if plots else None, budget=budget,
+                                              throughput=speeds.get((name, tier))))
     add_cross_budget_notes(sections)
 
     claims_json = [c.as_json(s.plan.name, s.tier, section_budget(s)) for s in sections for c in s.claims]

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from bench.plans import Claim, Plan
 from bench.report import stats
-from bench.tracking.records import RunRecord
+from bench.report.stats import curve_xy, interp, speedup_to_target
+from bench.tracking.records import RunRecord, is_throughput
 
 # Throughputs differ by model size: their claims compare relative differences (a / b - 1).
 RELATIVE_METRICS = ("tokens_per_second",)
@@ -84,7 +85,7 @@ def arm_stats(records: list[RunRecord], order: list[str] | None = None) -> dict[
     """Finished records grouped by their ``arm`` tag, in ``order`` (the reproduction's arm order)."""
     newest: dict[tuple[str, int], RunRecord] = {}  # a re-run of an arm/seed replaces the older run
     for r in sorted(records, key=lambda r: r.started_at):
-        if r.status == "finished" and r.extra.get("arm"):
+        if r.status == "finished" and r.extra.get("arm") and not is_throughput(r):
             newest[(r.extra["arm"], r.seed)] = r
     groups: dict[str, list[RunRecord]] = {}
     for (arm, _), r in newest.items():
@@ -103,28 +104,28 @@ def arm_stats(records: list[RunRecord], order: list[str] | None = None) -> dict[
 
 def curve_points(record: RunRecord, x: str = "step") -> list[tuple[float, float]]:
     """(x, val loss) of a run's evaluation curve, sorted by x (all on the same evaluation data)."""
-    from bench.report.stats import curve_xy
-
     return curve_xy(record.curve, x)
 
 
-def add_paired_metrics(arms: dict[str, ArmStats], baseline: str) -> None:
+def add_paired_metrics(arms: dict[str, ArmStats], baseline: str, speed: dict[str, float] | None = None) -> None:
     """Per seed, against the baseline run of the same seed, on evaluation curves only:
 
     - ``step_speedup``: baseline's last evaluated step / the step at which this run's curve first
       reaches the baseline's last evaluated loss (a run compared with itself gives exactly 1.0).
       A run that never gets there counts as its own last step (an upper bound on its speed-up).
-    - ``loss_at_equal_time``: this run's loss at the baseline's training seconds (its curve,
-      linear between evaluations; its last point when it finished sooner).
+    - ``loss_at_equal_time``: this run's loss after the baseline's training time. With ``speed``
+      (arm -> tokens/s measured together in one quiet process, see ``bench.throughput``): its
+      loss at baseline tokens x (its tokens/s / the baseline's), on its curve; else at the
+      baseline's training seconds as both runs measured them. Linear between evaluations; its
+      last point when it ran out sooner (conservative for the faster arm).
     """
-    from bench.report.stats import interp, speedup_to_target
-
     base = arms.get(baseline)
     if base is None:
         return
     base_by_seed = {r.seed: r for r in base.records}
     for arm in arms.values():
         speedups, at_time = [], []
+        ratio = speed[arm.label] / speed[baseline] if speed and arm.label in speed and baseline in speed else None
         for r in arm.records:
             b = base_by_seed.get(r.seed)
             mine, theirs = curve_points(r), curve_points(b) if b is not None else []
@@ -135,8 +136,10 @@ def add_paired_metrics(arms: dict[str, ArmStats], baseline: str) -> None:
             base_step, target = theirs[-1]
             step = speedup_to_target(mine, target)
             speedups.append(base_step / (step if step else mine[-1][0]))
-            mine_t, theirs_t = curve_points(r, "seconds"), curve_points(b, "seconds")
-            at_time.append(interp(mine_t, theirs_t[-1][0]) if mine_t and theirs_t else None)
+            axis = "tokens" if ratio is not None else "seconds"
+            mine_x, theirs_x = curve_points(r, axis), curve_points(b, axis)
+            budget = theirs_x[-1][0] * (ratio if ratio is not None else 1.0) if theirs_x else None
+            at_time.append(interp(mine_x, budget) if mine_x and budget is not None else None)
         arm.values["step_speedup"] = speedups
         arm.values["loss_at_equal_time"] = at_time
 

@@ -1,6 +1,7 @@
 """One report section per plan tier and budget: setup, per-arm table, claims with intervals, plots."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,15 @@ class Section:
 
 
 def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Path | None,
-                  budget: float | None = None) -> Section:
-    """``records`` must share one budget (``budget``, default the tier's): arms are compared as matched."""
+                  budget: float | None = None, throughput: dict[str, list[float]] | None = None) -> Section:
+    """``records`` must share one budget (``budget``, default the tier's): arms are compared as matched.
+    ``throughput``: arm -> tokens/s measured together in one quiet process (``bench.throughput``)."""
     arms = arm_stats(records, [a.label for a in plan.arms])
-    add_paired_metrics(arms, plan.baseline)
+    speed = {arm: statistics.median(v) for arm, v in (throughput or {}).items() if v}
+    add_paired_metrics(arms, plan.baseline, speed or None)
     section = Section(plan, tier, arms, budget)
+    if any(c.metric == "loss_at_equal_time" for c in plan.claims):
+        section.notes.append(_equal_time_note(plan, speed, throughput or {}))
     section.claims = [evaluate_claim(c, arms) for c in plan.claims
                       if any(label in arms for label in c.arms() if label)]
     section.notes.append(_budget_note(section))
@@ -40,6 +45,19 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     if plot_dir is not None:
         _plots(section, records, plot_dir)
     return section
+
+
+def _equal_time_note(plan: Plan, speed: dict[str, float], throughput: dict[str, list[float]]) -> str:
+    base = plan.baseline
+    if base in speed and len(speed) > 1:
+        parts = [f"{arm} {tps:,.0f} tokens/s ({tps / speed[base]:.2f}x, {len(throughput[arm])} measurements)"
+                 for arm, tps in speed.items()]
+        return ("Equal-time losses: each arm's loss after the tokens it trains in the baseline's time, from training "
+                "throughput measured together in one quiet process (medians; sparse arms dropless): "
+                + "; ".join(parts) + ".")
+    return (f"Equal-time losses use each run's own training seconds: no quiet throughput measurement is in the store "
+            f"for this tier (run `moe-bench reproduce {plan.name} --tier TIER --throughput`); on a shared machine "
+            "those timings drift, so treat the equal-time claim with care.")
 
 
 def section_budget(s: Section) -> float:

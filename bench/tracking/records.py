@@ -54,6 +54,13 @@ def utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+THROUGHPUT_KIND = "throughput"  # extra["kind"] of a quiet throughput measurement (bench.throughput), not a run
+
+
+def is_throughput(record: "RunRecord") -> bool:
+    return record.extra.get("kind") == THROUGHPUT_KIND
+
+
 def new_run_id(label: str, when: _dt.datetime | None = None) -> str:
     """A unique, sortable run id: ``YYYYmmdd-HHMMSS-<label>-<4 hex>`` (local time), e.g.
     ``20261128-201500-dense-3f9a``. ``label`` is usually the model family."""

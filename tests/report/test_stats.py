@@ -105,3 +105,16 @@ def test_step_speedup_and_equal_time_loss_use_curves_only():
     # dense trains 40 s; at 40 s switch is at step 320: between 2.0 (300) and 1.9 (400)
     assert arms["switch"].values["loss_at_equal_time"] == pytest.approx([2.0 - 0.1 * 20 / 100])
     assert arms["dense"].values["loss_at_equal_time"] == pytest.approx([2.0])
+
+
+def test_equal_time_loss_from_a_quiet_throughput_ratio():
+    def curve(losses):
+        return [{"step": s, "tokens": s * 1000, "seconds": s * 9.9, "loss": v} for s, v in zip((100, 200, 300, 400), losses)]
+
+    dense = rec("dense", 0, 1.5, family="dense", curve=curve([3.0, 2.5, 2.2, 2.0]))
+    switch = rec("switch", 0, 1.4, curve=curve([2.8, 2.2, 2.0, 1.9]))
+    arms = arm_stats([dense, switch])
+    add_paired_metrics(arms, "dense", speed={"dense": 1000.0, "switch": 800.0})
+    # in dense's time switch trains 0.8 x 400k = 320k tokens: between 2.0 (300k) and 1.9 (400k)
+    assert arms["switch"].values["loss_at_equal_time"] == pytest.approx([1.98])
+    assert arms["dense"].values["loss_at_equal_time"] == pytest.approx([2.0])

@@ -1,0 +1,83 @@
+"""Training throughput of a plan's arms, measured together in one quiet process.
+
+    moe-bench reproduce NAME --tier T --throughput [--repeats 3] [--storage URL]
+
+The equal-wall-clock claims (Fedus et al. Table 1's time to a quality) need tokens/s that are
+comparable across arms. A training run's own timing is not: on a shared machine another job can
+slow one run and not the next. Here every arm of the tier trains the same real-text batches with
+its planned config, arms interleaved (A B A B ...) so drift hits all alike, after warm-up steps
+(oneDNN builds a bf16 kernel per new matmul shape). Sparse arms run dropless, i.e. at the full
+FLOP-matched cost of a balanced router: at initialisation a router sends most tokens to one or two
+experts, and with a capacity limit a timed step would drop most of them and look cheap.
+
+Each measurement is stored as a record tagged ``kind: throughput`` in the plan's group; the report
+takes the median per arm.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from bench.plans import Plan
+from bench.tracking.records import THROUGHPUT_KIND, ResultsStore, RunRecord, git_commit, new_run_id
+
+
+def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: list[str] | None = None,
+                       repeats: int = 3, steps: int = 30, warmup: int = 20, data_dir: str | None = None,
+                       announce: Callable[[str], None] | None = None) -> list[RunRecord]:
+    from bench.config import ConfigError, to_dict
+    from bench.data.datamodules import LMDataModule
+    from bench.data.tasks import load_task
+    from bench.models import build_model
+    from bench.perf import lightning_tokens_per_sec
+    from bench.runner import arm_budget, planned_config
+    from bench.runtime import tune_cpu_allocator
+    from bench.train.run import _precision, resolve_configs
+
+    announce = announce or (lambda msg: None)
+    task = load_task(plan.task)
+    if task.type != "lm":
+        raise ConfigError([f"--throughput measures language-model plans; {plan.name!r} is a {task.type} task"],
+                          "reproduce")
+    chosen = [a for a in plan.tier_arms(tier) if not arms or a.label in arms]
+    tune_cpu_allocator()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    store = ResultsStore(storage)
+    preset = plan.tier(tier).preset
+    setups = {}
+    for arm in chosen:
+        settings = plan.arm_settings(arm, tier)
+        cfg, rc = resolve_configs(task, arm.model, preset, settings, arm_budget(plan, arm, tier))
+        if cfg.is_sparse:  # dropless: the full cost of a balanced router (see the module docstring)
+            cfg, _ = resolve_configs(task, arm.model, preset, {**settings, "capacity_factor": None}, None)
+        setups[arm.label] = (arm, cfg, rc, planned_config(plan, arm, tier, arm_budget(plan, arm, tier)))
+    batch_size = next(iter(setups.values()))[2].train.batch_size
+    dm = LMDataModule(task, data_dir=data_dir, batch_size=batch_size, seed=0, allow_download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(steps + warmup)]
+    records = []
+    for repeat in range(repeats):
+        for label, (arm, cfg, rc, planned) in setups.items():
+            torch.manual_seed(repeat)
+            bf16 = _precision(rc.train.precision) == "bf16-mixed"
+            tps, _ = lightning_tokens_per_sec(build_model(cfg, "lm"), batches, bf16, warmup)
+            announce(f"  {label} (repeat {repeat}): {tps:,.0f} tokens/s")
+            record = RunRecord(
+                run_id=new_run_id(f"{plan.name}-throughput-{arm.model}"), name=f"{plan.name}: {label} throughput",
+                group=plan.group(tier), task=task.name, family=arm.model, preset=preset, seed=repeat,
+                git_commit=git_commit(), config=planned, steps=steps, tokens_seen=steps * batches[0][0].numel(),
+                metrics={"tokens_per_second": tps}, timings={"tokens_per_second": tps},
+                extra={"reproduction": plan.name, "arm": label, "tier": tier, "kind": THROUGHPUT_KIND, "dropless": cfg.is_sparse,
+                       "warmup_steps": warmup, "precision": "bf16-mixed" if bf16 else "32"})
+            store.save(record.finish("finished"))
+            records.append(record)
+    return records
+
+
+__all__ = ["measure_throughput"]
