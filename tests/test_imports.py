@@ -1,7 +1,7 @@
 """The package's import graph, function-local imports included: no cycle, and no upward arrow.
 
 Layers (DESIGN.md): cli -> throughput -> {runner, sweep, perf, report, dashboard} -> train ->
-{flops, decoding, plans} -> {models, data, metrics, tracking} -> {config, runtime}. The report and the
+{flops, decoding, plans} -> {models, data, tracking} -> {config, runtime, metrics}. The report and the
 dashboard read plans and records only: they never import the runner, the trainer or a sweep.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 LAYER = {
-    "config": 0, "runtime": 0,
-    "models": 1, "data": 1, "metrics": 1, "tracking": 1,
+    "config": 0, "runtime": 0, "metrics": 0,
+    "models": 1, "data": 1, "tracking": 1,
     "flops": 2, "decoding": 2, "plans": 2,  # use model configs and models
     "train": 3,
     "runner": 4, "sweep": 4, "perf": 4, "report": 4, "dashboard": 4,

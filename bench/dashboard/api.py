@@ -49,13 +49,7 @@ def run_row(r: RunRecord) -> dict[str, Any]:
     keys = ("run_id", "name", "group", "task", "family", "preset", "seed", "status", "active_params",
             "total_params", "train_flops", "steps", "tokens_seen", "val_loss", "quality",
             "quality_per_active_param", "wall_seconds", "error")
-    row = {k: s.get(k) for k in keys}
-    # Quality per MILLION active params (bench.metrics / DESIGN.md); summary()'s fallback for records
-    # without the metric divides by plain params, so derive it here instead.
-    quality, active = r.metrics.get("quality"), r.active_params
-    if "quality_per_active_param" not in r.metrics:
-        ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (quality, active))
-        row["quality_per_active_param"] = quality / (active / 1e6) if ok and active else None
+    row = {k: s.get(k) for k in keys}  # summary() derives quality per active param with bench.metrics
     row.update(budget=_budget(r.budget), started_at=r.started_at, finished_at=r.finished_at)
     return row
 

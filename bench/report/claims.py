@@ -11,6 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from bench.metrics import perplexity
 from bench.plans import Claim, Plan
 from bench.report import stats
 from bench.report.stats import curve_xy, interp, speedup_to_target
@@ -77,7 +78,7 @@ def record_values(r: RunRecord) -> dict[str, float]:
         "max_over_mean_load": _mean_layers(r.expert_stats, _max_over_mean),
     }
     if m.get("val_loss") is not None:
-        out["val_perplexity"] = math.exp(min(m["val_loss"], 50.0))
+        out["val_perplexity"] = perplexity(min(m["val_loss"], 50.0))
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

@@ -275,8 +275,10 @@ class RunRecord:
         m = self.metrics
         quality, active = m.get("quality"), self.active_params
         qpa = m.get("quality_per_active_param")
-        if qpa is None and _is_number(quality) and _is_number(active) and active:
-            qpa = quality / (active / 1e6)  # per million active params, as bench.metrics defines it
+        if qpa is None and _is_number(quality) and _is_number(active) and active > 0:
+            from bench.metrics import quality_per_active_param
+
+            qpa = quality_per_active_param(quality, active)
         out = {
             "run_id": self.run_id,
             "name": self.name,

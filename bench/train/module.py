@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.metrics import bits_per_token, perplexity, quality_lm, quality_per_active_param
 from bench.train.config import OptimConfig
-
-LN2 = math.log(2)
 
 
 def lr_lambda(step: int, progress: float, cfg: OptimConfig) -> float:
@@ -100,14 +99,14 @@ class BenchModule(pl.LightningModule):
         if loss is None:
             return
         loss = float(loss)
-        metrics = {f"{stage}/perplexity": math.exp(min(loss, 50.0)), f"{stage}/bits_per_token": loss / LN2,
+        metrics = {f"{stage}/perplexity": perplexity(min(loss, 50.0)), f"{stage}/bits_per_token": bits_per_token(loss),
                    # Geometric-mean probability of the correct token: rises as loss falls, for
                    # every task (sweeps prune on it when they maximise quality).
-                   f"{stage}/mean_token_prob": math.exp(-loss)}
+                   f"{stage}/mean_token_prob": quality_lm(loss)}
         if self.quality_from_loss:
-            quality = math.exp(-loss)  # DESIGN.md: LM quality = 1 / perplexity
+            quality = quality_lm(loss)  # DESIGN.md: LM quality = 1 / perplexity
             metrics[f"{stage}/quality"] = quality
-            metrics[f"{stage}/quality_per_active_param"] = quality / (self.active_params / 1e6)
+            metrics[f"{stage}/quality_per_active_param"] = quality_per_active_param(quality, self.active_params)
         self.log_dict(metrics, sync_dist=True)
 
     # --- optimisation -----------------------------------------------------------------------
