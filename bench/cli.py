@@ -112,13 +112,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bench.train.run import resume_run, train
 
     if args.resume:
-        record = resume_run(args.resume, storage=args.storage, data_dir=args.data_dir, progress=not args.json)
+        record = resume_run(args.resume, storage=args.storage, data_dir=args.data_dir, progress=not args.json,
+                            keep_checkpoints=args.keep_checkpoints)
     else:
         if not args.task or not args.model:
             raise ConfigError(["--task and --model are required (or --resume RUN_ID)"], "arguments")
         record = train(args.task, args.model, args.preset, args.overrides, budget=_budget(args), seed=args.seed,
                        storage=args.storage, data_dir=args.data_dir, group=args.group, name=args.name,
-                       progress=not args.json)
+                       progress=not args.json, keep_checkpoints=args.keep_checkpoints)
     summary = record.summary()
     if args.json:
         print(json.dumps(summary))
@@ -219,7 +220,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     records = run_plan(plan, tier=tier, seeds=args.seeds, storage=args.storage, data_dir=args.data_dir,
                        overrides=args.overrides, arms=args.arm or None,
-                       budget_flops=budget["value"] if budget else None, progress=not args.json)
+                       budget_flops=budget["value"] if budget else None, progress=not args.json,
+                       keep_checkpoints=args.keep_checkpoints)
     if args.json:
         print(json.dumps([r.summary() for r in records]))
     else:
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="comparison / study name for W&B grouping")
     p.add_argument("--name", help="run name (default: the run id)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed run from its last checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep runs/<id>/checkpoints/last.ckpt after the run finishes (default: removed)")
     p.add_argument("--json", action="store_true", help="print the run record summary as JSON (last line)")
     p.set_defaults(func=cmd_train)
 
@@ -336,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of training: measure every arm's training tokens/s together in this process "
                         "(interleaved; for the equal-wall-clock claims). Run it on a quiet machine")
     p.add_argument("--repeats", type=int, default=3, help="--throughput: measurements per arm (default 3)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' final checkpoints")
     p.add_argument("--list", action="store_true", help="list the plans, their tiers and budgets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reproduce)

@@ -93,7 +93,7 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
 def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = None, storage: str | None = None,
              data_dir: str | None = None, overrides: list[str] | None = None, arms: list[str] | None = None,
              budget_flops: float | None = None, progress: bool = True,
-             announce: Callable[[str], None] | None = None) -> list[RunRecord]:
+             announce: Callable[[str], None] | None = None, keep_checkpoints: bool = False) -> list[RunRecord]:
     """Train every missing (arm, seed) pair of a plan's tier; return all its finished records."""
     from bench.train.run import train
 
@@ -125,7 +125,8 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
         try:
             record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
                            seed=run.seed, storage=storage, data_dir=data_dir, group=plan.group(tier),
-                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=tags)
+                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=tags,
+                           keep_checkpoints=keep_checkpoints)
         except Exception as e:  # recorded as failed by train(); the other arms still run
             if store.get(run_id) is None:
                 raise

@@ -43,6 +43,11 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, WandbUnavailableWarning, stacklevel=3)
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw in ("1", "true", "yes", "on")
+
+
 def _note_once(key: str, message: str) -> None:
     if key in _shown:
         return
@@ -145,9 +150,13 @@ def make_wandb_logger(project: str, name: str, group: str | None, config: dict[s
     for attempt in ([mode] if mode == "offline" else [mode, "offline"]):
         run = None
         try:
-            run = wandb.init(project=project, name=name, group=group, config=config,
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project,
+                             entity=os.environ.get("WANDB_ENTITY") or None, name=name, group=group, config=config,
                              tags=list(tags) if tags else None, dir=str(save_dir), mode=attempt,
-                             reinit="finish_previous", job_type="train")
+                             reinit="finish_previous", job_type="train",
+                             # W&B's own banner, sparkline history and summary per run drown the
+                             # training output; our one line below says where the run went.
+                             settings=wandb.Settings(silent=_env_flag("WANDB_SILENT", True)))
             logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), experiment=run,
                                  group=group, tags=list(tags) if tags else None)
             # Same x-axis as WandbLogger sets up when it creates the run itself.

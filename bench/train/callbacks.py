@@ -4,6 +4,7 @@ All counters live in callback ``state_dict``s, so a resumed run continues its bu
 """
 from __future__ import annotations
 
+import sys
 import time
 from functools import lru_cache
 
@@ -116,6 +117,46 @@ class EvalCurve(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.points = list(state.get("points", []))
+
+
+class ProgressLine(pl.Callback):
+    """One progress line every ``every_s`` seconds, for output that is not a terminal (a log file,
+    CI, ``tee``), where Lightning's bar prints nothing useful: budget spent, step, tokens, the
+    latest train and validation loss, throughput and the time left at that pace."""
+
+    def __init__(self, budget: BudgetStop, label: str, every_s: float = 60.0, stream=None):
+        self.budget, self.label, self.every_s = budget, label, every_s
+        self.stream = stream
+        self._start = self._last = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        if self._last is None or now - self._last < self.every_s or not trainer.is_global_zero:
+            return
+        self._last = now
+        print(self.line(trainer, now), file=self.stream or sys.stderr, flush=True)
+
+    def line(self, trainer, now: float) -> str:
+        spent, done = self.budget.spent, self.budget.fraction
+        parts = [f"{self.label}: {100 * done:4.1f}% of {self.budget.value:.3g} {self.budget.kind}",
+                 f"step {spent['steps']}", f"{spent['tokens'] / 1e6:.2f}M tokens"]
+        for key, name in (("train/loss", "train loss"), ("val/loss", "val loss")):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                parts.append(f"{name} {float(value):.4f}")
+        if spent["seconds"] > 0:
+            parts.append(f"{spent['tokens'] / spent['seconds']:,.0f} tokens/s")
+        elapsed = now - self._start
+        if 0 < done < 1:
+            parts.append(f"~{_minutes(elapsed * (1 - done) / done)} left")
+        return " | ".join(parts)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def summarize_moe_stats(stats: list[dict]) -> list[dict]:

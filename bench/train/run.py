@@ -8,7 +8,10 @@ last checkpoint stays, and ``resume_run`` continues it to the same final metrics
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import sys
 import time
 import traceback
 import warnings
@@ -29,7 +32,7 @@ from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
-from bench.train.callbacks import (BudgetStop, ComputeTracker, EvalCurve, ExpertStats, RNGState,
+from bench.train.callbacks import (BudgetStop, ComputeTracker, EvalCurve, ExpertStats, ProgressLine, RNGState,
                                    summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
@@ -84,8 +87,13 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
           budget: dict[str, Any] | None = None, seed: int = 0, storage: str | None = None,
           data_dir: str | None = None, group: str | None = None, name: str | None = None,
           progress: bool = True, extra_callbacks: list[pl.Callback] | None = None,
-          run_id: str | None = None, tags: dict[str, Any] | None = None) -> RunRecord:
-    """Train one model under a compute budget and return its (stored) run record."""
+          run_id: str | None = None, tags: dict[str, Any] | None = None,
+          keep_checkpoints: bool = False) -> RunRecord:
+    """Train one model under a compute budget and return its (stored) run record.
+
+    A run that finishes (or is pruned) deletes its checkpoint unless ``keep_checkpoints``: the
+    record holds everything reports need, and checkpoints of sparse models are large (a tiny
+    Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect."""
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
@@ -93,17 +101,22 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
                        preset=preset, seed=seed, git_commit=git_commit(),
                        config={"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir},
                        extra=dict(tags or {}))
-    return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None)
+    return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None,
+                    keep_checkpoints=keep_checkpoints)
 
 
-def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True) -> RunRecord:
+def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True,
+               keep_checkpoints: bool = False) -> RunRecord:
     """Continue a killed or interrupted run from its last checkpoint with its recorded config."""
     store = ResultsStore(storage)
     record = store.get(run_id)
     if record is None:
         raise ConfigError([f"run_id={run_id!r} is not in the results store {store.url}; "
                            "list runs with `moe-bench runs`"], "resume")
-    ckpt = Path(record.paths.get("checkpoint_dir", "")) / "last.ckpt"
+    if record.status == "finished":
+        raise ConfigError([f"run {run_id} already finished: nothing to resume (its results are in the store)"],
+                          "resume")
+    ckpt = Path(record.paths.get("checkpoint_dir") or "") / "last.ckpt"
     if not ckpt.exists():
         raise ConfigError([f"run {run_id} has no checkpoint at {ckpt}; it stopped before its first "
                            "evaluation, so start it again instead"], "resume")
@@ -112,11 +125,12 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     rc = from_dict(RunConfig, record.config["run"])
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
-                    None, ckpt_path=str(ckpt))
+                    None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
 
 
 def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,
-             data_dir: str | None, progress: bool, extra_callbacks, ckpt_path: str | None) -> RunRecord:
+             data_dir: str | None, progress: bool, extra_callbacks, ckpt_path: str | None,
+             keep_checkpoints: bool = False) -> RunRecord:
     tune_cpu_allocator()
     pl.seed_everything(record.seed, workers=True, verbose=False)
     store = ResultsStore(storage)
@@ -167,6 +181,13 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
+    # Not a terminal (log file, CI): a progress line each minute instead of Lightning's bar.
+    bar = progress and sys.stderr.isatty()
+    if progress and not bar:
+        every = float(os.environ.get("MOE_BENCH_PROGRESS_EVERY", "60"))  # seconds between lines
+        callbacks.append(ProgressLine(budget, record.name or record.run_id, every_s=every))
+    # Lightning's per-run banners (GPU/TPU available, tips) say nothing a moe-bench user needs.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     callbacks += extra_callbacks or []
     trainer = pl.Trainer(
         accelerator="auto", devices=tr.devices, strategy=tr.strategy, precision=_precision(tr.precision),
@@ -174,7 +195,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         limit_train_batches=tr.eval_every if task.type == "translation" else None,
         limit_val_batches=tr.eval_batches, num_sanity_val_steps=0, check_val_every_n_epoch=1,
         gradient_clip_val=rc.optim.grad_clip or None, logger=loggers, callbacks=callbacks,
-        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        enable_progress_bar=bar, enable_model_summary=False, default_root_dir=str(run_dir),
         log_every_n_steps=1, deterministic="warn", use_distributed_sampler=False,
     )
     start = time.perf_counter()
@@ -210,6 +231,9 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.expert_stats = summarize_moe_stats(module.last_moe_stats)
         record.curve = list(curve.points)
         record.finish(status, error)
+        if status in ("finished", "pruned") and not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            record.paths["checkpoint_dir"] = None  # removed: the run cannot (and need not) be resumed
         store.save(record)
         if wandb_logger is not None:
             _finish_wandb(wandb_logger, record)

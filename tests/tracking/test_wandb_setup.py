@@ -61,7 +61,7 @@ def test_disabled_mode_returns_none(tmp_path, monkeypatch, capsys):
     assert wandb_run_info(None)["mode"] == "disabled"
 
 
-def test_offline_logger_with_lightning_trainer(tmp_path, capsys):
+def test_offline_logger_with_lightning_trainer(tmp_path, capfd, monkeypatch):
     import torch
 
     from lightning.pytorch import LightningModule, Trainer
@@ -86,12 +86,14 @@ def test_offline_logger_with_lightning_trainer(tmp_path, capsys):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    monkeypatch.delenv("WANDB_SILENT")  # moe-bench's default, not the test suite's
     save_dir = tmp_path / "run"
     logger = make_wandb_logger("moe-bench-test", "tiny", "grp", {"model": {"d": 4}, "seed": 1}, save_dir,
                                tags=["test"])
     assert isinstance(logger, WandbLogger)
-    err = capsys.readouterr().err
-    assert "offline" in err and "wandb sync" in err
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.startswith("wandb:")]
+    assert len(lines) == 1 and "offline" in lines[0] and "wandb sync" in lines[0]  # ours, and only ours
     data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
     trainer = Trainer(max_steps=2, accelerator="cpu", devices=1, logger=[logger], enable_progress_bar=False,
                       enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1,
@@ -110,6 +112,18 @@ def test_offline_logger_with_lightning_trainer(tmp_path, capsys):
     history = read_offline_history(runs[0])
     assert [row["train/loss"] for row in history if "train/loss" in row][-1] == pytest.approx(
         trainer.callback_metrics["train/loss"].item())
+    out = capfd.readouterr()
+    wandb_lines = [line for line in (out.out + out.err).splitlines() if line.startswith("wandb:")]
+    assert wandb_lines == [], wandb_lines  # W&B's banner, history and summary are off
+
+
+def test_wandb_project_and_entity_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "my-proj")
+    logger = make_wandb_logger("moe-bench", "n", None, {}, tmp_path / "run")
+    try:
+        assert logger.experiment.project == "my-proj"
+    finally:
+        finish_wandb_logger(logger)
 
 
 def test_init_failure_returns_none_and_warns_once(tmp_path, monkeypatch):

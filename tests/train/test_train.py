@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import sacrebleu
 
+from bench.config import ConfigError
 from bench.flops import model_cost
 from bench.models import model_config
 from bench.tracking.records import ResultsStore
@@ -56,7 +57,8 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     assert stored.status == "finished" and stored.metrics["val_loss"] == m["val_loss"]
     assert stored.config["model"]["family"] == "switch" and stored.seed == 0
     assert Path(record.paths["csv_file"]).is_file()
-    assert (Path(record.paths["checkpoint_dir"]) / "last.ckpt").is_file()
+    # a finished run keeps its record, CSV and W&B files, not its (large) checkpoint
+    assert record.paths["checkpoint_dir"] is None and not (Path(record.paths["run_dir"]) / "checkpoints").exists()
     keys = read_offline_run_keys(record.paths["wandb_dir"])
     for key in ("train/loss", "train/lr", "train/tokens_per_sec", "train/flops_spent", "val/loss",
                 "val/quality", "val/quality_per_active_param", "moe/layer0/fraction_dropped",
@@ -105,6 +107,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
     # the curve survives the interruption: the checkpoint carries the points before it
     assert [p["step"] for p in resumed.curve] == [p["step"] for p in full.curve] == [5, 10, 15]
     assert [p["loss"] for p in resumed.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-6)
+    assert resumed.paths["checkpoint_dir"] is None  # finished: its checkpoint is gone
+    with pytest.raises(ConfigError, match="already finished: nothing to resume"):
+        resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+
+
+def test_keep_checkpoints_keeps_the_final_checkpoint(run_env):
+    kept = _train(run_env, "dense", {"kind": "steps", "value": 6}, keep_checkpoints=True)
+    assert (Path(kept.paths["checkpoint_dir"]) / "last.ckpt").is_file()
 
 
 def test_translation_bleu_equals_sacrebleu_on_written_hypotheses(run_env):
@@ -228,3 +238,21 @@ def test_optimizer_is_fused_adamw_and_clipping_bounds_the_global_norm():
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) == pytest.approx(0.5, rel=1e-4)
     module.configure_gradient_clipping(opt, gradient_clip_val=None)  # off: untouched
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_redirected_output_gets_progress_lines_and_no_banners(run_env):
+    import os
+
+    args = ["--task", TASK, "--model", "dense", "--budget-steps", "4", "--name", "progress-test",
+            "--storage", run_env["storage"]] + [a for o in SMALL for a in ("--set", o)]
+    env = dict(os.environ, MOE_BENCH_PROGRESS_EVERY="0")  # a line after every step (default: each minute)
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("progress-test:")]
+    assert len(lines) >= 3  # stderr is a pipe, not a terminal: progress lines instead of a bar
+    assert lines[0].startswith("progress-test: 25.0% of 4 steps | step 1 | 0.00M tokens | train loss ")
+    assert "tokens/s" in lines[0] and "left" in lines[0]
+    out = proc.stdout + proc.stderr
+    assert "GPU available" not in out and "Tip:" not in out  # Lightning's banners and adverts are off
+    assert not [line for line in out.splitlines() if line.startswith("wandb:") and "offline (" not in line]
