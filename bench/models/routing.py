@@ -191,8 +191,8 @@ def assign_capacity(expert_index: Tensor, gates: Tensor, num_experts: int,
     S = T if group_size is None or group_size >= T else group_size
     S = max(S, 1)
     capacity = expert_capacity(S, num_experts, k, capacity_factor)
-    if capacity is None:  # dropless: slots only order the expert buffers, nothing depends on them
-        causal = causal and drop_policy == "position"
+    if capacity is None:  # dropless: slots only order the expert buffers; keep GShard's order, as before
+        causal = False
     position = slot_positions(expert_index, gates, num_experts, S, drop_policy, causal)
     capacity = expert_capacity(S, num_experts, k, capacity_factor)
     keep = position < capacity if capacity is not None else torch.ones_like(position, dtype=torch.bool)

@@ -71,7 +71,7 @@ def new_run_id(label: str, when: _dt.datetime | None = None) -> str:
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """``git rev-parse HEAD`` of the checkout containing ``path`` (default: this package's repo),
-    with ``+dirty`` appended when tracked files have uncommitted changes. None outside a git
+    with ``+dirty`` appended when tracked files outside ``results/`` have uncommitted changes. None outside a git
     checkout or when git is not installed."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parents[2]
     if cwd.is_file():
@@ -88,7 +88,8 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     commit = git("rev-parse", "HEAD")
     if not commit:
         return None
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # results/ holds the stores runs write into while they run: changes there are not code changes.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return commit + "+dirty" if status else commit
 
 
