@@ -67,10 +67,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
         (f"forward FLOPs / {per}", _fmt_flops(cost.forward_flops_per_token), ""),
         (f"train FLOPs / {per}", _fmt_flops(cost.train_flops_per_token), "3 x forward"),
         (f"executed fwd FLOPs / {per}", _fmt_flops(cost.executed_forward_flops_per_token),
-         "with capacity padding" if cfg.is_sparse else ""),
+         "with capacity padding" if cfg.is_sparse and cfg.moe.capacity_factor is not None else ""),
     ]
     for name, value, note in rows:
-        print(f"  {name:<30} {value:>18}   {note}")
+        print(f"  {name:<30} {value:>18}   {note}".rstrip())
     total = cost.forward_flops_per_token
     parts = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in cost.forward_breakdown.items())
     print(f"  forward FLOPs by part: {parts}")
@@ -124,12 +124,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"\nrun {record.run_id}: {record.status}")
+        print(f"\nrun {record.run_id}: {record.status}" + (f" ({record.error})" if record.error else ""))
         for k, v in summary.items():
-            if k not in ("run_id", "status"):
-                print(f"  {k:<28} {v}")
+            if k not in ("run_id", "status", "error") and v is not None:
+                print(f"  {k:<28} {_fmt_value(k, v)}")
         print(f"  record in {args.storage or 'results/moe-bench.db'}; run files in {record.paths.get('run_dir')}")
     return 0 if record.status == "finished" else 1
+
+
+def _fmt_value(key: str, value) -> str:
+    """Numbers as a reader wants them: counts with separators, losses to 4 decimals, times in s."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.endswith(("_params", "tokens_seen", "steps")) or key == "seed":
+        return f"{int(value):,}"
+    if "flops" in key:
+        return f"{value:.3g}"
+    if key.endswith("seconds"):
+        return f"{value:,.1f} s"
+    if key.endswith("per_second"):
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -382,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, StorageError) as e:  # user-fixable: message, no traceback
         print(f"moe-bench {args.command}: {e}", file=sys.stderr)
+        if getattr(args, "json", False):  # scripts reading stdout get the error too
+            print(json.dumps({"status": "error", "command": args.command, "error": str(e),
+                              "problems": getattr(e, "problems", None)}))
         return 2
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: finished work is recorded, the same command continues
         print(f"moe-bench {args.command}: interrupted; run the same command again to continue", file=sys.stderr)

@@ -152,3 +152,13 @@ def test_executed_flops_include_capacity_padding(tiny_cfg):
     assert cost.executed_forward_flops_per_token - cost.forward_flops_per_token == pytest.approx(0.25 * expert)
     dropless = model_cost(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **DROPLESS)), T)
     assert dropless.executed_forward_flops_per_token == dropless.forward_flops_per_token
+
+
+@pytest.mark.parametrize("family, padded", [("switch", True), ("moe-rnn", False), ("dense", False)])
+def test_cli_flops_mentions_capacity_padding_only_with_a_capacity(family, padded, capsys):
+    from bench.cli import main
+
+    assert main(["flops", "--task", "tinyshakespeare-char", "--model", family]) == 0
+    out = capsys.readouterr().out
+    assert ("with capacity padding" in out) == padded
+    assert ("dropless" in out) == (family == "moe-rnn")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,27 @@ def test_cli_train_bad_input_is_a_clear_error(run_env, args, needle, capsys):
     assert main(["train", *args, "--storage", run_env["storage"]]) == 2
     err = capsys.readouterr().err
     assert needle in err
+
+
+def test_cli_train_json_error_is_an_object_on_stdout(run_env, capsys):
+    from bench.cli import main
+
+    assert main(["train", "--task", TASK, "--model", "dense", "--set", "lr=-1", "--json",
+                 "--storage", run_env["storage"]]) == 2
+    out, err = capsys.readouterr()
+    error = json.loads(out.strip().splitlines()[-1])
+    assert error["status"] == "error" and error["command"] == "train"
+    assert any("lr=-1" in p for p in error["problems"]) and "lr=-1" in err
+
+
+def test_cli_train_summary_is_formatted(run_env, capsys):
+    from bench.cli import main
+
+    assert main(["train", "--task", TASK, "--model", "dense", "--budget-steps", "3",
+                 "--storage", run_env["storage"]] + [a for o in SMALL for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    assert "group " not in out and "error " not in out  # None values are left out
+    assert re.search(r"val_loss\s+\d\.\d{4}\n", out) and re.search(r"active_params\s+\d{1,3}(,\d{3})+\n", out)
 
 
 def test_cli_train_json_and_runs_table(run_env):
