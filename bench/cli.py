@@ -176,6 +176,28 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bench.tracking.cleanup import human, plan_cleanup, remove
+    from bench.tracking.records import ResultsStore
+
+    runs = Path(args.runs_dir or __import__("os").environ.get("MOE_BENCH_RUNS", "runs"))
+    items = plan_cleanup(runs, ResultsStore(args.storage), orphans=args.orphans)
+    if not items:
+        print(f"nothing to clean in {runs}/")
+        return 0
+    for item in items:
+        print(f"{'remove' if item.removable else 'keep':<7} {human(item.bytes):>9}  {item.path}  ({item.why})")
+    freed = sum(i.bytes for i in items if i.removable)
+    if not args.yes:
+        print(f"\n{human(freed)} can be freed; nothing removed yet: run again with --yes"
+              + ("" if args.orphans else " (--orphans also removes run folders with no record in this store)"))
+        return 0
+    print(f"\nremoved {human(remove(items))}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.show:
         from bench.sweep.show import format_study, load_existing_study, study_summary
@@ -322,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("clean", help="free disk space: checkpoints of finished runs (a dry run unless --yes)")
+    p.add_argument("--storage", help="results store whose records decide what is finished")
+    p.add_argument("--runs-dir", help="run folders (default $MOE_BENCH_RUNS or runs)")
+    p.add_argument("--orphans", action="store_true", help="also remove run folders with no record in the store")
+    p.add_argument("--yes", action="store_true", help="remove (default: list what would go and its size)")
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("sweep", help="an Optuna study: every trial a training run at the same budget")
     p.add_argument("spec", nargs="?", help="study spec: a YAML path or a shipped name (sweeps/NAME.yaml)")

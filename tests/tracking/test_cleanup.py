@@ -1,0 +1,33 @@
+"""`moe-bench clean`: a dry run lists checkpoints of finished runs with sizes; --yes removes them."""
+from __future__ import annotations
+
+from bench.cli import main
+from bench.tracking.records import ResultsStore, RunRecord
+
+
+def _run(runs, run_id, nbytes):
+    ckpt = runs / run_id / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.ckpt").write_bytes(b"x" * nbytes)
+    (runs / run_id / "metrics.csv").write_text("step,loss\n")
+
+
+def test_clean_dry_run_then_yes(tmp_path, capsys):
+    runs, url = tmp_path / "runs", f"sqlite:///{tmp_path / 's.db'}"
+    store = ResultsStore(url)
+    for run_id, status, size in (("a", "finished", 3000), ("b", "interrupted", 5000), ("c", "pruned", 1000)):
+        _run(runs, run_id, size)
+        store.save(RunRecord(run_id=run_id, status=status))
+    _run(runs, "orphan", 700)
+    assert main(["clean", "--storage", url, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "remove     2.9 KB" in out and "checkpoint of a finished run" in out
+    assert "keep       4.9 KB" in out and "interrupted run (kept: it can be resumed" in out
+    assert "3.9 KB can be freed; nothing removed yet" in out and (runs / "a" / "checkpoints").exists()
+    assert main(["clean", "--storage", url, "--runs-dir", str(runs), "--yes"]) == 0
+    assert "removed 3.9 KB" in capsys.readouterr().out
+    assert not (runs / "a" / "checkpoints").exists() and not (runs / "c" / "checkpoints").exists()
+    assert (runs / "a" / "metrics.csv").exists() and (runs / "b" / "checkpoints" / "last.ckpt").exists()
+    assert (runs / "orphan").exists()
+    assert main(["clean", "--storage", url, "--runs-dir", str(runs), "--orphans", "--yes"]) == 0
+    assert not (runs / "orphan").exists() and (runs / "b").exists()
