@@ -22,8 +22,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bench.models.config import ModelConfig
 
@@ -185,19 +183,23 @@ def _lstm_layer_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# FlopCounterMode has no formula for the fused CPU kernels of LSTM and attention; these use
-# torch's own SDPA formula and the LSTM gate matmuls, from the runtime tensor shapes.
-CPU_FLOP_FORMULAS = {
-    torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-}
+def measure_forward_flops(model, *inputs, **kwargs) -> int:
+    """FLOPs of one forward pass as torch.utils.flop_counter.FlopCounterMode counts them.
 
+    FlopCounterMode has no formula for the fused CPU kernels of LSTM and attention; these use
+    torch's own SDPA formula and the LSTM gate matmuls, from the runtime tensor shapes. (torch is
+    imported here, not at the top: the analytic counts above are plain arithmetic, and
+    ``moe-bench flops`` starts in a fraction of a second without it.)"""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-def measure_forward_flops(model: torch.nn.Module, *inputs, **kwargs) -> int:
-    """FLOPs of one forward pass as torch.utils.flop_counter.FlopCounterMode counts them."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
+    formulas = {torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         model(*inputs, **kwargs)
     return counter.get_total_flops()

@@ -93,3 +93,18 @@ def test_imports_only_point_down():
             if LAYER[dst] >= LAYER[src] or (src in READERS and LAYER[dst] > 2):
                 upward.append(f"{module} -> {target}")
     assert not upward, "imports against the layering:\n" + "\n".join(sorted(upward))
+
+
+def test_help_runs_and_flops_do_not_import_torch(tmp_path):
+    """`moe-bench --help`, `runs` and `flops` start in a fraction of a second: torch (1.5 s to
+    import) loads only for commands that build models."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bench.cli as c; p = c.build_parser(); "
+            "c.main(['flops', '--task', 'tinyshakespeare-char', '--model', 'switch']); "
+            "c.main(['runs', '--storage', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'r.db'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,22 +1,33 @@
-"""Model families on one routing core. ``build_model(cfg, task_type)`` is the entry point."""
+"""Model families on one routing core. ``build_model(cfg, task_type)`` is the entry point.
+
+The modules that build models import torch; they load on first use, so that reading configs
+(``bench.models.config``: the CLI's --help, ``flops``, ``runs``) starts fast.
+"""
 from __future__ import annotations
 
-from torch import nn
-
 from bench.models.config import FAMILIES, PRESETS, MoEConfig, ModelConfig, model_config
-from bench.models.rnn import RNNLM, RNNSeq2Seq
-from bench.models.transformer import ModelOutput, TransformerLM, TransformerSeq2Seq
 
 TASK_TYPES = ("lm", "translation")
 
 
-def build_model(cfg: ModelConfig, task_type: str = "lm") -> nn.Module:
+def build_model(cfg: ModelConfig, task_type: str = "lm"):
     """A plain ``nn.Module`` for ``cfg``: an LM (idx -> logits) or a seq2seq translation model."""
+    from bench.models.rnn import RNNLM, RNNSeq2Seq
+    from bench.models.transformer import TransformerLM, TransformerSeq2Seq
+
     if task_type not in TASK_TYPES:
         raise ValueError(f"task type {task_type!r} is not allowed: expected one of {', '.join(TASK_TYPES)}")
     if cfg.is_rnn:
         return RNNLM(cfg) if task_type == "lm" else RNNSeq2Seq(cfg)
     return TransformerLM(cfg) if task_type == "lm" else TransformerSeq2Seq(cfg)
+
+
+def __getattr__(name: str):
+    if name == "ModelOutput":
+        from bench.models.transformer import ModelOutput
+
+        return ModelOutput
+    raise AttributeError(f"module 'bench.models' has no attribute {name!r}")
 
 
 __all__ = ["FAMILIES", "PRESETS", "MoEConfig", "ModelConfig", "ModelOutput", "build_model", "model_config"]
