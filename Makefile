@@ -28,11 +28,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Dense vs Switch on Tiny Shakespeare at one matched training-FLOPs budget, 3 paired seeds each
-# (~10 minutes on a 2-core CPU): the parameter/FLOP accounting, then the comparison with its
-# confidence interval. Records go to the default store, results/moe-bench.db.
+# (~10 minutes on a 2-core CPU): each arm's parameters and FLOPs per token, its loss over seeds,
+# and the claim with its confidence interval. Records go to the default store, results/moe-bench.db.
 demo: $(STAMP)
-	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model dense
-	$(VENV)/bin/moe-bench flops --task tinyshakespeare-char --model switch
 	$(VENV)/bin/moe-bench reproduce switch-vs-dense --tier demo
 	@echo "next: source $(VENV)/bin/activate, then e.g. moe-bench runs, moe-bench report, moe-bench dashboard"
 

@@ -13,13 +13,15 @@ def format_plan_results(plan: Plan, tier: str, records: list[RunRecord]) -> str:
     key, name = ("val_bleu", "val BLEU") if bleu else ("val_loss", "val loss")
     width = max([len(label) for label in arms] + [3])
     lines = [f"{plan.title} (tier {tier})",
-             f"{'arm':<{width}} {'seeds':>5} {name + ' (mean ± sd)':>22} {'active params':>14} {'tokens/s':>9}"]
+             f"{'arm':<{width}} {'seeds':>5} {name + ' (mean ± sd)':>22} {'active params':>14} {'total params':>13} "
+             f"{'train MFLOP/token':>17} {'tokens':>7} {'tokens/s':>9}"]
     for label, a in arms.items():
         mean, sd = a.mean(key), a.sd(key)
         value = "-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
-        tps = a.mean("tokens_per_second")
-        lines.append(f"{label:<{width}} {a.n:>5} {value:>22} {a.first.params.get('active', 0):>14,} "
-                     f"{'-' if tps is None else format(tps, '.0f'):>9}")
+        tps, r = a.mean("tokens_per_second"), a.first
+        lines.append(f"{label:<{width}} {a.n:>5} {value:>22} {r.params.get('active', 0):>14,} "
+                     f"{r.params.get('total', 0):>13,} {(r.flops.get('train_per_token') or 0) / 1e6:>17.2f} "
+                     f"{(a.mean('tokens') or 0) / 1e6:>6.2f}M {'-' if tps is None else format(tps, ',.0f'):>9}")
     results = [evaluate_claim(c, arms) for c in plan.claims if all(x in arms for x in c.arms() if x)]
     if results:
         lines += ["", "Claims (effect in the paper's direction, mean over paired seeds, 95% CI):"]
