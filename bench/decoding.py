@@ -6,15 +6,12 @@ output position), so the search code never branches on the architecture:
 - ``TransformerSeq2Seq``: incremental, with a key/value cache (``TransformerSeq2Seq.decode(...,
   cache=)``): each step runs the decoder on the one new position, attending to the cached keys and
   values of the earlier ones; cross-attention projects the encoder output once. Decoding L tokens
-  costs O(L) decoder token passes (re-running the prefix, as before 2026-11-29, cost O(L^2)).
+  costs O(L) decoder token passes instead of O(L^2) for re-running the prefix (``kv_cache=False``).
   Same logits as the full-prefix recomputation (tested), except for MoE token dropping, where an
-  eval capacity is counted over the step's tokens instead of the whole prefix. ``moe-bench perf
-  --only decoding`` (tiny preset, 64 sentences x 40 tokens, quiet 2-core CPU): dense greedy 195
-  sentences/s with the cache vs 33 re-running the prefix (``kv_cache=False``), switch 121 vs 32.
+  eval capacity is counted over the step's tokens instead of the whole prefix. Speeds:
+  ``moe-bench perf --only decoding`` and ``docs/performance.md``.
 - ``RNNSeq2Seq``: one token per step; the LSTM (h, c) states are carried with ``state=``. The
-  decoder starts from ``state=None``, as ``RNNSeq2Seq.forward`` does. On a loaded 2-core CPU, one
-  thread, tiny preset, vocab 8000, 64 sentences x 30 tokens: lstm ~240 sentences/s greedy, ~70
-  with beam 4.
+  decoder starts from ``state=None``, as ``RNNSeq2Seq.forward`` does.
 
 Conventions (fairseq-like): outputs are token ids *without* BOS, EOS or padding; PAD and BOS are
 never generated (their log-probs are set to -inf, without renormalising); ``max_len`` counts

@@ -5,29 +5,16 @@ Equivalent to ``for e: y_e = act(x_e @ w1[e]) @ w2[e]`` with autograd, but
   (``torch.mm(..., out=...)``), so the backward never stacks E separate weight gradients, and
 - keeps one graph node instead of ~6 per expert, which matters at E = 128 on a CPU.
 - runs the activation and its gradient on each expert's block right after the matmul that made
-  it, while the block is in cache (kernel alone at 8192 tokens, E=32: 1.16x -> 1.10x dense).
+  it, while the block is in cache.
 This is what a grouped GEMM does on GPUs; on CPUs MKL's large single matmuls make the per-expert
 loop over contiguous row blocks the fastest exact (no padding) option — see ``moe-bench perf``.
 
-Tried and measured against this loop (fp32, fwd+bwd, 2 cores, 2026-11-29), and not kept:
-expert-parallel worker threads, one expert per core with single-threaded MKL
-(``mkl_set_num_threads_local``): within +-3%, slower at E=8; MKL's grouped ``cblas_sgemm_batch``
-through ctypes: 4-10% faster per matmul alone, but equal at E=128 and 13% slower at E=8-32 as a
-kernel (a one-expert batch runs on one thread; no per-block activation); gathering tokens,
-scaling by the gate and scattering the output inside the loop: 7-13% slower (small per-block
-index_select/index_add_ calls lose the threading of one large call); oneDNN fp32 matmul
-(``mkldnn._linear_pointwise``): 1.3-2x slower than MKL; views split up front instead of sliced
-per block: < 1%. The remaining cost at large E is weight traffic (``moe-bench perf``'s in-cache
-and memory floors), which MKL does not overlap with arithmetic.
-
-Shape bucketing (bf16/fp16 on CPU): those matmuls go through oneDNN, which builds (JIT-compiles)
-a kernel for every new matrix shape and caches it. An expert's row count changes every step, so
-without care almost every expert matmul pays that build: measured here, a (1850, 128) @ (128, 512)
-bf16 matmul takes 0.3 ms with a cached kernel and ~2.3 ms when its row count is new, which made a
-bf16 Switch step at d_model=128 2x slower than the dense one. Each expert's block is therefore
-cut into a multiple of ``ROW_GRANULE`` rows plus a remainder below it, so only ~A/64 + 64
-distinct shapes ever occur and every one is cached after its first use (no padding, no extra
-FLOPs, same result). fp32 matmuls use MKL, which has no per-shape cost, and are not cut.
+Shape bucketing (bf16 on CPU): oneDNN builds (JIT-compiles) a kernel for every new matrix shape,
+and an expert's row count changes every step. Each expert's block is therefore cut into a multiple
+of ``ROW_GRANULE`` rows plus a remainder below it, so only ~A/64 + 64 distinct shapes ever occur
+and every one is cached after its first use (no padding, no extra FLOPs, same result). fp32
+matmuls use MKL, which has no per-shape cost, and are not cut. Measurements and the alternatives
+tried: ``docs/performance.md``.
 """
 from __future__ import annotations
 

@@ -10,14 +10,9 @@ Two kernels compute the experts, with identical results (tested against a per-to
 - ``padded``: scatter into an (E, slots, d) buffer and run two batched matmuls (static shapes,
   what TPU/GShard implementations do; the buffer is trimmed to the fullest expert's load).
 - ``auto`` (default): ``sorted`` unless experts average fewer rows than ``auto_padded_below_rows``
-  of the compute dtype. fp32, ``moe-bench perf`` on a quiet 2-core CPU (d=256, d_ff=1024,
-  2026-11-29, two runs at commit ac48cc2): 8192 tokens, E=8: sorted 90/93 ms vs padded 116/118;
-  E=32: 101/104 vs 129/137; E=128 (64 rows per expert): 153/150 vs 175/175; 2048 tokens, E=32:
-  36/36 vs 41/40; E=128 (16 rows): 79/81 vs 78/78, a tie. So padded only below 16 rows in fp32.
-  Reduced precision keeps 64: oneDNN's batched bf16 matmul was ~1.6x as fast as a loop of
-  per-expert matmuls at 512 rows (one thread), and small per-expert bf16 matmuls pay a kernel
-  per shape. A plain autograd loop over ``w1[e]`` slices was 1.4-1.7x slower
-  than both kernels.
+  of the compute dtype (16 in fp32, 64 in bf16, where oneDNN's batched matmul wins and small
+  per-expert matmuls pay a kernel build per shape). The timings behind these thresholds are in
+  ``docs/performance.md``.
 """
 from __future__ import annotations
 
