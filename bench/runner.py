@@ -51,10 +51,26 @@ def planned_config(plan: Plan, arm: Arm, tier: str, budget: dict[str, Any],
 
 
 def same_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """A stored run's config equals the planned one. A field added to the configs after the run
+    (missing from its record) counts as equal when the plan leaves it at its default, so adding
+    an option does not re-run every finished reference run."""
+    from bench.config import to_dict
+    from bench.models.config import ModelConfig
+    from bench.train.config import RunConfig
+
     def norm(d):
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
-    return norm(stored.get("model")) == norm(wanted["model"]) and norm(stored.get("run")) == norm(wanted["run"])
+    def equal(old: Any, new: Any, default: Any) -> bool:
+        if isinstance(old, dict) and isinstance(new, dict):
+            default = default if isinstance(default, dict) else {}
+            return all(equal(old[k], new[k], default.get(k)) if k in old else new[k] == default.get(k, object())
+                       for k in new) and set(old) <= set(new)
+        return old == new
+
+    defaults = norm({"model": to_dict(ModelConfig()), "run": to_dict(RunConfig())})
+    stored, wanted = norm(stored), norm(wanted)
+    return all(equal(stored.get(part), wanted[part], defaults[part]) for part in ("model", "run"))
 
 
 @dataclass

@@ -181,3 +181,28 @@ def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, 
     assert sorted(speeds) == ["dense", "switch"] and len(speeds["dense"]) == 2
     # a throughput measurement is never mistaken for a finished training run of its arm
     assert all(r.done is None for r in plan_runs(plan, "tiny", store))
+
+
+def test_a_config_field_added_later_at_its_default_keeps_finished_runs():
+    from bench.runner import same_config
+
+    plan = load_plan("capacity")
+    arm = plan.arm("switch cf=1.0")
+    wanted = planned_config(plan, arm, "tiny", arm_budget(plan, arm, "tiny"))
+    older = json_copy(wanted)
+    del older["run"]["train"]["beam_size"]  # a record written before the field existed
+    del older["model"]["moe"]["jitter_eps"]
+    assert same_config(older, wanted)
+    changed = json_copy(wanted)
+    changed["run"]["train"]["beam_size"] = 4  # the plan asks for a non-default value: re-run
+    assert not same_config(older, changed)
+    assert not same_config({**wanted, "run": {**wanted["run"], "extra_field": 1}}, wanted)  # a removed field
+    lr = json_copy(wanted)
+    lr["run"]["optim"]["lr"] = 1.0
+    assert not same_config(lr, wanted)
+
+
+def json_copy(d):
+    import json
+
+    return json.loads(json.dumps(d))
