@@ -39,12 +39,28 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     section.claims = [evaluate_claim(c, arms) for c in plan.claims
                       if any(label in arms for label in c.arms() if label)]
     section.notes.append(_budget_note(section))
-    for note in (_gap_trend_note(section), _speed_note(section)):
+    for note in (_gap_trend_note(section), _speed_note(section), _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
     if plot_dir is not None:
         _plots(section, records, plot_dir)
     return section
+
+
+def _bleu_settled_note(s: Section) -> str | None:
+    """Translation: each arm's BLEU at the last two evaluations (curve_bleu_batches), mean over
+    seeds: has BLEU settled by the end of the budget?"""
+    parts = []
+    for label, arm in s.arms.items():
+        pairs = [[p["bleu"] for p in r.curve if p.get("bleu") is not None][-2:] for r in arm.records]
+        pairs = [p for p in pairs if len(p) == 2]
+        if pairs:
+            before, last = (statistics.fmean(p[i] for p in pairs) for i in (0, 1))
+            parts.append(f"{label} {before:.2f} → {last:.2f} ({last - before:+.2f})")
+    if not parts:
+        return None
+    return ("BLEU at the last two evaluations (greedy, a fixed subset of the validation split, mean over seeds): "
+            + "; ".join(parts) + ". A change of more than about 0.5 BLEU means the models were still improving.")
 
 
 def _equal_time_note(plan: Plan, speed: dict[str, float], throughput: dict[str, list[float]]) -> str:

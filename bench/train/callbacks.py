@@ -159,6 +159,31 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+class CurveBLEU(pl.Callback):
+    """Translation: greedy BLEU on the first ``batches`` validation batches at every evaluation,
+    added to the learning curve's point ("bleu"), so a report can tell whether BLEU had settled
+    by the end of the budget (the final evaluation decodes the whole split)."""
+
+    def __init__(self, curve: EvalCurve, dm, batches: int, max_len: int):
+        self.curve, self.dm, self.batches, self.max_len = curve, dm, batches, max_len
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit" or not self.curve.points:
+            return
+        from bench.decoding import translate
+        from bench.metrics import corpus_bleu
+
+        loader = self.dm.val_dataloader()
+        batches = [b for _, b in zip(range(self.batches), loader)]
+        was_training = pl_module.model.training
+        hyps = [h.strip() for h in translate(pl_module.model, batches, self.dm.tokenizer, max_len=self.max_len)]
+        pl_module.model.train(was_training)
+        bleu = corpus_bleu(hyps, self.dm.references("val")[: len(hyps)])["score"]
+        self.curve.points[-1]["bleu"] = float(bleu)
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/curve_bleu": bleu}, step=trainer.global_step)
+
+
 def summarize_moe_stats(stats: list[dict]) -> list[dict]:
     """Per MoE layer: plain numbers/lists for records and loggers."""
     out = []

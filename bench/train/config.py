@@ -57,13 +57,14 @@ class TrainConfig:
     beam_size: int = 1  # translation: final BLEU decoding; 1 = greedy, >1 = beam search (slower)
     max_decode_len: int = 0  # translation: 0 = the task's tgt_len
     decode_batches: int = 0  # translation: limit batches decoded for BLEU (0 = whole split)
+    curve_bleu_batches: int = 0  # translation: greedy val BLEU on this many batches at every evaluation (0 = off)
 
     def problems(self) -> list[str]:
         p = []
         for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "devices", "beam_size"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 1")
-        for name in ("num_workers", "max_decode_len", "decode_batches"):
+        for name in ("num_workers", "max_decode_len", "decode_batches", "curve_bleu_batches"):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 0")
         return p

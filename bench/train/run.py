@@ -32,8 +32,8 @@ from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
-from bench.train.callbacks import (BudgetStop, ComputeTracker, EvalCurve, ExpertStats, ProgressLine, RNGState,
-                                   summarize_moe_stats)
+from bench.train.callbacks import (BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats, ProgressLine,
+                                   RNGState, summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
 
@@ -181,6 +181,9 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
+    if task.type == "translation" and tr.curve_bleu_batches:
+        callbacks.insert(callbacks.index(curve) + 1,
+                         CurveBLEU(curve, dm, tr.curve_bleu_batches, tr.max_decode_len or task.tgt_len))
     # Not a terminal (log file, CI): a progress line each minute instead of Lightning's bar.
     bar = progress and sys.stderr.isatty()
     if progress and not bar:

@@ -118,3 +118,18 @@ def test_equal_time_loss_from_a_quiet_throughput_ratio():
     # in dense's time switch trains 0.8 x 400k = 320k tokens: between 2.0 (300k) and 1.9 (400k)
     assert arms["switch"].values["loss_at_equal_time"] == pytest.approx([1.98])
     assert arms["dense"].values["loss_at_equal_time"] == pytest.approx([2.0])
+
+
+def test_translation_sections_say_whether_bleu_settled():
+    from bench.plans import load_plan
+    from bench.report.sections import build_section
+
+    def run(arm, seed, bleus):
+        r = rec(arm, seed, 3.0, repro="translation", family="dense", val_bleu=bleus[-1])
+        r.curve = [{"step": 100 * (i + 1), "loss": 4.0 - i, "bleu": b} for i, b in enumerate(bleus)]
+        return r
+
+    records = [run("dense", 0, [5.0, 8.0, 8.2]), run("dense", 1, [4.0, 7.0, 7.6]), run("switch", 0, [6.0, 9.0, 10.0])]
+    section = build_section(load_plan("translation"), "ref", records, plot_dir=None)
+    note = next(n for n in section.notes if n.startswith("BLEU at the last two evaluations"))
+    assert "dense 7.50 → 7.90 (+0.40)" in note and "switch 9.00 → 10.00 (+1.00)" in note

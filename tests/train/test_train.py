@@ -278,3 +278,15 @@ def test_redirected_output_gets_progress_lines_and_no_banners(run_env):
     out = proc.stdout + proc.stderr
     assert "GPU available" not in out and "Tip:" not in out  # Lightning's banners and adverts are off
     assert not [line for line in out.splitlines() if line.startswith("wandb:") and "offline (" not in line]
+
+
+def test_translation_curve_carries_bleu_at_every_evaluation(run_env):
+    record = train("multi30k-de-en", "dense", "tiny",
+                   overrides=SMALL + ["decode_batches=1", "eval_batch_size=4", "max_decode_len=8",
+                                      "curve_bleu_batches=1"],
+                   budget={"kind": "steps", "value": 10}, storage=run_env["storage"], progress=False)
+    assert record.status == "finished" and [p["step"] for p in record.curve] == [5, 10]
+    assert all(0.0 <= p["bleu"] <= 100.0 for p in record.curve)
+    assert "bleu" not in train("multi30k-de-en", "dense", "tiny", overrides=SMALL + ["decode_batches=1",
+                               "eval_batch_size=4", "max_decode_len=8"], budget={"kind": "steps", "value": 5},
+                               storage=run_env["storage"], progress=False).curve[0]
