@@ -131,6 +131,12 @@ def test_shipped_plan_reproduces_and_resumes(run_env):
     assert all(r.budget == {"kind": "flops", "value": 3e9} and r.train_flops >= 3e9 for r in first)
     assert all(r.extra["budget_flops"] == 3e9 and "tier" not in r.extra for r in first)
     assert all(r.curve for r in first)  # learning curves for the report
+    from bench.tracking.wandb_setup import read_offline_run_info
+
+    info = read_offline_run_info(next(r for r in first if r.extra["arm"] == "switch cf=1.25").paths["wandb_dir"])
+    assert info["name"] == "switch-vs-dense: switch cf=1.25" and info["group"] == "repro-switch-vs-dense-tiny"
+    assert info["job_type"] == "reproduce" and "arm:switch cf=1.25" in info["tags"]
+    assert "reproduction:switch-vs-dense" in info["tags"] and info["config"]["arm"] == "switch cf=1.25"
     again = run_plan("switch-vs-dense", **kw)  # nothing left to do: the same records
     assert sorted(r.run_id for r in again) == sorted(r.run_id for r in first)
     assert len(ResultsStore(run_env["storage"]).list(group="repro-switch-vs-dense-tiny")) == 2

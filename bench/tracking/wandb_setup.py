@@ -27,6 +27,9 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+# The run summary keeps the best value of these (W&B's default is the last one).
+SUMMARY_BEST = {"val/loss": "min", "val/perplexity": "min", "val/quality": "max", "val/mean_token_prob": "max",
+                "val/curve_bleu": "max"}
 _MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
                  "disabled": "disabled"}
 _shown: set[str] = set()  # once-per-process messages already shown ("warning", "mode")
@@ -113,7 +116,7 @@ def wandb_mode() -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 def make_wandb_logger(project: str, name: str, group: str | None, config: dict[str, Any],
-                      save_dir: str | os.PathLike, tags: list[str] | None = None):
+                      save_dir: str | os.PathLike, tags: list[str] | None = None, job_type: str = "train"):
     """A ``lightning.pytorch.loggers.WandbLogger`` whose run is already started, or None when W&B
     is disabled or unusable (then one warning per process says why; CSV logging is unaffected).
 
@@ -153,15 +156,20 @@ def make_wandb_logger(project: str, name: str, group: str | None, config: dict[s
             run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project,
                              entity=os.environ.get("WANDB_ENTITY") or None, name=name, group=group, config=config,
                              tags=list(tags) if tags else None, dir=str(save_dir), mode=attempt,
-                             reinit="finish_previous", job_type="train",
+                             reinit="finish_previous", job_type=job_type,
                              # W&B's own banner, sparkline history and summary per run drown the
                              # training output; our one line below says where the run went.
                              settings=wandb.Settings(silent=_env_flag("WANDB_SILENT", True)))
             logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), experiment=run,
                                  group=group, tags=list(tags) if tags else None)
-            # Same x-axis as WandbLogger sets up when it creates the run itself.
+            # Same x-axis as WandbLogger sets up when it creates the run itself; the budget
+            # counters are metrics too, so tokens, training FLOPs or seconds can be the x-axis.
             run.define_metric("trainer/global_step")
             run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+            for counter in ("train/tokens_seen", "train/flops_spent", "train/seconds"):
+                run.define_metric(counter, step_metric="trainer/global_step", summary="max")
+            for key, best in SUMMARY_BEST.items():
+                run.define_metric(key, step_metric="trainer/global_step", summary=best)
         except Exception as e:
             failures.append(f"{attempt} init failed: {type(e).__name__}: {e}")
             if run is not None:  # started but could not be wrapped: do not leave it open
@@ -351,6 +359,21 @@ def read_offline_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if record.WhichOneof("record_type") == "history":
             rows.append({_item_key(item): _decode(item.value_json) for item in record.history.item})
     return rows
+
+
+def read_offline_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Name, group, job type, tags and config of an offline run, as its .wandb file records them."""
+    info: dict[str, Any] = {"config": {}}
+    for record in _records(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            info.update(name=run.display_name, group=run.run_group, job_type=run.job_type, tags=list(run.tags),
+                        project=run.project)
+            info["config"].update({_item_key(i): _decode(i.value_json) for i in run.config.update})
+        elif kind == "config":
+            info["config"].update({_item_key(i): _decode(i.value_json) for i in record.config.update})
+    return info
 
 
 def read_offline_run_keys(run_dir: str | os.PathLike) -> set[str]:

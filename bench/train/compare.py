@@ -24,7 +24,8 @@ def compare(task: str, families: list[str], preset: str = "tiny", budget: dict[s
             run_id = new_run_id(f"{task}-{family}")
             try:
                 records.append(train(task, family, preset, overrides, budget=budget, seed=seed, storage=storage,
-                                     data_dir=data_dir, group=group, progress=progress, run_id=run_id))
+                                     data_dir=data_dir, group=group, progress=progress, run_id=run_id,
+                                     name=f"{group}: {family}", tags={"comparison": group}))
             except Exception as e:  # one failed model must not lose the others: it is recorded as failed
                 record = ResultsStore(storage).get(run_id)
                 if record is None:  # failed before it started (bad config): nothing to compare

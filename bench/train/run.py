@@ -315,22 +315,38 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
+# Record tags that say which command made a run (W&B job_type), and which of them become W&B tags.
+_JOB_TYPES = (("study", "sweep-trial"), ("reproduction", "reproduce"), ("comparison", "compare"))
+_TAGGED = ("arm", "reproduction", "tier", "study")
+
+
 def _wandb_logger(record: RunRecord, run_dir: Path):
+    """A W&B run organised as W&B users filter: named like the record, grouped by the comparison,
+    typed by the command, tagged with family, task, preset and arm / plan / study, and with the
+    parameter and FLOP counts in its config (where filters and parallel coordinates look)."""
     try:
         from bench.tracking.wandb_setup import make_wandb_logger
     except ImportError:
         return None
-    return make_wandb_logger(project="moe-bench", name=record.run_id, group=record.group,
-                             config={"task": record.task, "family": record.family, "preset": record.preset,
-                                     "seed": record.seed, **record.config},
-                             save_dir=str(run_dir))
+    extra = record.extra
+    job_type = next((job for key, job in _JOB_TYPES if key in extra), "train")
+    tags = [record.family, record.task, record.preset] + [f"{k}:{extra[k]}"[:64] for k in _TAGGED if k in extra]
+    config = {"task": record.task, "family": record.family, "preset": record.preset, "seed": record.seed,
+              "run_id": record.run_id, "params": record.params, "flops_per_token": record.flops,
+              **{k: v for k, v in extra.items() if k in _TAGGED + ("trial", "budget_flops")}, **record.config}
+    return make_wandb_logger(project="moe-bench", name=record.name or record.run_id, group=record.group,
+                             config=config, save_dir=str(run_dir), tags=tags, job_type=job_type)
 
 
 def _finish_wandb(logger, record: RunRecord) -> None:
     from bench.tracking.wandb_setup import finish_wandb_logger
 
     try:
-        summary = {k: v for k, v in record.summary().items() if isinstance(v, (int, float))}
+        # Counts and timings only: the validation metrics are already there under val/... (with
+        # their best value, see SUMMARY_BEST), and val_loss beside val/loss would say it twice.
+        keys = ("active_params", "total_params", "train_flops", "tokens_seen", "steps", "wall_seconds",
+                "tokens_per_second", "quality_per_active_param")
+        summary = {k: v for k, v in record.summary().items() if k in keys and isinstance(v, (int, float))}
         logger.experiment.summary.update(summary)
         finish_wandb_logger(logger, status=record.status)
     except Exception:  # logging never kills a run

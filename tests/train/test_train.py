@@ -16,7 +16,7 @@ from bench.config import ConfigError
 from bench.flops import model_cost
 from bench.models import model_config
 from bench.tracking.records import ResultsStore
-from bench.tracking.wandb_setup import read_offline_run_keys
+from bench.tracking.wandb_setup import read_offline_run_info, read_offline_run_keys
 from bench.train.run import resume_run, train
 from tests.train.conftest import SMALL
 
@@ -60,7 +60,13 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     assert Path(record.paths["csv_file"]).is_file()
     # a finished run keeps its record, CSV and W&B files, not its (large) checkpoint
     assert record.paths["checkpoint_dir"] is None and not (Path(record.paths["run_dir"]) / "checkpoints").exists()
+    info = read_offline_run_info(record.paths["wandb_dir"])
+    assert info["name"] == record.name and info["job_type"] == "train"
+    assert info["tags"] == ["switch", TASK, "tiny"]
+    assert info["config"]["params"]["active"] == record.params["active"] < record.params["total"]
+    assert info["config"]["flops_per_token"]["train_per_token"] == record.flops["train_per_token"]
     keys = read_offline_run_keys(record.paths["wandb_dir"])
+    assert "val_loss" not in keys and "val/loss" in keys  # each metric once
     for key in ("train/loss", "train/lr", "train/tokens_per_sec", "train/flops_spent", "val/loss",
                 "val/quality", "val/quality_per_active_param", "moe/layer0/fraction_dropped",
                 "moe/layer0/router_entropy", "moe/layer0/z_loss"):
