@@ -7,6 +7,7 @@ before raising once (litgpt ``validate_args`` style), so a user fixes all mistak
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 
@@ -69,6 +70,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}={value!r} is not allowed: expected a number")
+        if not math.isfinite(value):  # NaN slips through every `<= 0` check; inf never stops a budget
+            raise ValueError(f"{name}={value!r} is not allowed: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -261,3 +261,21 @@ def test_exponent_without_dot_is_a_number():
 def test_probability_drop_policy_with_capacity_is_refused_in_causal_models():
     with pytest.raises(ConfigError, match="drop_policy='probability' is not allowed with a capacity limit"):
         model_config("moe", "tiny", overrides=["drop_policy=probability"])
+
+
+@pytest.mark.parametrize("setting", ["lr=nan", "capacity_factor=.nan", "load_balance_weight=.inf", "grad_clip=-.inf",
+                                     "weight_decay=nan"])
+def test_nan_and_inf_are_refused_with_the_field_named(setting):
+    from bench.train.run import resolve_configs
+    from bench.data.tasks import load_task
+
+    field = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{field}=.* is not allowed: expected a (finite )?number"):
+        resolve_configs(load_task("tinyshakespeare-char"), "switch", "tiny", [setting], None)
+
+
+def test_a_nan_budget_is_refused(capsys):
+    from bench.cli import main
+
+    assert main(["train", "--task", "tinyshakespeare-char", "--model", "dense", "--budget-flops", "nan"]) == 2
+    assert "value=nan is not allowed: expected a finite number" in capsys.readouterr().err
