@@ -44,6 +44,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if get_origin(tp) in (Union, types.UnionType):
         if value is None and _is_optional(tp):
             return None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is not allowed: expected a finite number")
         errors = []
         for arg in get_args(tp):
             if arg is type(None):
