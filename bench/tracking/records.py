@@ -17,6 +17,7 @@ import secrets
 import sqlite3
 import subprocess
 import types
+import warnings
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,14 +479,20 @@ class ResultsStore:
              status: str | None = None) -> list[RunRecord]:
         """Records matching every given filter, oldest first (by first save)."""
         c = self.table.c
-        query = sa.select(c.record).order_by(c.created_at, c.run_id)
+        query = sa.select(c.run_id, c.record).order_by(c.created_at, c.run_id)
         for column, value in ((c.task, task), (c.family, family), (c.group_name, group), (c.status, status)):
             if value is not None:
                 query = query.where(column == value)
         with self._guard("read from"):
             with self.engine.connect() as conn:
-                rows = conn.execute(query).scalars().all()
-        return [RunRecord.from_json(text, strict=False) for text in rows]
+                rows = conn.execute(query).all()
+        records = []
+        for run_id, text in rows:
+            try:
+                records.append(RunRecord.from_json(text, strict=False))
+            except (RecordError, TypeError, ValueError) as e:  # one damaged row must not hide the others
+                warnings.warn(f"skipping run {run_id} in {self.url}: its record cannot be read ({e})", stacklevel=2)
+        return records
 
     def delete(self, run_id: str) -> bool:
         """Remove a record; returns whether it existed."""

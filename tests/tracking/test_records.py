@@ -188,3 +188,15 @@ def test_format_runs_table():
     assert lines[3].split()[5:] == ["-"] * 7
     assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
     assert "(no runs)" in format_runs_table([])
+
+
+def test_one_damaged_record_row_is_skipped_with_a_warning(tmp_path):
+    import sqlalchemy as sa
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 'd.db'}")
+    store.save(RunRecord(run_id="good", status="finished"))
+    store.save(RunRecord(run_id="bad", status="finished"))
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store.table).where(store.table.c.run_id == "bad").values(record="{not json"))
+    with pytest.warns(UserWarning, match="skipping run bad .* its record cannot be read"):
+        assert [r.run_id for r in store.list()] == ["good"]
