@@ -287,6 +287,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from bench.dashboard import serve
 
+    if not 0 <= args.port <= 65535:
+        raise ConfigError([f"port={args.port} is not allowed: expected 0-65535 (0 = any free port)"], "dashboard")
     try:
         serve(args.storage, host=args.host, port=args.port, results_dir=args.results_dir, open_browser=args.open)
     except OSError as e:  # port in use, address not available

@@ -279,3 +279,10 @@ def test_a_nan_budget_is_refused(capsys):
 
     assert main(["train", "--task", "tinyshakespeare-char", "--model", "dense", "--budget-flops", "nan"]) == 2
     assert "value=nan is not allowed: expected a finite number" in capsys.readouterr().err
+
+
+def test_dashboard_port_out_of_range_is_one_clear_error(capsys):
+    from bench.cli import main
+
+    assert main(["dashboard", "--port", "99999"]) == 2
+    assert "port=99999 is not allowed: expected 0-65535" in capsys.readouterr().err

@@ -96,6 +96,7 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect."""
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
+    _check_before_work(seed)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
     record = RunRecord(run_id=run_id, name=name or run_id, group=group, task=task.name, family=family,
                        preset=preset, seed=seed, git_commit=git_commit(),
@@ -105,9 +106,27 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
                     keep_checkpoints=keep_checkpoints)
 
 
+def _check_before_work(seed: int) -> None:
+    """Problems that would otherwise surface as tracebacks after a record and run folder exist."""
+    problems = []
+    if not 0 <= seed < 2**32:  # numpy/Lightning seed range
+        problems.append(f"seed={seed} is not allowed: expected an integer in [0, 2**32 - 1]")
+    root = runs_dir()
+    probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        problems.append(f"run folders go to {root.resolve()}, which is not writable: set MOE_BENCH_RUNS to a "
+                        "writable directory")
+    if problems:
+        raise ConfigError(problems, "run")
+
+
 def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True,
                keep_checkpoints: bool = False) -> RunRecord:
     """Continue a killed or interrupted run from its last checkpoint with its recorded config."""
+    sqlite_file = _sqlite_path(storage)
+    if sqlite_file is not None and not sqlite_file.exists():  # never create an empty store to resume from
+        raise ConfigError([f"no results store at {sqlite_file}: check --storage (runs list with `moe-bench runs "
+                           "--storage URL`)"], "resume")
     store = ResultsStore(storage)
     record = store.get(run_id)
     if record is None:
@@ -126,6 +145,13 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
                     None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
+
+
+def _sqlite_path(storage: str | None) -> Path | None:
+    from bench.tracking.records import normalize_storage_url
+
+    url = normalize_storage_url(storage)
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") and ":memory:" not in url else None
 
 
 def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,

@@ -296,3 +296,33 @@ def test_translation_curve_carries_bleu_at_every_evaluation(run_env):
     assert "bleu" not in train("multi30k-de-en", "dense", "tiny", overrides=SMALL + ["decode_batches=1",
                                "eval_batch_size=4", "max_decode_len=8"], budget={"kind": "steps", "value": 5},
                                storage=run_env["storage"], progress=False).curve[0]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40])
+def test_out_of_range_seed_is_refused_before_any_work(run_env, seed, capsys):
+    from bench.cli import main
+
+    assert main(["train", "--task", TASK, "--model", "dense", "--seed", str(seed), "--storage", run_env["storage"]]) == 2
+    assert f"seed={seed} is not allowed" in capsys.readouterr().err
+    assert ResultsStore(run_env["storage"]).list() == []  # nothing recorded
+
+
+def test_resume_with_a_mistyped_store_creates_nothing(tmp_path, capsys):
+    from bench.cli import main
+
+    missing = tmp_path / "typo.db"
+    assert main(["train", "--resume", "x", "--storage", f"sqlite:///{missing}"]) == 2
+    assert "no results store at" in capsys.readouterr().err and not missing.exists()
+
+
+def test_unwritable_runs_folder_is_one_clear_error(run_env, monkeypatch, tmp_path, capsys):
+    from bench.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    monkeypatch.setenv("MOE_BENCH_RUNS", str(locked / "runs"))
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as root, chmod alone does not deny writes
+    assert main(["train", "--task", TASK, "--model", "dense", "--storage", run_env["storage"]]) == 2
+    assert "which is not writable: set MOE_BENCH_RUNS" in capsys.readouterr().err
+    assert ResultsStore(run_env["storage"]).list() == []
