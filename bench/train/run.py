@@ -139,6 +139,11 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     if not ckpt.exists():
         raise ConfigError([f"run {run_id} has no checkpoint at {ckpt}; it stopped before its first "
                            "evaluation, so start it again instead"], "resume")
+    try:  # a damaged checkpoint must not turn the interrupted record into a failed, empty one
+        torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError([f"the checkpoint of run {run_id} cannot be read ({type(e).__name__}: {e}); its record is "
+                           f"unchanged. Start the run again, or restore {ckpt} from a backup"], "resume") from None
     task = load_task(record.task)
     cfg = from_dict(ModelConfig, record.config["model"])
     rc = from_dict(RunConfig, record.config["run"])

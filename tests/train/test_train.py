@@ -119,6 +119,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
         resume_run(cut.run_id, storage=run_env["storage"], progress=False)
 
 
+def test_a_corrupt_checkpoint_leaves_the_interrupted_record_as_it_was(run_env):
+    cut = _train(run_env, "dense", {"kind": "steps", "value": 15}, extra_callbacks=[_InterruptAt(12)])
+    ckpt = Path(cut.paths["checkpoint_dir"]) / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    with pytest.raises(ConfigError, match="cannot be read .* its record is unchanged"):
+        resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+    stored = ResultsStore(run_env["storage"]).get(cut.run_id)
+    assert stored.status == "interrupted" and stored.steps == 12 and stored.curve == cut.curve
+
+
 def test_keep_checkpoints_keeps_the_final_checkpoint(run_env):
     kept = _train(run_env, "dense", {"kind": "steps", "value": 6}, keep_checkpoints=True)
     assert (Path(kept.paths["checkpoint_dir"]) / "last.ckpt").is_file()
