@@ -87,13 +87,19 @@ def optuna_storage(url: str) -> RDBStorage:
                 warnings.simplefilter("ignore")
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
                                   grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=_retry_callback())
-        except sa_exc.IntegrityError:
-            # Workers started together on a fresh PostgreSQL database race to create Optuna's
-            # tables; the loser finds them on a retry.
-            if attempt == 4:
+        except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError) as e:
+            # Workers started together on a fresh database race to create Optuna's tables
+            # (PostgreSQL: IntegrityError; SQLite: "table ... already exists"); the loser finds them
+            # on a retry. Other errors (a wrong URL, no server) are not races: re-raise at once.
+            if attempt == 4 or not _is_schema_race(e):
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _is_schema_race(error: Exception) -> bool:
+    text = str(error).lower()
+    return isinstance(error, sa_exc.IntegrityError) or "already exists" in text or "database is locked" in text
 
 
 def _retry_callback() -> RetryHeartbeatStaleTrialCallback:

@@ -97,3 +97,29 @@ def test_shipped_studies_name_their_objectives():
 def test_unknown_spec_names_the_shipped_ones():
     with pytest.raises(ConfigError, match="shipped: pareto, switch-tpe\\)"):
         find_spec("no-such-study")
+
+
+def test_schema_race_errors_are_retried_and_others_are_not():
+    from sqlalchemy import exc as sa_exc
+
+    from bench.sweep.runner import _is_schema_race
+
+    assert _is_schema_race(sa_exc.OperationalError("CREATE TABLE trial_heartbeats", {},
+                                                   Exception("table trial_heartbeats already exists")))
+    assert _is_schema_race(sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not _is_schema_race(sa_exc.OperationalError("connect", {}, Exception("unable to open database file")))
+
+
+def test_four_workers_opening_a_fresh_sqlite_study_store_together_all_succeed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start = time.time() + 3  # all four create Optuna's tables at the same moment
+    code = ("import sys, time; from bench.sweep.runner import optuna_storage; "
+            "time.sleep(max(0, float(sys.argv[2]) - time.time())); optuna_storage(sys.argv[1]); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-500:] for _, err in results]
