@@ -30,8 +30,9 @@ install: $(STAMP)
 # Dense vs Switch on Tiny Shakespeare at one matched training-FLOPs budget, 3 paired seeds each
 # (~10 minutes on a 2-core CPU): each arm's parameters and FLOPs per token, its loss over seeds,
 # and the claim with its confidence interval. Records go to the default store, results/moe-bench.db.
+DEMO_FLAGS ?=  # e.g. DEMO_FLAGS="--seeds 2 --budget-flops 2e11": CI's quick pass through the same path
 demo: $(STAMP)
-	$(VENV)/bin/moe-bench reproduce switch-vs-dense --tier demo
+	$(VENV)/bin/moe-bench reproduce switch-vs-dense --tier demo $(DEMO_FLAGS)
 	@echo "next: source $(VENV)/bin/activate, then e.g. moe-bench runs, moe-bench report, moe-bench dashboard"
 
 test: $(STAMP)
