@@ -49,7 +49,9 @@ class Arm:
     settings: dict[str, Any] = field(default_factory=dict)  # --set style, after the plan's and tier's
     # "flops": the tier's training-FLOPs budget (compute-matched). "baseline_tokens": as many
     # tokens as that budget buys the baseline arm, i.e. the same steps (a bigger model's role).
-    budget: Literal["flops", "baseline_tokens"] = "flops"
+    # "equal_time": the tokens this arm trains in the baseline's training time, from the tokens/s
+    # both measured together (``--throughput`` records in the store): a wall-clock-matched arm.
+    budget: Literal["flops", "baseline_tokens", "equal_time"] = "flops"
     tier_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # tier -> settings, applied last
     paper: str = ""  # what the paper reports for this arm (the report's "paper" column)
 

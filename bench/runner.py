@@ -20,12 +20,26 @@ from bench.plans import Arm, Plan, is_shipped, load_plan
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id
 
 
+class NeedsThroughput(ConfigError):
+    """An equal-time arm's budget needs throughput measured with ``--throughput`` first."""
+
+
 def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None, store: ResultsStore | None = None) -> dict[str, Any]:
     """The training budget of one arm (see ``Arm.budget``); ``flops`` replaces the tier's budget."""
     flops = flops or plan.tier(tier).budget_flops
     if arm.budget == "flops":
         return {"kind": "flops", "value": flops}
+    if arm.budget == "equal_time":
+        base = plan.arm(plan.baseline)
+        as_tokens = Arm(base.label, base.model, base.settings, "baseline_tokens", base.tier_settings)
+        base_tokens = arm_budget(plan, as_tokens, tier, flops, extra)  # what the FLOP budget buys the baseline
+        speed = throughput_medians(store, plan, tier) if store is not None else {}
+        if arm.label not in speed or plan.baseline not in speed:
+            raise NeedsThroughput([f"arm {arm.label!r} trains for the baseline's time: measure both arms' tokens/s "
+                                   f"first with `moe-bench reproduce {plan.name} --tier {tier} --throughput` "
+                                   "(on a quiet machine)"], "reproduce")
+        return {"kind": "tokens", "value": float(int(base_tokens["value"] * speed[arm.label] / speed[plan.baseline]))}
     from bench.data.tasks import load_task
     from bench.flops import model_cost
     from bench.train.run import resolve_configs
@@ -36,6 +50,18 @@ def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
     seq_len = task.seq_len if task.type == "lm" else task.tgt_len
     per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
     return {"kind": "tokens", "value": float(int(flops / per_token))}
+
+
+def throughput_medians(store: ResultsStore, plan: Plan, tier: str) -> dict[str, float]:
+    """arm -> median tokens/s of the tier's quiet throughput measurements (``bench.throughput``)."""
+    import statistics
+
+    found: dict[str, list[float]] = {}
+    for r in store.list(group=plan.group(tier)):
+        tps = r.metrics.get("tokens_per_second")
+        if is_throughput(r) and r.status == "finished" and tps:
+            found.setdefault(r.extra.get("arm"), []).append(float(tps))
+    return {arm: statistics.median(v) for arm, v in found.items()}
 
 
 def planned_config(plan: Plan, arm: Arm, tier: str, budget: dict[str, Any],
@@ -81,6 +107,14 @@ class PlannedRun:
     done: RunRecord | None = None  # a finished record from an earlier invocation
 
 
+class PlannedRuns(list):
+    """The planned (arm, seed) runs, plus the arms that wait for something (``waiting``: label, why)."""
+
+    def __init__(self, runs: list[PlannedRun], waiting: list[tuple[str, str]]):
+        super().__init__(runs)
+        self.waiting = waiting
+
+
 def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
               flops: float | None = None, extra: dict[str, Any] | None = None) -> list[PlannedRun]:
     """Every (arm, seed) pair of a tier, seed-major so partial results cover all arms early."""
@@ -95,15 +129,24 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
             raise ConfigError([f"arm {a!r} is not in {plan.name}; arms: {', '.join(x.label for x in plan.arms)}"
                                for a in unknown], "reproduce")
         chosen = [a for a in plan.arms if a.label in arms]
-    budgets = {a.label: arm_budget(plan, a, tier, flops, extra) for a in chosen}
+    budgets, waiting = {}, []
+    for a in chosen:
+        try:
+            budgets[a.label] = arm_budget(plan, a, tier, flops, extra, store)
+        except NeedsThroughput as e:
+            if arms and a.label in arms:  # asked for by name: say why it cannot run
+                raise
+            waiting.append((a, e))
+    chosen = [a for a in chosen if a.label in budgets]
     wanted = {a.label: planned_config(plan, a, tier, budgets[a.label], extra) for a in chosen}
     finished: dict[tuple[str, int], RunRecord] = {}
     for r in store.list(group=plan.group(tier)):
         arm = r.extra.get("arm")
         if r.status == "finished" and arm in wanted and not is_throughput(r) and same_config(r.config, wanted[arm]):
             finished.setdefault((arm, r.seed), r)
-    return [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
+    runs = [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
             for seed in spec.seed_list(seeds) for a in chosen]
+    return PlannedRuns(runs, [(a.label, e.problems[0]) for a, e in waiting])
 
 
 def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = None, storage: str | None = None,
@@ -124,6 +167,8 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
         raise ConfigError(problems, "reproduce --set")
     runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra)
     todo = [r for r in runs if r.done is None]
+    for label, why in runs.waiting:
+        announce(f"skipping {label}: {why}")
     flops = float(budget_flops or plan.tier(tier).budget_flops)
     preset = plan.tier(tier).preset
     announce(f"{plan.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), tier {tier} "
@@ -155,4 +200,5 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
     return records
 
 
-__all__ = ["PlannedRun", "plan_runs", "run_plan", "arm_budget", "planned_config", "same_config"]
+__all__ = ["PlannedRun", "PlannedRuns", "NeedsThroughput", "plan_runs", "run_plan", "arm_budget", "planned_config",
+           "same_config", "throughput_medians"]

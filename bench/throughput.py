@@ -33,7 +33,6 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runner import arm_budget, planned_config
     from bench.runtime import tune_cpu_allocator
     from bench.train.run import _precision, resolve_configs
 
@@ -51,10 +50,10 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     setups = {}
     for arm in chosen:
         settings = plan.arm_settings(arm, tier)
-        cfg, rc = resolve_configs(task, arm.model, preset, settings, arm_budget(plan, arm, tier))
+        cfg, rc = resolve_configs(task, arm.model, preset, settings, None)  # the budget does not change speed
         if cfg.is_sparse:  # dropless: the full cost of a balanced router (see the module docstring)
             cfg, _ = resolve_configs(task, arm.model, preset, {**settings, "capacity_factor": None}, None)
-        setups[arm.label] = (arm, cfg, rc, planned_config(plan, arm, tier, arm_budget(plan, arm, tier)))
+        setups[arm.label] = (arm, cfg, rc, {"model": to_dict(cfg), "run": to_dict(rc)})
     batch_size = next(iter(setups.values()))[2].train.batch_size
     dm = LMDataModule(task, data_dir=data_dir, batch_size=batch_size, seed=0, allow_download=False)
     dm.prepare_data()

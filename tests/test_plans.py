@@ -19,7 +19,7 @@ def test_shipped_plans_cover_the_papers_arms():
     assert sorted(plans) == ["capacity", "moe-rnn", "switch-experts", "switch-vs-dense", "translation"]
     svd = plans["switch-vs-dense"]
     assert [a.label for a in svd.arms] == ["dense", "dense-wide", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0",
-                                           "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
+                                           "switch cf=1.25 equal-time", "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
     assert svd.tiers["tiny"].seeds == 3 and svd.tiers["ref"].seeds >= 5
     assert [a.settings["num_experts"] for a in plans["switch-experts"].arms[1:]] == [1, 2, 4, 8, 16, 32, 64]
     assert [a.settings["capacity_factor"] for a in plans["capacity"].arms] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
@@ -72,6 +72,8 @@ def test_wide_dense_arm_has_3_5x_flops_and_the_dense_models_tokens(tier):
 def test_tiny_and_ref_tiers_train_their_shapes():
     plan = load_plan("switch-vs-dense")
     for arm in plan.arms:
+        if arm.budget == "equal_time":  # needs measured throughput (see the equal-time test)
+            continue
         cfg = planned_config(plan, arm, "tiny", arm_budget(plan, arm, "tiny"))
         assert cfg["run"]["optim"]["lr"] == 3e-3
         if arm.label != "dense-wide":
@@ -212,3 +214,24 @@ def json_copy(d):
     import json
 
     return json.loads(json.dumps(d))
+
+
+def test_an_equal_time_arm_waits_for_throughput_then_gets_the_baselines_time_in_tokens(tmp_path):
+    from bench.runner import NeedsThroughput, throughput_medians
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 't.db'}")
+    plan = load_plan("switch-vs-dense")
+    runs = plan_runs(plan, "ref", store)
+    assert {r.arm.label for r in runs} == {"dense", "switch cf=1.25"}  # the equal-time arm waits ...
+    assert runs.waiting[0][0] == "switch cf=1.25 equal-time" and "--throughput" in runs.waiting[0][1]
+    with pytest.raises(NeedsThroughput, match="measure both arms' tokens/s first"):  # ... or says why, if asked for
+        plan_runs(plan, "ref", store, arms=["switch cf=1.25 equal-time"])
+    for arm, tps in (("dense", 1000.0), ("dense", 1200.0), ("dense", 1100.0), ("switch cf=1.25 equal-time", 800.0)):
+        store.save(RunRecord(run_id=f"{arm}-{tps}", group=plan.group("ref"), status="finished",
+                             metrics={"tokens_per_second": tps},
+                             extra={"reproduction": plan.name, "arm": arm, "tier": "ref", "kind": "throughput"}))
+    assert throughput_medians(store, plan, "ref") == {"dense": 1100.0, "switch cf=1.25 equal-time": 800.0}
+    runs = plan_runs(plan, "ref", store)
+    equal = next(r for r in runs if r.arm.label == "switch cf=1.25 equal-time")
+    dense_tokens = arm_budget(plan, plan.arm("dense-wide"), "ref")["value"]  # the FLOP budget in dense tokens
+    assert equal.budget == {"kind": "tokens", "value": float(int(dense_tokens * 800 / 1100))}

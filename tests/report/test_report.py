@@ -132,7 +132,7 @@ def test_cli_report_and_reproduce_list(tmp_path, capsys):
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "switch-vs-dense" in listing and "tier tiny   preset tiny   8e+12 FLOPs/run, 8 arms x 3 seeds" in listing
-    assert "tier ref    preset tiny   1.5e+14 FLOPs/run, 2 arms x 5 seeds" in listing
+    assert "tier ref    preset tiny   1.5e+14 FLOPs/run, 3 arms x 5 seeds" in listing
     assert main(["reproduce", "capacity", "--budget-tokens", "100"]) == 2
     assert "reproductions are matched on training FLOPs: use --budget-flops" in capsys.readouterr().err
     assert main(["reproduce", "capacity", "--arm", "bogus", "--storage", url]) == 2
