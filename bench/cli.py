@@ -47,8 +47,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     cfg = model_config(args.model, args.preset, args.overrides, vocab_size=task.vocab_size,
                        max_seq_len=task.max_seq_len)
-    target_len = task.seq_len if task.type == "lm" else task.tgt_len
-    cost = model_cost(cfg, target_len, task.type, src_len=task.src_len)
+    cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)
     if args.json:
         print(json.dumps(dict(task=task.name, family=cfg.family, preset=args.preset, **cost.as_dict(),
                               config=to_dict(cfg))))

@@ -47,8 +47,7 @@ def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
     task = load_task(plan.task)
     base = plan.arm(plan.baseline)
     cfg, _ = resolve_configs(task, base.model, plan.tier(tier).preset, plan.arm_settings(base, tier, extra), None)
-    seq_len = task.seq_len if task.type == "lm" else task.tgt_len
-    per_token = model_cost(cfg, seq_len, task.type, src_len=task.src_len).train_flops_per_token
+    per_token = model_cost(cfg, task.target_len, task.type, src_len=task.src_len).train_flops_per_token
     return {"kind": "tokens", "value": float(int(flops / per_token))}
 
 

@@ -163,6 +163,12 @@ class TaskConfig:
             return int(self.seq_len or 0)
         return max(int(self.src_len or 0), int(self.tgt_len or 0))
 
+    @property
+    def target_len(self) -> int:
+        """Tokens per example that FLOPs per token are counted at: the LM block length, or the
+        translation target length (the encoder's cost per target token included)."""
+        return int(self.seq_len if self.type == "lm" else self.tgt_len)
+
     def has_split(self, split: str) -> bool:
         return getattr(self.splits, split).defined
 

@@ -178,8 +178,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     dm = build_datamodule(task, **dm_kwargs)
     dm.eval_batch_size = tr.eval_batch_size
     model = build_model(cfg, task.type)
-    seq_len = task.seq_len if task.type == "lm" else task.tgt_len
-    cost = model_cost(cfg, seq_len, task.type, src_len=task.src_len)
+    cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)
     tracker = ComputeTracker(cfg, task.type)
     budget = BudgetStop(rc.budget.kind, rc.budget.value, tracker)
     module_cls = LMModule if task.type == "lm" else TranslationModule
