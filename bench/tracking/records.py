@@ -16,16 +16,15 @@ import os
 import secrets
 import sqlite3
 import subprocess
-import types
 import warnings
-
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import sqlalchemy as sa
-
 from sqlalchemy import exc as sa_exc
+
+from bench.config import ConfigError, coerce
 
 STATUSES = ("running", "finished", "failed", "interrupted", "pruned")
 BUDGET_KINDS = ("flops", "tokens", "steps", "seconds")
@@ -37,13 +36,11 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 Status = Literal["running", "finished", "failed", "interrupted", "pruned"]
 
 
-class RecordError(ValueError):
+class RecordError(ConfigError):
     """A run record that does not have the expected shape; ``problems`` lists each issue."""
 
     def __init__(self, problems: list[str], context: str = "run record"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid {context}:\n{lines}")
+        super().__init__(problems, context)
 
 
 class StorageError(RuntimeError):
@@ -107,42 +104,6 @@ def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, a) for a in get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in get_args(tp)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list or tp is list:
-        return isinstance(value, list)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is dict:
-        return "a mapping"
-    if origin is list:
-        return "a list"
-    return {int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 @dataclass
@@ -240,10 +201,10 @@ class RunRecord:
                 else:
                     extra[key] = value
                 continue
-            if not _type_ok(value, hints[key]):
-                problems.append(f"{key}={value!r} is not allowed: expected {_describe(hints[key])}")
-                continue
-            kwargs[key] = float(value) if hints[key] is float else value
+            try:  # the same field checks as every config (bench.config)
+                kwargs[key] = coerce(value, hints[key], key)
+            except ValueError as e:
+                problems.append(str(e))
         if "run_id" not in data:
             problems.append("run_id is missing")
         if problems:
