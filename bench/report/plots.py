@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report.stats import curve_xy as _curve_xy, finite as _num, interp, speedup_to_target
+from bench.report.stats import curve_xy as _curve_xy, finite as _num, interp, paired_gap_band, speedup_to_target
 from bench.tracking.records import RunRecord
 
 X_AXES = ("flops", "step", "tokens", "seconds")
@@ -652,6 +652,55 @@ def _step_curve(record: RunRecord) -> list[tuple[float, float]]:
     tiers it covers the whole validation split while curve points cover a few batches, and
     mixing the two made the baseline look faster than itself."""
     return _curve_xy(record.curve if isinstance(record.curve, list) else [], "step")
+
+
+def gap_to_baseline(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str, baseline_label: str,
+                    x: str = "tokens") -> list[Path]:
+    """The picture of "is the sparse model better?": each arm's validation loss minus the
+    baseline's, seed by seed (same seed = same init and data order), against training tokens (or
+    ``x``), as the mean over seeds with its 95% interval band. Below zero = better than the
+    baseline; where the band excludes zero the difference is resolved."""
+    runs = _finished(records)
+    groups = _by_arm(runs)
+    if baseline_label not in groups:
+        return []
+    base = {r.seed: _curve_xy(r.curve, x) for r in groups[baseline_label]}
+    bands = {arm: paired_gap_band({r.seed: _curve_xy(r.curve, x) for r in rs}, base)
+             for arm, rs in groups.items() if arm != baseline_label}
+    bands = {arm: b for arm, b in bands.items() if b}
+    if not bands:
+        return []
+    colors = _colors(runs)
+    go = _go()
+    fig, ax = _figure(7.5, 4.4)
+    pfig = go.Figure()
+    ax.axhline(0.0, color="black", linewidth=1, linestyle="--")
+    for arm, band in bands.items():
+        xs = [b[0] for b in band]
+        mean = [b[1] for b in band]
+        finite = [(b[0], b[2], b[3]) for b in band if math.isfinite(b[2])]
+        n = max(b[4] for b in band)
+        label = f"{arm} − {baseline_label} ({n} seed{'s' if n > 1 else ''})"
+        ax.plot(xs, mean, color=colors[arm], linewidth=2, label=label)
+        if finite:
+            ax.fill_between([f[0] for f in finite], [f[1] for f in finite], [f[2] for f in finite],
+                            color=colors[arm], alpha=0.18, linewidth=0)
+            pfig.add_trace(go.Scatter(x=[f[0] for f in finite] + [f[0] for f in reversed(finite)],
+                                      y=[f[2] for f in finite] + [f[1] for f in reversed(finite)], fill="toself",
+                                      fillcolor=colors[arm], opacity=0.18, line={"width": 0}, hoverinfo="skip",
+                                      legendgroup=arm, showlegend=False))
+        pfig.add_trace(go.Scatter(x=xs, y=mean, mode="lines", name=label, legendgroup=arm,
+                                  line={"color": colors[arm], "width": 3},
+                                  hovertemplate=f"{arm}<br>{x} %{{x:.4g}}<br>gap %{{y:+.4f}} nats<extra></extra>"))
+    pfig.add_hline(y=0.0, line_dash="dash", line_color="black")
+    ylabel = f"val loss − {baseline_label} (nats; 95% CI over paired seeds)"
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    pfig.update_layout(title=title, xaxis={"title": {"text": X_LABELS[x]}}, yaxis={"title": {"text": ylabel}},
+                       legend={"orientation": "h", "y": -0.2})
+    return _save(fig, pfig, out_dir, stem)
 
 
 def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str,

@@ -275,6 +275,8 @@ def _plots(s: Section, records: list[RunRecord], plot_dir: Path) -> None:
     if not is_default_budget(s):
         title += f" ({section_budget(s):.3g} training FLOPs per run)"
     add = s.plots.append
+    add(("Loss gap to the baseline (mean over paired seeds, 95% band): below zero is better than the baseline",
+         plots.gap_to_baseline(finished, plot_dir, f"{stem}-gap", title, baseline_label=s.plan.baseline)))
     add(("Validation loss vs training FLOPs", plots.learning_curves(finished, plot_dir, f"{stem}-curves", title)))
     add(("Quality vs active parameters (Pareto front)",
          plots.quality_vs_active_params(finished, plot_dir, f"{stem}-pareto", title)))

@@ -186,6 +186,29 @@ def speedup_to_target(curve_points: Sequence[Any], target_loss: float, x: str = 
     return None
 
 
+
+def paired_gap_band(arm: dict[int, list[tuple[float, float]]], base: dict[int, list[tuple[float, float]]]
+                    ) -> list[tuple[float, float, float, float, int]]:
+    """(x, mean gap, ci low, ci high, seeds) along the baseline's x values: per seed, the arm's
+    curve minus the baseline's (the arm linearly interpolated onto the baseline's evaluations, within
+    its own range), then a 95% t-interval over the paired seeds at each x (unbounded with one seed)."""
+    seeds = sorted(s for s in arm if s in base and arm[s] and base[s])
+    if not seeds:
+        return []
+    xs = sorted({x for s in seeds for x, _ in base[s]})
+    out = []
+    for x in xs:
+        gaps = []
+        for s in seeds:
+            own, theirs = arm[s], dict(base[s])
+            if x in theirs and own[0][0] <= x <= own[-1][0]:
+                gaps.append(interp(own, x) - theirs[x])
+        if gaps:
+            mean, low, high, _ = mean_interval(gaps)
+            out.append((x, mean, low, high, len(gaps)))
+    return out
+
+
 __all__ = ["Effect", "VERDICTS", "REPRODUCED", "REFUTED", "NO_EFFECT", "INCONCLUSIVE", "NO_DATA", "mean_interval",
            "detectable_effect", "paired_difference", "paired_slope", "slope", "verdict", "effect_from",
-           "t_quantile", "finite", "curve_xy", "interp", "speedup_to_target"]
+           "t_quantile", "finite", "curve_xy", "interp", "speedup_to_target", "paired_gap_band"]

@@ -133,3 +133,25 @@ def test_translation_sections_say_whether_bleu_settled():
     section = build_section(load_plan("translation"), "ref", records, plot_dir=None)
     note = next(n for n in section.notes if n.startswith("BLEU at the last two evaluations"))
     assert "dense 7.50 → 7.90 (+0.40)" in note and "switch 9.00 → 10.00 (+1.00)" in note
+
+
+def test_paired_gap_band_is_a_t_interval_per_evaluation():
+    from bench.report.stats import paired_gap_band
+
+    base = {0: [(100, 3.0), (200, 2.5)], 1: [(100, 3.2), (200, 2.7)], 2: [(100, 3.1), (200, 2.6)]}
+    arm = {0: [(100, 2.9), (200, 2.4)], 1: [(100, 3.0), (200, 2.5)], 2: [(100, 3.1), (200, 2.45)], 9: [(100, 1.0)]}
+    band = paired_gap_band(arm, base)
+    assert [b[0] for b in band] == [100, 200] and all(b[4] == 3 for b in band)
+    gaps = [-0.1, -0.2, 0.0]  # at x = 100
+    assert band[0][1] == pytest.approx(sum(gaps) / 3)
+    half = 4.302653 * 0.1 / math.sqrt(3)  # sd of (-0.1, -0.2, 0.0) is 0.1
+    assert (band[0][2], band[0][3]) == (pytest.approx(-0.1 - half, abs=1e-6), pytest.approx(-0.1 + half, abs=1e-6))
+
+
+def test_gap_plot_is_written(tmp_path):
+    from bench.report.plots import gap_to_baseline
+
+    records = [rec("dense", s, 2.0, family="dense") for s in range(3)] + [rec("switch", s, 1.9) for s in range(3)]
+    files = gap_to_baseline(records, tmp_path, "g", "t", baseline_label="dense")
+    assert sorted(f.name for f in files) == ["g.html", "g.png"] and all(f.stat().st_size > 1000 for f in files)
+    assert gap_to_baseline(records, tmp_path, "none", "t", baseline_label="nobody") == []
