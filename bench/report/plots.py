@@ -694,6 +694,9 @@ def gap_to_baseline(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
                                   hovertemplate=f"{arm}<br>{x} %{{x:.4g}}<br>gap %{{y:+.4f}} nats<extra></extra>"))
     pfig.add_hline(y=0.0, line_dash="dash", line_color="black")
     ylabel = f"val loss − {baseline_label} (nats; 95% CI over paired seeds)"
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_count(v)))
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
