@@ -216,7 +216,13 @@ class ExpertStats(pl.Callback):
                     metrics[f"moe/layer{i}/{name}"] = float(layer[name])
             load = layer["tokens_per_expert"].float()
             metrics[f"moe/layer{i}/max_load_over_mean"] = float(load.max() / load.mean().clamp_min(1e-9))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # Straight to the loggers at the step they were measured: values logged with self.log in
+        # a callback were written again in the next step's row, as if measured there too.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                # global_step already counts this batch's optimizer step; Lightning's own rows
+                # for this batch (train/loss) carry the step before it.
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._log_histograms(trainer, pl_module.last_moe_stats)
 
     @staticmethod

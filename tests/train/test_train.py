@@ -67,6 +67,7 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     assert info["config"]["flops_per_token"]["train_per_token"] == record.flops["train_per_token"]
     keys = read_offline_run_keys(record.paths["wandb_dir"])
     assert "val_loss" not in keys and "val/loss" in keys  # each metric once
+
     for key in ("train/loss", "train/lr", "train/tokens_per_sec", "train/flops_spent", "val/loss",
                 "val/quality", "val/quality_per_active_param", "moe/layer0/fraction_dropped",
                 "moe/layer0/router_entropy", "moe/layer0/z_loss"):
@@ -336,3 +337,13 @@ def test_unwritable_runs_folder_is_one_clear_error(run_env, monkeypatch, tmp_pat
     assert main(["train", "--task", TASK, "--model", "dense", "--storage", run_env["storage"]]) == 2
     assert "which is not writable: set MOE_BENCH_RUNS" in capsys.readouterr().err
     assert ResultsStore(run_env["storage"]).list() == []
+
+
+def test_routing_stats_are_logged_once_at_the_step_they_were_measured(run_env):
+    import csv
+
+    record = _train(run_env, "switch", {"kind": "steps", "value": 6}, extra=["eval_every=20"])  # stats every 2 steps
+    with open(record.paths["csv_file"]) as f:
+        rows = list(csv.DictReader(f))
+    routed = [int(r["step"]) for r in rows if r.get("moe/layer0/fraction_dropped")]
+    assert routed == [1, 3, 5]  # not repeated in the next step's row (as if measured there too)
