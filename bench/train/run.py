@@ -94,16 +94,49 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     A run that finishes (or is pruned) deletes its checkpoint unless ``keep_checkpoints``: the
     record holds everything reports need, and checkpoints of sparse models are large (a tiny
     Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect."""
+    task_file = _task_file(task)
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     _check_before_work(seed)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
+    config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir}
+    if task_file:
+        config["task_file"] = task_file  # a task given by path: --resume finds it again (and checks it)
     record = RunRecord(run_id=run_id, name=name or run_id, group=group, task=task.name, family=family,
-                       preset=preset, seed=seed, git_commit=git_commit(),
-                       config={"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir},
-                       extra=dict(tags or {}))
+                       preset=preset, seed=seed, git_commit=git_commit(), config=config, extra=dict(tags or {}))
     return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None,
                     keep_checkpoints=keep_checkpoints)
+
+
+def _task_file(task: str | TaskConfig) -> dict[str, str] | None:
+    """{path, sha256} of a task given as a YAML path (not a shipped task name), else None."""
+    import hashlib
+
+    from bench.data.tasks import default_tasks_dir, task_path
+
+    if isinstance(task, TaskConfig):
+        return None
+    path = task_path(task).resolve()
+    if path.parent == default_tasks_dir().resolve():
+        return None
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _recorded_task(record: RunRecord) -> TaskConfig:
+    """The task a run trained on: its shipped name, or the YAML file it was given (checked unchanged)."""
+    import hashlib
+
+    source = record.config.get("task_file")
+    if not source:
+        return load_task(record.task)
+    path = Path(source["path"])
+    if not path.is_file():
+        raise ConfigError([f"run {record.run_id} trained on the task file {path}, which is no longer there: put it "
+                           "back (or restore it) to resume"], "resume")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != source["sha256"]:
+        raise ConfigError([f"the task file {path} changed since run {record.run_id} started: resuming would train on "
+                           "different data or settings; restore the file, or start a new run"], "resume")
+    return load_task(path)
 
 
 def _check_before_work(seed: int) -> None:
@@ -144,7 +177,7 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     except Exception as e:
         raise ConfigError([f"the checkpoint of run {run_id} cannot be read ({type(e).__name__}: {e}); its record is "
                            f"unchanged. Start the run again, or restore {ckpt} from a backup"], "resume") from None
-    task = load_task(record.task)
+    task = _recorded_task(record)
     cfg = from_dict(ModelConfig, record.config["model"])
     rc = from_dict(RunConfig, record.config["run"])
     record.status, record.error, record.finished_at = "running", None, None

@@ -347,3 +347,19 @@ def test_routing_stats_are_logged_once_at_the_step_they_were_measured(run_env):
         rows = list(csv.DictReader(f))
     routed = [int(r["step"]) for r in rows if r.get("moe/layer0/fraction_dropped")]
     assert routed == [1, 3, 5]  # not repeated in the next step's row (as if measured there too)
+
+
+def test_resume_finds_a_task_given_by_path_and_refuses_a_changed_one(run_env, tmp_path):
+    import shutil
+
+    own = tmp_path / "my-shakespeare.yaml"
+    shutil.copy(Path(__file__).resolve().parents[2] / "tasks" / f"{TASK}.yaml", own)
+    cut = train(str(own), "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 10},
+                storage=run_env["storage"], progress=False, extra_callbacks=[_InterruptAt(6)])
+    assert cut.status == "interrupted" and cut.config["task_file"]["path"] == str(own.resolve())
+    own.write_text(own.read_text() + "\n# edited\n")
+    with pytest.raises(ConfigError, match="changed since run .* started"):
+        resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+    own.write_text(own.read_text().replace("\n# edited\n", ""))
+    resumed = resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+    assert resumed.status == "finished" and resumed.steps == 10
