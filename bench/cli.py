@@ -147,20 +147,23 @@ def _fmt_value(key: str, value) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.train.compare import compare, format_comparison
+    from bench.report.summary import format_plan_results
+    from bench.runner import compare
 
     budget = _budget(args)
     if budget is None:
         raise ConfigError(["give the shared budget: --budget-flops (matched compute), --budget-tokens, "
                            "--budget-steps or --budget-seconds"], "compare")
-    records = compare(args.task, args.models, args.preset, budget, seeds=args.seeds, overrides=args.overrides,
-                      storage=args.storage, data_dir=args.data_dir, group=args.group, progress=not args.json,
-                      announce=lambda msg: print(msg, file=sys.stderr, flush=True))
+    plan, records = compare(args.task, args.models, args.preset, budget, seeds=args.seeds,
+                            overrides=args.overrides, storage=args.storage, data_dir=args.data_dir, group=args.group,
+                            progress=not args.json, announce=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps([r.summary() for r in records]))
     else:
         print()
-        print(format_comparison(records))
+        print(format_plan_results(plan, "cli", records))
+        group = next((r.group for r in records), None)
+        print(f"\nrecords in group {group} (moe-bench runs --group {group})")
     return 0 if all(r.status == "finished" for r in records) else 1
 
 

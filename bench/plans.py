@@ -64,7 +64,9 @@ class Arm:
 
 @dataclass
 class Tier:
-    budget_flops: float  # training FLOPs per run
+    budget_flops: Optional[float] = None  # training FLOPs per run (plans compare arms at equal compute)
+    # Another budget kind instead, e.g. {steps: 500} (`moe-bench compare --budget-steps`); one of the two.
+    budget: Optional[dict[str, float]] = None
     preset: str = "tiny"  # model size preset
     seeds: int = 2
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (distinct plans, distinct seeds)
@@ -76,13 +78,29 @@ class Tier:
         p = []
         if self.preset not in MODEL_PRESETS:
             p.append(f"preset={self.preset!r} is not allowed: expected one of {', '.join(MODEL_PRESETS)}")
-        if self.budget_flops <= 0:
+        if (self.budget_flops is None) == (self.budget is None):
+            p.append("give exactly one of budget_flops (training FLOPs per run) or budget (e.g. {steps: 500})")
+        elif self.budget_flops is not None and self.budget_flops <= 0:
             p.append(f"budget_flops={self.budget_flops} is not allowed: must be > 0")
+        elif self.budget is not None:
+            from bench.tracking.records import BUDGET_KINDS
+
+            kind, value = next(iter(self.budget.items())) if len(self.budget) == 1 else (None, None)
+            if kind not in BUDGET_KINDS or not isinstance(value, (int, float)) or value <= 0:
+                p.append(f"budget={self.budget!r} is not allowed: expected one of {', '.join(BUDGET_KINDS)} "
+                         "with a value > 0, e.g. {steps: 500}")
         if self.seeds < 1:
             p.append(f"seeds={self.seeds} is not allowed: must be >= 1")
         if self.first_seed < 0:
             p.append(f"first_seed={self.first_seed} is not allowed: must be >= 0")
         return p
+
+    def budget_spec(self) -> dict[str, Any]:
+        """{"kind": ..., "value": ...} of this tier's per-run budget."""
+        if self.budget_flops is not None:
+            return {"kind": "flops", "value": float(self.budget_flops)}
+        kind, value = next(iter(self.budget.items()))
+        return {"kind": kind, "value": value}
 
     def seed_list(self, n: int | None = None) -> list[int]:
         return list(range(self.first_seed, self.first_seed + (n or self.seeds)))

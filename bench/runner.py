@@ -2,6 +2,8 @@
 
     moe-bench reproduce NAME|PLAN.yaml [--tier T] [--seeds N] [--arm LABEL ...] [--storage URL]
 
+``moe-bench compare`` is a plan built from its arguments (``compare``), run the same way.
+
 Each run trains with ``bench.train.train`` into the plan's group (``repro-NAME-TIER``), tagged
 with ``reproduction``, ``arm``, ``tier`` and ``budget_flops``. Re-running skips pairs that already
 finished with exactly the planned config, so a killed plan continues where it stopped, and a
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from bench.config import ConfigError, override_pairs
-from bench.plans import Arm, Plan, is_shipped, load_plan
+from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id
 
 
@@ -27,9 +29,13 @@ class NeedsThroughput(ConfigError):
 def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
                extra: dict[str, Any] | None = None, store: ResultsStore | None = None) -> dict[str, Any]:
     """The training budget of one arm (see ``Arm.budget``); ``flops`` replaces the tier's budget."""
-    flops = flops or plan.tier(tier).budget_flops
-    if arm.budget == "flops":
-        return {"kind": "flops", "value": flops}
+    spec = plan.tier(tier).budget_spec()
+    if arm.budget == "flops":  # the tier's budget (FLOPs for every shipped plan)
+        return {"kind": "flops", "value": float(flops)} if flops else spec
+    if spec["kind"] != "flops" and not flops:
+        raise ConfigError([f"arm {arm.label!r} has budget {arm.budget!r}, which derives from a FLOP budget; tier "
+                           f"{tier!r} has a {spec['kind']} budget"], "plan")
+    flops = flops or spec["value"]
     if arm.budget == "equal_time":
         base = plan.arm(plan.baseline)
         as_tokens = Arm(base.label, base.model, base.settings, "baseline_tokens", base.tier_settings)
@@ -115,7 +121,7 @@ class PlannedRuns(list):
 
 
 def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
-              flops: float | None = None, extra: dict[str, Any] | None = None) -> list[PlannedRun]:
+              flops: float | None = None, extra: dict[str, Any] | None = None, group: str | None = None) -> PlannedRuns:
     """Every (arm, seed) pair of a tier, seed-major so partial results cover all arms early."""
     spec = plan.tier(tier)
     if seeds is not None and seeds < 1:
@@ -139,7 +145,7 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
     chosen = [a for a in chosen if a.label in budgets]
     wanted = {a.label: planned_config(plan, a, tier, budgets[a.label], extra) for a in chosen}
     finished: dict[tuple[str, int], RunRecord] = {}
-    for r in store.list(group=plan.group(tier)):
+    for r in store.list(group=group or plan.group(tier)):
         arm = r.extra.get("arm")
         if r.status == "finished" and arm in wanted and not is_throughput(r) and same_config(r.config, wanted[arm]):
             finished.setdefault((arm, r.seed), r)
@@ -151,8 +157,12 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
 def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = None, storage: str | None = None,
              data_dir: str | None = None, overrides: list[str] | None = None, arms: list[str] | None = None,
              budget_flops: float | None = None, progress: bool = True,
-             announce: Callable[[str], None] | None = None, keep_checkpoints: bool = False) -> list[RunRecord]:
-    """Train every missing (arm, seed) pair of a plan's tier; return all its finished records."""
+             announce: Callable[[str], None] | None = None, keep_checkpoints: bool = False,
+             group: str | None = None, tags: dict[str, Any] | None = None,
+             include_failed: bool = False) -> list[RunRecord]:
+    """Train every missing (arm, seed) pair of a plan's tier; return all its finished records
+    (and the failed ones with ``include_failed``). ``group``/``tags`` replace the plan's group and
+    its reproduction tags (``moe-bench compare`` runs a plan of its own under its own group)."""
     from bench.train.run import train
 
     announce = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -164,33 +174,43 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
     extra = dict(override_pairs(overrides or [], problems))
     if problems:
         raise ConfigError(problems, "reproduce --set")
-    runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra)
+    group = group or plan.group(tier)
+    runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra, group)
     todo = [r for r in runs if r.done is None]
     for label, why in runs.waiting:
         announce(f"skipping {label}: {why}")
-    flops = float(budget_flops or plan.tier(tier).budget_flops)
+    spec = {"kind": "flops", "value": float(budget_flops)} if budget_flops else plan.tier(tier).budget_spec()
     preset = plan.tier(tier).preset
+    what = "training FLOPs" if spec["kind"] == "flops" else spec["kind"]
     announce(f"{plan.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), tier {tier} "
-             f"(preset {preset}), budget {flops:.3g} training FLOPs per run, group {plan.group(tier)}")
+             f"(preset {preset}), budget {spec['value']:.3g} {what} per run, group {group}")
     records = [r.done for r in runs if r.done is not None]
     for i, run in enumerate(todo, 1):
         b = run.budget
         announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
         run_id = new_run_id(f"{plan.name}-{run.arm.model}")
-        tags = {"reproduction": plan.name, "arm": run.arm.label, "budget_flops": flops}
-        if tier != preset:  # tiers named after their preset keep the records of earlier versions
-            tags["tier"] = tier
-        if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
-            tags["plan_file"] = plan.source
+        if tags is not None:
+            run_tags = {**tags, "arm": run.arm.label}
+        else:
+            run_tags = {"reproduction": plan.name, "arm": run.arm.label}
+            if spec["kind"] == "flops":
+                run_tags["budget_flops"] = spec["value"]  # the report keeps each budget of a plan apart
+            if tier != preset:  # tiers named after their preset keep the records of earlier versions
+                run_tags["tier"] = tier
+            if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
+                run_tags["plan_file"] = plan.source
         try:
             record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
-                           seed=run.seed, storage=storage, data_dir=data_dir, group=plan.group(tier),
-                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=tags,
+                           seed=run.seed, storage=storage, data_dir=data_dir, group=group,
+                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=run_tags,
                            keep_checkpoints=keep_checkpoints)
         except Exception as e:  # recorded as failed by train(); the other arms still run
-            if store.get(run_id) is None:
+            failed = store.get(run_id)
+            if failed is None:
                 raise
             announce(f"  {run.arm.label} (seed {run.seed}) failed: {type(e).__name__}: {e}")
+            if include_failed:
+                records.append(failed)
             continue
         if record.status == "interrupted":
             announce("interrupted: run the same command again to continue (finished runs are kept)")
@@ -199,5 +219,29 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
     return records
 
 
-__all__ = ["PlannedRun", "PlannedRuns", "NeedsThroughput", "plan_runs", "run_plan", "arm_budget", "planned_config",
+# -- `moe-bench compare`: a plan built from its arguments -----------------------------------------
+def comparison_plan(task: str, families: list[str], preset: str, budget: dict[str, Any], seeds: int) -> Plan:
+    kind, value = budget["kind"], budget["value"]
+    tier = {"preset": preset, "seeds": seeds,
+            **({"budget_flops": value} if kind == "flops" else {"budget": {kind: value}})}
+    claims = [{"text": f"{f} reaches a lower validation loss than {families[0]} at the same budget", "kind": "better",
+               "a": f, "b": families[0], "metric": "val_loss", "direction": "lower"} for f in families[1:]]
+    return parse_plan({"name": "compare", "title": f"{' vs '.join(families)} on {task}", "task": task,
+                       "baseline": families[0], "tiers": {"cli": tier},
+                       "arms": [{"label": f, "model": f} for f in families], "claims": claims}, "compare")
+
+
+def compare(task: str, families: list[str], preset: str = "tiny", budget: dict[str, Any] | None = None,
+            seeds: int = 1, overrides: list[str] | None = None, storage: str | None = None,
+            data_dir: str | None = None, group: str | None = None, progress: bool = True,
+            announce=print) -> tuple[Plan, list[RunRecord]]:
+    """Train every family x seed at the same budget into one group; (the plan, its records)."""
+    group = group or new_run_id(f"compare-{task}")
+    plan = comparison_plan(task, families, preset, budget or {"kind": "steps", "value": 500}, seeds)
+    records = run_plan(plan, "cli", storage=storage, data_dir=data_dir, overrides=overrides, progress=progress,
+                       announce=announce, group=group, tags={"comparison": group}, include_failed=True)
+    return plan, records
+
+
+__all__ = ["compare", "comparison_plan", "PlannedRun", "PlannedRuns", "NeedsThroughput", "plan_runs", "run_plan", "arm_budget", "planned_config",
            "same_config", "throughput_medians"]

@@ -235,3 +235,34 @@ def test_an_equal_time_arm_waits_for_throughput_then_gets_the_baselines_time_in_
     equal = next(r for r in runs if r.arm.label == "switch cf=1.25 equal-time")
     dense_tokens = arm_budget(plan, plan.arm("dense-wide"), "ref")["value"]  # the FLOP budget in dense tokens
     assert equal.budget == {"kind": "tokens", "value": float(int(dense_tokens * 800 / 1100))}
+
+
+def test_compare_is_a_plan_run_by_the_runner_with_any_budget_kind(run_env, capsys):
+    from bench.cli import main
+
+    args = ["compare", "--task", "tinyshakespeare-char", "--models", "dense", "switch", "--budget-steps", "6",
+            "--seeds", "2", "--group", "cmp", "--storage", run_env["storage"]]
+    assert main(args + [a for o in SMALL + ["d_expert=64"] for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    assert "dense vs switch on tinyshakespeare-char (tier cli)" in out
+    assert "switch reaches a lower validation loss than dense at the same budget" in out and "2 seeds" in out
+    records = ResultsStore(run_env["storage"]).list(group="cmp")
+    assert sorted((r.extra["arm"], r.seed) for r in records) == [("dense", 0), ("dense", 1), ("switch", 0), ("switch", 1)]
+    assert all(r.budget == {"kind": "steps", "value": 6} and r.steps == 6 for r in records)
+    assert all(r.extra["comparison"] == "cmp" and "reproduction" not in r.extra for r in records)  # not a report plan
+    # the same command again: every pair is finished with the same config, nothing retrains
+    assert main(args + [a for o in SMALL + ["d_expert=64"] for a in ("--set", o)]) == 0
+    assert "4 runs (4 already finished)" in capsys.readouterr().err
+    assert len(ResultsStore(run_env["storage"]).list(group="cmp")) == 4
+
+
+def test_a_tier_takes_exactly_one_budget():
+    base = {"name": "x", "title": "x", "task": "tinyshakespeare-char", "baseline": "a",
+            "arms": [{"label": "a", "model": "dense"}]}
+    for tier, message in (({"seeds": 1}, "give exactly one of budget_flops"),
+                          ({"budget_flops": 1e9, "budget": {"steps": 5}}, "give exactly one of budget_flops"),
+                          ({"budget": {"joules": 5}}, "expected one of flops, tokens, steps, seconds")):
+        with pytest.raises(ConfigError, match=message):
+            parse_plan({**base, "tiers": {"t": tier}}, "t.yaml")
+    assert parse_plan({**base, "tiers": {"t": {"budget": {"steps": 5}}}}, "t.yaml").tiers["t"].budget_spec() == {
+        "kind": "steps", "value": 5}

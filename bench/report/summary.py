@@ -22,6 +22,9 @@ def format_plan_results(plan: Plan, tier: str, records: list[RunRecord]) -> str:
         lines.append(f"{label:<{width}} {a.n:>5} {value:>22} {r.params.get('active', 0):>14,} "
                      f"{r.params.get('total', 0):>13,} {(r.flops.get('train_per_token') or 0) / 1e6:>17.2f} "
                      f"{(a.mean('tokens') or 0) / 1e6:>6.2f}M {'-' if tps is None else format(tps, ',.0f'):>9}")
+    for r in records:
+        if r.status == "failed":
+            lines.append(f"{r.extra.get('arm', r.family)} (seed {r.seed}) failed: {r.error}")
     results = [evaluate_claim(c, arms) for c in plan.claims if all(x in arms for x in c.arms() if x)]
     if results:
         lines += ["", "Claims (effect in the paper's direction, mean over paired seeds, 95% CI):"]
