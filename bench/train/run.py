@@ -9,6 +9,7 @@ last checkpoint stays, and ``resume_run`` continues it to the same final metrics
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -98,6 +99,8 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     _check_before_work(seed)
+    for warning in schedule_warnings(task, cfg, rc):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
     config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir}
     if task_file:
@@ -137,6 +140,35 @@ def _recorded_task(record: RunRecord) -> TaskConfig:
         raise ConfigError([f"the task file {path} changed since run {record.run_id} started: resuming would train on "
                            "different data or settings; restore the file, or start a new run"], "resume")
     return load_task(path)
+
+
+def expected_steps(task: TaskConfig, cfg: ModelConfig, rc: RunConfig) -> int | None:
+    """Optimizer steps the budget buys (LM tasks; None for time budgets or translation, whose
+    batches vary in length)."""
+    kind, value = rc.budget.kind, rc.budget.value
+    if kind == "steps":
+        return int(value)
+    if kind == "seconds" or task.type != "lm":
+        return None
+    tokens_per_step = rc.train.batch_size * rc.train.devices * task.seq_len
+    tokens = value if kind == "tokens" else value / model_cost(cfg, task.target_len).train_flops_per_token
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+def schedule_warnings(task: TaskConfig, cfg: ModelConfig, rc: RunConfig) -> list[str]:
+    """Settings that silently do nothing at this budget: warmup longer than the run, or no
+    intermediate evaluation (no learning curve, no pruning)."""
+    steps = expected_steps(task, cfg, rc)
+    if steps is None:
+        return []
+    out = []
+    if rc.optim.warmup_steps >= steps:
+        out.append(f"warmup_steps={rc.optim.warmup_steps} is not shorter than the whole run (~{steps} steps at this "
+                   f"budget): the learning rate never reaches optim.lr; lower warmup_steps")
+    if rc.train.eval_every > steps:
+        out.append(f"eval_every={rc.train.eval_every} is longer than the run (~{steps} steps): no intermediate "
+                   "evaluation, so no learning curve (step speed-ups, gap plots) and no pruning; lower eval_every")
+    return out
 
 
 def _check_before_work(seed: int) -> None:

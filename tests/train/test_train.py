@@ -363,3 +363,19 @@ def test_resume_finds_a_task_given_by_path_and_refuses_a_changed_one(run_env, tm
     own.write_text(own.read_text().replace("\n# edited\n", ""))
     resumed = resume_run(cut.run_id, storage=run_env["storage"], progress=False)
     assert resumed.status == "finished" and resumed.steps == 10
+
+
+def test_warmup_and_evaluation_beyond_the_budget_are_warned(run_env, capsys):
+    from bench.data.tasks import load_task
+    from bench.train.run import expected_steps, resolve_configs, schedule_warnings
+
+    task = load_task(TASK)
+    cfg, rc = resolve_configs(task, "dense", "tiny", SMALL + ["warmup_steps=100", "eval_every=50"],
+                              {"kind": "tokens", "value": 4 * 256 * 30})  # batch 4 x 256 tokens: 30 steps
+    assert expected_steps(task, cfg, rc) == 30
+    warnings = schedule_warnings(task, cfg, rc)
+    assert len(warnings) == 2 and "warmup_steps=100 is not shorter than the whole run (~30 steps" in warnings[0]
+    assert "eval_every=50 is longer than the run (~30 steps)" in warnings[1]
+    flops = 30 * 4 * 256 * model_cost(cfg, 256).train_flops_per_token
+    cfg, rc = resolve_configs(task, "dense", "tiny", SMALL, {"kind": "flops", "value": flops})
+    assert expected_steps(task, cfg, rc) == 30 and schedule_warnings(task, cfg, rc) == []
