@@ -99,7 +99,9 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> dict | None:
-    given = [(k, getattr(args, f"budget_{k}")) for k in ("flops", "tokens", "steps", "seconds")
+    from bench.tracking.records import BUDGET_KINDS
+
+    given = [(k, getattr(args, f"budget_{k}")) for k in BUDGET_KINDS
              if getattr(args, f"budget_{k}") is not None]
     if len(given) > 1:
         raise ConfigError([f"give one budget, not {len(given)}: " + ", ".join(f"--budget-{k}" for k, _ in given)],

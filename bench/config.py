@@ -172,13 +172,6 @@ def check(obj: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def validate(obj: Any, context: str = "config") -> Any:
-    problems = check(obj)
-    if problems:
-        raise ConfigError(problems, context)
-    return obj
-
-
 def leaf_names(cls_or_obj: Any, prefix: str = "") -> list[str]:
     """Every settable dotted field name, e.g. ``moe.num_experts``."""
     cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)

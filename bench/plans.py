@@ -34,7 +34,6 @@ import yaml
 from bench.config import ConfigError, from_dict, yaml_number
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-MODEL_PRESETS = ("tiny", "small", "base")
 # The smallest effect that matters, per metric (a claim whose interval lies inside +-delta is
 # "no-effect"). Loss in nats per token; BLEU points; ratios as fractions.
 DEFAULT_DELTA = {"val_loss": 0.01, "loss_at_equal_time": 0.01, "val_bleu": 0.5, "test_bleu": 0.5,
@@ -76,8 +75,10 @@ class Tier:
 
     def problems(self) -> list[str]:
         p = []
-        if self.preset not in MODEL_PRESETS:
-            p.append(f"preset={self.preset!r} is not allowed: expected one of {', '.join(MODEL_PRESETS)}")
+        from bench.models.config import PRESETS
+
+        if self.preset not in PRESETS:
+            p.append(f"preset={self.preset!r} is not allowed: expected one of {', '.join(PRESETS)}")
         if (self.budget_flops is None) == (self.budget is None):
             p.append("give exactly one of budget_flops (training FLOPs per run) or budget (e.g. {steps: 500})")
         elif self.budget_flops is not None and self.budget_flops <= 0:

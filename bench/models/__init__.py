@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from bench.models.config import FAMILIES, PRESETS, MoEConfig, ModelConfig, model_config
 
-TASK_TYPES = ("lm", "translation")
-
-
 def build_model(cfg: ModelConfig, task_type: str = "lm"):
     """A plain ``nn.Module`` for ``cfg``: an LM (idx -> logits) or a seq2seq translation model."""
     from bench.models.rnn import RNNLM, RNNSeq2Seq
     from bench.models.transformer import TransformerLM, TransformerSeq2Seq
 
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task type {task_type!r} is not allowed: expected one of {', '.join(TASK_TYPES)}")
-    if cfg.is_rnn:
-        return RNNLM(cfg) if task_type == "lm" else RNNSeq2Seq(cfg)
-    return TransformerLM(cfg) if task_type == "lm" else TransformerSeq2Seq(cfg)
+    if task_type == "lm":
+        return RNNLM(cfg) if cfg.is_rnn else TransformerLM(cfg)
+    if task_type == "translation":
+        return RNNSeq2Seq(cfg) if cfg.is_rnn else TransformerSeq2Seq(cfg)
+    raise ValueError(f"task type {task_type!r} is not allowed: expected 'lm' or 'translation' (bench.data.tasks)")
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -27,13 +27,14 @@ from sqlalchemy import exc as sa_exc
 from bench.config import ConfigError, coerce
 
 STATUSES = ("running", "finished", "failed", "interrupted", "pruned")
-BUDGET_KINDS = ("flops", "tokens", "steps", "seconds")
+BudgetKind = Literal["flops", "tokens", "steps", "seconds"]
+BUDGET_KINDS = get_args(BudgetKind)
 DEFAULT_STORAGE_URL = "sqlite:///results/moe-bench.db"
 STORAGE_ENV = "MOE_BENCH_STORAGE"
 TABLE_NAME = "moe_bench_runs"
 SQLITE_BUSY_TIMEOUT_S = 60.0
 
-Status = Literal["running", "finished", "failed", "interrupted", "pruned"]
+Status = Literal[STATUSES]
 
 
 class RecordError(ConfigError):

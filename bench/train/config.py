@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from bench.config import ConfigError, apply_overrides, override_pairs, resolve_key
 from bench.models.config import ModelConfig
-from bench.tracking.records import BUDGET_KINDS  # one list for records and runs
+from bench.tracking.records import BUDGET_KINDS, BudgetKind  # one list for records and runs
 
 
 
@@ -72,7 +72,7 @@ class TrainConfig:
 
 @dataclass
 class BudgetConfig:
-    kind: Literal["flops", "tokens", "steps", "seconds"] = "steps"
+    kind: BudgetKind = "steps"
     value: float = 500
 
     def problems(self) -> list[str]:
