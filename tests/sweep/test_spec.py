@@ -22,13 +22,13 @@ def test_malformed_spec_reports_every_problem_at_once():
                                       "lr": {"type": "float", "low": 0, "high": 1, "log": True}},
         "objectives": ["accuracy"], "n_trials": 0})
     text = "\n".join(problems)
-    for needle in ["samplr: unknown field", "family: 'densse' is not allowed; expected one of dense",
+    for needle in ["unknown key 'samplr'", "family: 'densse' is not allowed; expected one of dense",
                    "budget: kind 'flop' is not allowed; expected one of flops, tokens, steps, seconds",
                    "sampler: 'bayes' is not allowed; expected one of tpe, random, grid, nsga2",
                    "space.num_expert: unknown key 'num_expert'",
-                   "space.capacity_factor: low=8, high=2 is not allowed",
-                   "space.lr: log=true needs low > 0, got 0",
-                   "objectives: 'accuracy' is not allowed; metrics: quality, val_loss",
+                   "space.capacity_factor.low=8.0, high=2.0 is not allowed",
+                   "space.lr.log=true needs low > 0, got 0",
+                   "objectives[0].metric='accuracy' is not allowed: expected one of quality, val_loss",
                    "n_trials: 0 is not allowed; expected an integer >= 1"]:
         assert needle in text, f"missing {needle!r} in:\n{text}"
 
@@ -123,3 +123,14 @@ def test_four_workers_opening_a_fresh_sqlite_study_store_together_all_succeed(tm
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-500:] for _, err in results]
+
+
+def test_field_types_are_checked_by_the_one_config_validator():
+    text = "\n".join(problems_of({**BASE, "seed": "x", "n_trials": "lots", "description": 3,
+                                  "space": {"lr": {"type": "float", "low": "a", "high": 1}, "d_model": "wide"},
+                                  "objectives": [{"metric": "quality", "direction": "up"}]}))
+    for needle in ("seed='x' is not allowed: expected an integer", "n_trials='lots' is not allowed: expected",
+                   "description=3 is not allowed: expected a string", "space.lr.low='a' is not allowed: expected",
+                   "space.d_model must be a mapping, got 'wide'",
+                   "objectives[0].direction='up' is not allowed: expected one of 'maximize', 'minimize'"):
+        assert needle in text, f"missing {needle!r} in:\n{text}"
