@@ -202,6 +202,29 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Any experiment file: a plan of arms goes to `reproduce`, a search space to `sweep`."""
+    from pathlib import Path
+
+    import yaml
+
+    from bench.plans import PLANS_DIR
+
+    path = Path(args.plan)
+    if not path.is_file() and (PLANS_DIR / f"{args.plan}.yaml").is_file():
+        path = PLANS_DIR / f"{args.plan}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"cannot read {args.plan}: {e}"], "run") from None
+    if isinstance(data, dict) and "arms" in data:
+        return main(["reproduce", args.plan, *args.rest])
+    if isinstance(data, dict) and "space" in data:
+        return main(["sweep", args.plan, *args.rest])
+    raise ConfigError([f"{args.plan} has neither arms: (a plan: moe-bench reproduce) nor space: (a study: "
+                       "moe-bench sweep)"], "run")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.show:
         from bench.sweep.show import format_study, load_existing_study, study_summary
@@ -372,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-progress", action="store_true", help="show each trial's training progress bar")
     p.add_argument("--json", action="store_true", help="print the study summary as one JSON object")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("run", help="run any experiment file: a plan of arms (as reproduce) or a search space "
+                                   "(as sweep); the other flags go to that command")
+    p.add_argument("plan", help="a YAML path or a shipped name in sweeps/")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="flags of reproduce or sweep, e.g. --tier tiny")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("reproduce", help="run a plan: paper reproductions or your own arms at one matched budget")
     p.add_argument("name", nargs="?", help="a shipped plan (switch-vs-dense, switch-experts, capacity, moe-rnn, "

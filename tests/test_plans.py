@@ -266,3 +266,19 @@ def test_a_tier_takes_exactly_one_budget():
             parse_plan({**base, "tiers": {"t": tier}}, "t.yaml")
     assert parse_plan({**base, "tiers": {"t": {"budget": {"steps": 5}}}}, "t.yaml").tiers["t"].budget_spec() == {
         "kind": "steps", "value": 5}
+
+
+def test_run_dispatches_a_plan_to_reproduce_and_a_space_to_sweep(monkeypatch, tmp_path, capsys):
+    from bench import cli
+
+    calls = []
+    real_main = cli.main
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    assert cli.cmd_run(cli.build_parser().parse_args(["run", "capacity", "--tier", "ref", "--seeds", "1"])) == 0
+    assert cli.cmd_run(cli.build_parser().parse_args(["run", "switch-tpe", "--n-trials", "2"])) == 0
+    assert calls == [["reproduce", "capacity", "--tier", "ref", "--seeds", "1"], ["sweep", "switch-tpe", "--n-trials", "2"]]
+    monkeypatch.setattr(cli, "main", real_main)
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("task: x\n")
+    assert cli.main(["run", str(odd)]) == 2
+    assert "has neither arms: (a plan" in capsys.readouterr().err
