@@ -212,9 +212,26 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     task = _recorded_task(record)
     cfg = from_dict(ModelConfig, record.config["model"])
     rc = from_dict(RunConfig, record.config["run"])
+    owner = _live_owner(Path(record.paths.get("run_dir") or ""))
+    if record.status == "running" and owner is not None:
+        raise ConfigError([f"run {run_id} is still running (process {owner}): resuming it now would make two "
+                           "processes write one run; wait for it, or stop it first"], "resume")
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
                     None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
+
+
+LOCK_NAME = "RUNNING.pid"  # in a run's folder while a process trains it
+
+
+def _live_owner(run_dir: Path) -> int | None:
+    """The pid training this run right now, or None (no lock, or its process is gone: kill -9)."""
+    try:
+        pid = int((run_dir / LOCK_NAME).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _sqlite_path(storage: str | None) -> Path | None:
@@ -232,6 +249,10 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     store = ResultsStore(storage)
     run_dir = runs_dir() / record.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(str(os.getpid()))
+    # A resumed run adds this segment to the wall time of the segments before it (a run killed
+    # with -9 never recorded its own, so its time is missing from the sum).
+    earlier_wall = float(record.timings.get("wall_seconds") or 0.0) if ckpt_path else 0.0
 
     tr = rc.train
     dm_kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=tr.batch_size, seed=record.seed,
@@ -323,7 +344,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.steps = int(budget.spent["steps"])
         record.tokens_seen = int(budget.spent["tokens"])
         record.train_flops = float(budget.spent["flops"])
-        wall = time.perf_counter() - start
+        wall = earlier_wall + time.perf_counter() - start
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
         record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
                           "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9)}
         record.expert_stats = summarize_moe_stats(module.last_moe_stats)

@@ -116,6 +116,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
     assert [p["step"] for p in resumed.curve] == [p["step"] for p in full.curve] == [5, 10, 15]
     assert [p["loss"] for p in resumed.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-6)
     assert resumed.paths["checkpoint_dir"] is None  # finished: its checkpoint is gone
+    assert resumed.timings["wall_seconds"] > cut.timings["wall_seconds"]  # both segments count
+    assert not (Path(resumed.paths["run_dir"]) / "RUNNING.pid").exists()
     with pytest.raises(ConfigError, match="already finished: nothing to resume"):
         resume_run(cut.run_id, storage=run_env["storage"], progress=False)
 
@@ -379,3 +381,18 @@ def test_warmup_and_evaluation_beyond_the_budget_are_warned(run_env, capsys):
     flops = 30 * 4 * 256 * model_cost(cfg, 256).train_flops_per_token
     cfg, rc = resolve_configs(task, "dense", "tiny", SMALL, {"kind": "flops", "value": flops})
     assert expected_steps(task, cfg, rc) == 30 and schedule_warnings(task, cfg, rc) == []
+
+
+def test_resuming_a_run_that_is_still_running_is_refused(run_env):
+    import os
+
+    cut = _train(run_env, "dense", {"kind": "steps", "value": 10}, extra_callbacks=[_InterruptAt(6)])
+    store = ResultsStore(run_env["storage"])
+    cut.status = "running"  # as a live process's record reads
+    store.save(cut)
+    lock = Path(cut.paths["run_dir"]) / "RUNNING.pid"
+    lock.write_text(str(os.getpid()))  # this test process is alive
+    with pytest.raises(ConfigError, match="is still running .* two processes write one run"):
+        resume_run(cut.run_id, storage=run_env["storage"], progress=False)
+    lock.write_text("999999999")  # its process is gone (kill -9): resume is allowed
+    assert resume_run(cut.run_id, storage=run_env["storage"], progress=False).status == "finished"
