@@ -184,9 +184,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bench.tracking.cleanup import human, plan_cleanup, remove
-    from bench.tracking.records import ResultsStore
+    from bench.tracking.records import ResultsStore, runs_dir
 
-    runs = Path(args.runs_dir or __import__("os").environ.get("MOE_BENCH_RUNS", "runs"))
+    runs = Path(args.runs_dir) if args.runs_dir else runs_dir()
     items = plan_cleanup(runs, ResultsStore(args.storage), orphans=args.orphans)
     if not items:
         print(f"nothing to clean in {runs}/")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
-from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id, throughput_by_arm
 
 
 class NeedsThroughput(ConfigError):
@@ -61,12 +61,7 @@ def throughput_medians(store: ResultsStore, plan: Plan, tier: str) -> dict[str, 
     """arm -> median tokens/s of the tier's quiet throughput measurements (``bench.throughput``)."""
     import statistics
 
-    found: dict[str, list[float]] = {}
-    for r in store.list(group=plan.group(tier)):
-        tps = r.metrics.get("tokens_per_second")
-        if is_throughput(r) and r.status == "finished" and tps:
-            found.setdefault(r.extra.get("arm"), []).append(float(tps))
-    return {arm: statistics.median(v) for arm, v in found.items()}
+    return {arm: statistics.median(v) for arm, v in throughput_by_arm(store.list(group=plan.group(tier))).items()}
 
 
 def planned_config(plan: Plan, arm: Arm, tier: str, budget: dict[str, Any],

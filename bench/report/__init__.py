@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.plans import Plan, all_plans
-from bench.tracking.records import ResultsStore, RunRecord, is_throughput
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput, throughput_by_arm
 
 VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
                 "inconclusive": "inconclusive", "no-data": "no data"}
@@ -60,12 +60,11 @@ def reproduction_records(store: ResultsStore, plans: dict[str, Plan]) -> dict[tu
 
 def throughput_records(store: ResultsStore) -> dict[tuple[str, str], dict[str, list[float]]]:
     """(plan, tier) -> arm -> tokens/s of every quiet throughput measurement (``bench.throughput``)."""
-    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    by_tier: dict[tuple[str, str], list[RunRecord]] = {}
     for r in store.list():
-        tps = r.metrics.get("tokens_per_second")
-        if is_throughput(r) and r.status == "finished" and tps:
-            out.setdefault((r.extra.get("reproduction"), run_tier(r)), {}).setdefault(r.extra.get("arm"), []).append(tps)
-    return out
+        if is_throughput(r):
+            by_tier.setdefault((r.extra.get("reproduction"), run_tier(r)), []).append(r)
+    return {key: throughput_by_arm(records) for key, records in by_tier.items()}
 
 
 def _users_plans(store: ResultsStore, known: dict[str, Plan]) -> dict[str, Plan]:

@@ -60,6 +60,21 @@ def is_throughput(record: "RunRecord") -> bool:
     return record.extra.get("kind") == THROUGHPUT_KIND
 
 
+def throughput_by_arm(records: list["RunRecord"]) -> dict[str, list[float]]:
+    """arm -> tokens/s of every finished quiet throughput measurement among ``records``."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        tps = r.metrics.get("tokens_per_second")
+        if is_throughput(r) and r.status == "finished" and tps:
+            out.setdefault(r.extra.get("arm"), []).append(float(tps))
+    return out
+
+
+def runs_dir() -> Path:
+    """Where run folders go: ``$MOE_BENCH_RUNS`` or ``runs`` (relative to the working directory)."""
+    return Path(os.environ.get("MOE_BENCH_RUNS", "runs"))
+
+
 def new_run_id(label: str, when: _dt.datetime | None = None) -> str:
     """A unique, sortable run id: ``YYYYmmdd-HHMMSS-<label>-<4 hex>`` (local time), e.g.
     ``20261128-201500-dense-3f9a``. ``label`` is usually the model family."""

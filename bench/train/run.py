@@ -32,7 +32,7 @@ from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
-from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id
+from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir
 from bench.train.callbacks import (BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats, ProgressLine,
                                    RNGState, summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
@@ -41,10 +41,6 @@ from bench.train.module import LMModule, TranslationModule
 
 # Lightning 2.6 calls a torch 2.13-deprecated pytree API once per fit: noise for every user.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def runs_dir() -> Path:
-    return Path(os.environ.get("MOE_BENCH_RUNS", "runs"))
 
 
 def _precision(requested: str) -> str:
