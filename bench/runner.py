@@ -6,8 +6,10 @@
 
 Each run trains with ``bench.train.train`` into the plan's group (``repro-NAME-TIER``), tagged
 with ``reproduction``, ``arm``, ``tier`` and ``budget_flops``. Re-running skips pairs that already
-finished with exactly the planned config, so a killed plan continues where it stopped, and a
-changed definition is re-run, never mixed in. A failed run is recorded and the others go on.
+finished with exactly the planned config and continues a killed or interrupted run from its last
+checkpoint, so a killed plan goes on where it stopped; a changed definition is re-run, never mixed
+in. A pair another process is training is left to it, so two processes can share one plan. A
+failed run is recorded and the others go on.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Callable
 
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
+from bench.tracking.liveness import UNFINISHED, live_owner, resumable_checkpoint
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id, throughput_by_arm
 
 
@@ -105,6 +108,8 @@ class PlannedRun:
     seed: int
     budget: dict[str, Any]
     done: RunRecord | None = None  # a finished record from an earlier invocation
+    resume: RunRecord | None = None  # an unfinished one with a checkpoint, nobody training it
+    busy: int | None = None  # the pid of another process training this pair now
 
 
 class PlannedRuns(list):
@@ -140,12 +145,27 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
     chosen = [a for a in chosen if a.label in budgets]
     wanted = {a.label: planned_config(plan, a, tier, budgets[a.label], extra) for a in chosen}
     finished: dict[tuple[str, int], RunRecord] = {}
+    unfinished: dict[tuple[str, int], RunRecord] = {}  # the latest resumable or live one
+    busy: dict[tuple[str, int], int] = {}
     for r in store.list(group=group or plan.group(tier)):
         arm = r.extra.get("arm")
-        if r.status == "finished" and arm in wanted and not is_throughput(r) and same_config(r.config, wanted[arm]):
+        if arm not in wanted or is_throughput(r) or not same_config(r.config, wanted[arm]):
+            continue
+        if r.status == "finished":
             finished.setdefault((arm, r.seed), r)
-    runs = [PlannedRun(a, seed, budgets[a.label], finished.get((a.label, seed)))
-            for seed in spec.seed_list(seeds) for a in chosen]
+        elif r.status in UNFINISHED:
+            owner = live_owner(r.paths.get("run_dir") or "")
+            if owner is not None:
+                busy[(arm, r.seed)] = owner
+            elif resumable_checkpoint(r) is not None:
+                unfinished[(arm, r.seed)] = r
+    runs = []
+    for seed in spec.seed_list(seeds):
+        for a in chosen:
+            key = (a.label, seed)
+            done = finished.get(key)
+            runs.append(PlannedRun(a, seed, budgets[a.label], done, resume=None if done else unfinished.get(key),
+                                   busy=None if done else busy.get(key)))
     return PlannedRuns(runs, [(a.label, e.problems[0]) for a, e in waiting])
 
 
@@ -158,7 +178,7 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
     """Train every missing (arm, seed) pair of a plan's tier; return all its finished records
     (and the failed ones with ``include_failed``). ``group``/``tags`` replace the plan's group and
     its reproduction tags (``moe-bench compare`` runs a plan of its own under its own group)."""
-    from bench.train.run import train
+    from bench.train.run import resume_run, train
 
     announce = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
     # Dozens of runs: Lightning's per-run "GPU available ..." banner drowns the progress lines.
@@ -171,19 +191,29 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
         raise ConfigError(problems, "reproduce --set")
     group = group or plan.group(tier)
     runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra, group)
-    todo = [r for r in runs if r.done is None]
+    todo = [r for r in runs if r.done is None and r.busy is None]
     for label, why in runs.waiting:
         announce(f"skipping {label}: {why}")
+    for r in runs:
+        if r.busy is not None:
+            announce(f"skipping {r.arm.label} (seed {r.seed}): process {r.busy} is training it now")
     spec = {"kind": "flops", "value": float(budget_flops)} if budget_flops else plan.tier(tier).budget_spec()
     preset = plan.tier(tier).preset
     what = "training FLOPs" if spec["kind"] == "flops" else spec["kind"]
-    announce(f"{plan.title}: {len(runs)} runs ({len(runs) - len(todo)} already finished), tier {tier} "
+    resumed = sum(r.resume is not None for r in todo)
+    announce(f"{plan.title}: {len(runs)} runs ({sum(r.done is not None for r in runs)} already finished"
+             + (f", {resumed} to resume" if resumed else "") + f"), tier {tier} "
              f"(preset {preset}), budget {spec['value']:.3g} {what} per run, group {group}")
     records = [r.done for r in runs if r.done is not None]
     for i, run in enumerate(todo, 1):
         b = run.budget
-        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
-        run_id = new_run_id(f"{plan.name}-{run.arm.model}")
+        if run.resume is not None:
+            announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): resuming {run.resume.run_id} "
+                     f"from its last checkpoint")
+            run_id = run.resume.run_id
+        else:
+            announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
+            run_id = new_run_id(f"{plan.name}-{run.arm.model}")
         if tags is not None:
             run_tags = {**tags, "arm": run.arm.label}
         else:
@@ -195,10 +225,14 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
             if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
                 run_tags["plan_file"] = plan.source
         try:
-            record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
-                           seed=run.seed, storage=storage, data_dir=data_dir, group=group,
-                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id, tags=run_tags,
-                           keep_checkpoints=keep_checkpoints)
+            if run.resume is not None:
+                record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
+                                    keep_checkpoints=keep_checkpoints)
+            else:
+                record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
+                               seed=run.seed, storage=storage, data_dir=data_dir, group=group,
+                               name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
+                               tags=run_tags, keep_checkpoints=keep_checkpoints)
         except Exception as e:  # recorded as failed by train(); the other arms still run
             failed = store.get(run_id)
             if failed is None:

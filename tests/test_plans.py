@@ -1,6 +1,7 @@
 """Plans: the shipped plan files, validation of a user's plan, matched budgets, resumable runs."""
 from __future__ import annotations
 
+from pathlib import Path
 import pytest
 import yaml
 
@@ -142,6 +143,29 @@ def test_shipped_plan_reproduces_and_resumes(run_env):
     again = run_plan("switch-vs-dense", **kw)  # nothing left to do: the same records
     assert sorted(r.run_id for r in again) == sorted(r.run_id for r in first)
     assert len(ResultsStore(run_env["storage"]).list(group="repro-switch-vs-dense-tiny")) == 2
+
+
+def test_a_killed_run_is_resumed_and_a_live_one_left_to_its_process(run_env):
+    import os
+
+    said = []
+    kw = dict(seeds=1, storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9,
+              progress=False, announce=said.append, keep_checkpoints=True)
+    (first,) = run_plan("switch-vs-dense", **kw)
+    store = ResultsStore(run_env["storage"])
+    first.status, first.finished_at = "running", None  # as a run killed with -9 leaves its record
+    store.save(first)
+    lock = Path(first.paths["run_dir"]) / "RUNNING.pid"
+    lock.write_text(str(os.getpid()))  # a live process (this one) is training it: leave it alone
+    assert run_plan("switch-vs-dense", **kw) == []
+    assert f"skipping dense (seed 0): process {os.getpid()} is training it now" in said
+    lock.write_text("999999999")  # its process is gone: continue it from its checkpoint, same run id
+    said.clear()
+    (resumed,) = run_plan("switch-vs-dense", **kw)
+    assert any("1 to resume" in m for m in said) and any(f"resuming {first.run_id}" in m for m in said)
+    assert resumed.run_id == first.run_id and resumed.status == "finished"
+    assert resumed.steps == first.steps and resumed.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"])
+    assert [r.run_id for r in store.list(group="repro-switch-vs-dense-tiny")] == [first.run_id]
 
 
 def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, tmp_path, capsys):

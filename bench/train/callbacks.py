@@ -44,6 +44,12 @@ class BudgetStop(pl.Callback):
         self.spent = {"steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0}
         self._t0: float | None = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resumed from a checkpoint written after the budget was spent (killed during the final
+        # evaluation): evaluate, train no further step.
+        if self.exhausted:
+            trainer.should_stop = True
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
 
@@ -128,9 +134,11 @@ class ProgressLine(pl.Callback):
         self.budget, self.label, self.every_s = budget, label, every_s
         self.stream = stream
         self._start = self._last = None
+        self._done_at_start = 0.0  # a resumed run starts part-way through its budget
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._last = time.monotonic()
+        self._done_at_start = self.budget.fraction
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
@@ -149,9 +157,9 @@ class ProgressLine(pl.Callback):
                 parts.append(f"{name} {float(value):.4f}")
         if spent["seconds"] > 0:
             parts.append(f"{spent['tokens'] / spent['seconds']:,.0f} tokens/s")
-        elapsed = now - self._start
-        if 0 < done < 1:
-            parts.append(f"~{_minutes(elapsed * (1 - done) / done)} left")
+        elapsed, progressed = now - self._start, done - self._done_at_start
+        if progressed > 0 and done < 1:
+            parts.append(f"~{_minutes(elapsed * (1 - done) / progressed)} left")
         return " | ".join(parts)
 
 

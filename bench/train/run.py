@@ -32,6 +32,7 @@ from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
+from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir
 from bench.train.callbacks import (BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats, ProgressLine,
                                    RNGState, summarize_moe_stats)
@@ -208,26 +209,13 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     task = _recorded_task(record)
     cfg = from_dict(ModelConfig, record.config["model"])
     rc = from_dict(RunConfig, record.config["run"])
-    owner = _live_owner(Path(record.paths.get("run_dir") or ""))
+    owner = live_owner(Path(record.paths.get("run_dir") or ""))
     if record.status == "running" and owner is not None:
         raise ConfigError([f"run {run_id} is still running (process {owner}): resuming it now would make two "
                            "processes write one run; wait for it, or stop it first"], "resume")
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
                     None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
-
-
-LOCK_NAME = "RUNNING.pid"  # in a run's folder while a process trains it
-
-
-def _live_owner(run_dir: Path) -> int | None:
-    """The pid training this run right now, or None (no lock, or its process is gone: kill -9)."""
-    try:
-        pid = int((run_dir / LOCK_NAME).read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
 
 
 def _sqlite_path(storage: str | None) -> Path | None:

@@ -396,3 +396,18 @@ def test_resuming_a_run_that_is_still_running_is_refused(run_env):
         resume_run(cut.run_id, storage=run_env["storage"], progress=False)
     lock.write_text("999999999")  # its process is gone (kill -9): resume is allowed
     assert resume_run(cut.run_id, storage=run_env["storage"], progress=False).status == "finished"
+
+
+def test_progress_line_of_a_resumed_run_times_only_what_is_left():
+    from types import SimpleNamespace
+
+    from bench.train.callbacks import BudgetStop, ProgressLine
+
+    budget = BudgetStop("steps", 100, tracker=None)
+    budget.spent.update(steps=60, tokens=60_000, seconds=60.0)  # the run was killed at 60%
+    line = ProgressLine(budget, "resumed")
+    trainer = SimpleNamespace(callback_metrics={})
+    line.on_train_start(trainer, None)
+    budget.spent.update(steps=70, tokens=70_000, seconds=70.0)  # 10 steps in this segment ...
+    text = line.line(trainer, line._start + 10.0)  # ... took 10 s: 30 steps left = 30 s
+    assert text == "resumed: 70.0% of 100 steps | step 70 | 0.07M tokens | 1,000 tokens/s | ~30 s left"
