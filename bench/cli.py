@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from pathlib import Path
+
 from bench.config import ConfigError, to_dict
 
 EPILOG = "Docs: README.md. Every --set key is a dotted config field (or a unique last part of one)."
@@ -156,6 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if budget is None:
         raise ConfigError(["give the shared budget: --budget-flops (matched compute), --budget-tokens, "
                            "--budget-steps or --budget-seconds"], "compare")
+    started = _now()
     plan, records = compare(args.task, args.models, args.preset, budget, seeds=args.seeds,
                             overrides=args.overrides, storage=args.storage, data_dir=args.data_dir, group=args.group,
                             progress=not args.json, announce=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -166,7 +169,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(format_plan_results(plan, "cli", records))
         group = next((r.group for r in records), None)
         print(f"\nrecords in group {group} (moe-bench runs --group {group})")
+    _log_plan_summary(plan, "compare", records, started, job_type="compare")
     return 0 if all(r.status == "finished" for r in records) else 1
+
+
+def _now() -> str:
+    from bench.tracking.records import utc_now_iso
+
+    return utc_now_iso()
+
+
+def _log_plan_summary(plan, tier: str, records: list, started: str, job_type: str) -> None:
+    """The comparison's tables (arms, claims, runs) as one W&B run in the runs' group, when this
+    command trained something (a re-run that only reads finished runs adds no duplicate)."""
+    if not any((r.finished_at or "") > started for r in records):  # seconds: a run takes longer
+        return
+    from bench.report.summary import plan_tables
+    from bench.tracking.records import SUMMARIES_DIR, runs_dir
+    from bench.tracking.wandb_setup import log_tables
+
+    group = records[0].group
+    log_tables(f"{plan.title} ({tier}): summary", group, job_type, plan_tables(plan, records),
+               save_dir=runs_dir() / SUMMARIES_DIR, config={"plan": plan.name, "tier": tier, "task": plan.task},
+               tags=[f"reproduction:{plan.name}"[:64], "summary"])
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -181,8 +206,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from bench.tracking.cleanup import human, plan_cleanup, remove
     from bench.tracking.records import ResultsStore, runs_dir
 
@@ -204,8 +227,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Any experiment file: a plan of arms goes to `reproduce`, a search space to `sweep`."""
-    from pathlib import Path
-
     import yaml
 
     from bench.plans import PLANS_DIR
@@ -282,6 +303,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             for arm, values in by_arm.items():
                 print(f"{arm:<24} {sorted(values)[len(values) // 2]:>10,.0f} tokens/s (median of {len(values)})")
         return 0
+    started = _now()
     records = run_plan(plan, tier=tier, seeds=args.seeds, storage=args.storage, data_dir=args.data_dir,
                        overrides=args.overrides, arms=args.arm or None,
                        budget_flops=budget["value"] if budget else None, progress=not args.json,
@@ -292,6 +314,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print("\n" + format_plan_results(plan, tier, records))
         storage = f" --storage {args.storage}" if args.storage else ""
         print(f"\nnext: moe-bench report{storage}")
+    _log_plan_summary(plan, tier, records, started, job_type="reproduce")
     return 0
 
 
@@ -308,7 +331,29 @@ def cmd_report(args: argparse.Namespace) -> int:
             plans[own.name] = own
     path = write_report(args.storage, args.out, plots=not args.no_plots, plans=plans)
     print(f"wrote {path}" + ("" if args.no_plots else f" and plots in {path.parent / 'plots'}"))
+    if args.wandb:
+        _log_report(path)
     return 0
+
+
+CLAIM_TABLE_KEYS = ["reproduction", "tier", "budget_flops", "claim", "metric", "estimate", "ci_low", "ci_high",
+                    "n_seeds", "delta", "verdict"]
+
+
+def _log_report(report: Path) -> None:
+    """The report as a W&B artifact (REPORT.md, claims.json, plots) and its claims as a table."""
+    from bench.tracking.records import SUMMARIES_DIR, runs_dir
+    from bench.tracking.wandb_setup import log_tables
+
+    out = report.parent
+    claims = json.loads((out / "claims.json").read_text(encoding="utf-8"))
+    rows = [[c.get(k) for k in CLAIM_TABLE_KEYS] for c in claims]
+    files = [report, out / "claims.json", *sorted((out / "plots").glob("*"))]
+    where = log_tables("moe-bench report", "report", "report", {"claims": (CLAIM_TABLE_KEYS, rows)},
+                       save_dir=runs_dir() / SUMMARIES_DIR, files=[f for f in files if f.is_file()],
+                       artifact="moe-bench-report")
+    if where:
+        print(f"logged to W&B: the claims table and the report as artifact moe-bench-report ({where})")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -428,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
     p.add_argument("--out", default="results", help="output folder (REPORT.md and plots/; default results)")
     p.add_argument("--no-plots", action="store_true", help="Markdown and claims.json only")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log the claims as a W&B table and the report as an artifact (offline unless logged in)")
     p.add_argument("--plan", action="append", metavar="PLAN.yaml",
                    help="also report this plan of your own (repeatable); shipped plans are always included")
     p.set_defaults(func=cmd_report)

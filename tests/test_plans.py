@@ -186,13 +186,36 @@ def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, t
     records = ResultsStore(run_env["storage"]).list(group="repro-my-comparison-tiny")
     assert sorted(r.extra["arm"] for r in records) == ["dense", "switch"]
     assert {r.extra["plan_file"] for r in records} == {str(path)}
-    assert main(["report", "--storage", run_env["storage"], "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    # the comparison itself reaches W&B: one summary run in the plan's group with its tables
+    from bench.tracking.wandb_setup import read_offline_artifacts, read_offline_run_info, read_offline_tables
+
+    summaries = run_env["tmp"] / "runs" / "_summaries"
+    info = read_offline_run_info(summaries)
+    assert info["group"] == "repro-my-comparison-tiny" and info["job_type"] == "reproduce"
+    assert info["name"] == "My two arms (tiny): summary" and info["config"]["plan"] == "my-comparison"
+    tables = read_offline_tables(summaries)
+    arms = {row[0]: dict(zip(tables["arms"]["columns"], row)) for row in tables["arms"]["data"]}
+    by_arm = {r.extra["arm"]: r for r in records}
+    assert arms["switch"]["mean"] == pytest.approx(by_arm["switch"].metrics["val_loss"])
+    assert arms["dense"]["active_params"] == by_arm["dense"].params["active"]
+    assert [row[:2] for row in tables["claims"]["data"]] == [["Switch beats dense", "inconclusive"]]
+    assert sorted(row[2] for row in tables["runs"]["data"]) == sorted(r.run_id for r in records)
+    assert main(["reproduce", str(path), "--storage", run_env["storage"]]) == 0  # nothing new trained ...
+    assert len(list(summaries.rglob("*.wandb"))) == 1  # ... so no second summary run
+
+    assert main(["report", "--storage", run_env["storage"], "--out", str(tmp_path / "out"), "--no-plots",
+                 "--wandb"]) == 0
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "My two arms — `my-comparison`, tier `tiny`" in report
     assert "| my-comparison | tiny | 2e+09 | 2 | Switch beats dense |" in report
     claims = __import__("json").loads((tmp_path / "out" / "claims.json").read_text())
     (mine,) = [c for c in claims if c["reproduction"] == "my-comparison"]
     assert mine["verdict"] == "inconclusive" and mine["n_seeds"] == 1 and mine["metric"] == "val_loss"
+    (report_run,) = [p.parent for p in summaries.rglob("*.wandb") if "report" in read_offline_run_info(p)["job_type"]]
+    assert read_offline_artifacts(report_run)["moe-bench-report"] == {"type": "report",
+                                                                     "files": ["REPORT.md", "claims.json"]}
+    (row,) = [r for r in read_offline_tables(report_run)["claims"]["data"] if r[0] == "my-comparison"]
+    assert row[-1] == "inconclusive" and row[3] == "Switch beats dense"
 
 
 def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, tmp_path):
@@ -274,6 +297,11 @@ def test_compare_is_a_plan_run_by_the_runner_with_any_budget_kind(run_env, capsy
     assert sorted((r.extra["arm"], r.seed) for r in records) == [("dense", 0), ("dense", 1), ("switch", 0), ("switch", 1)]
     assert all(r.budget == {"kind": "steps", "value": 6} and r.steps == 6 for r in records)
     assert all(r.extra["comparison"] == "cmp" and "reproduction" not in r.extra for r in records)  # not a report plan
+    from bench.tracking.wandb_setup import read_offline_run_info, read_offline_tables
+
+    summary = run_env["tmp"] / "runs" / "_summaries"
+    assert read_offline_run_info(summary)["job_type"] == "compare" and read_offline_run_info(summary)["group"] == "cmp"
+    assert len(read_offline_tables(summary)["runs"]["data"]) == 4
     # the same command again: every pair is finished with the same config, nothing retrains
     assert main(args + [a for o in SMALL + ["d_expert=64"] for a in ("--set", o)]) == 0
     assert "4 runs (4 already finished)" in capsys.readouterr().err

@@ -143,6 +143,8 @@ def open_study(spec: SweepSpec, storage_url: str, study_name: str, seed: int | N
     if study_name not in existing:
         study.set_user_attr(SPEC_ATTR, fingerprint)
         study.set_user_attr("objectives", [o.metric for o in spec.objectives])
+        # optuna-dashboard and Optuna's plots label the objectives with these ("Objective 0" without)
+        study.set_metric_names([o.metric for o in spec.objectives])
         return study
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
@@ -154,6 +156,8 @@ def open_study(spec: SweepSpec, storage_url: str, study_name: str, seed: int | N
         raise ConfigError([f"study {study_name!r} in {storage_url} was created with other settings; continuing it "
                            "would mix incomparable trials. Differences:", *diff,
                            "pass --study NEW_NAME for a new study, or restore the original settings"], "sweep")
+    if study.metric_names is None:  # a study made before the names were set
+        study.set_metric_names([o.metric for o in spec.objectives])
     return study
 
 

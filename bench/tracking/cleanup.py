@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.tracking.records import ResultsStore
+from bench.tracking.records import SUMMARIES_DIR, ResultsStore
 
 DONE = ("finished", "pruned")
 
@@ -31,7 +31,8 @@ def folder_bytes(path: Path) -> int:
 def plan_cleanup(runs_dir: Path, store: ResultsStore, orphans: bool = False) -> list[Item]:
     items = []
     status = {r.run_id: r.status for r in store.list()}
-    for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    for run in (p for p in folders if p.name != SUMMARIES_DIR):
         ckpt = run / "checkpoints"
         if run.name not in status:
             items.append(Item(run, folder_bytes(run), f"no record in {store.url}", removable=orphans))

@@ -75,6 +75,10 @@ def runs_dir() -> Path:
     return Path(os.environ.get("MOE_BENCH_RUNS", "runs"))
 
 
+# Under the runs folder: W&B runs holding a comparison's tables (not run folders; `clean` skips it).
+SUMMARIES_DIR = "_summaries"
+
+
 def new_run_id(label: str, when: _dt.datetime | None = None) -> str:
     """A unique, sortable run id: ``YYYYmmdd-HHMMSS-<label>-<4 hex>`` (local time), e.g.
     ``20261128-201500-dense-3f9a``. ``label`` is usually the model family."""

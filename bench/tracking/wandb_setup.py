@@ -23,7 +23,8 @@ import warnings
 import zlib
 
 from pathlib import Path
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
@@ -115,22 +116,19 @@ def wandb_mode() -> tuple[str, str]:
 # Logger
 # ----------------------------------------------------------------------------------------------
 
-def make_wandb_logger(project: str, name: str, group: str | None, config: dict[str, Any],
-                      save_dir: str | os.PathLike, tags: list[str] | None = None, job_type: str = "train"):
-    """A ``lightning.pytorch.loggers.WandbLogger`` whose run is already started, or None when W&B
-    is disabled or unusable (then one warning per process says why; CSV logging is unaffected).
-
-    The run directory lands under ``save_dir/wandb/``. Online init failures fall back to offline.
-    Call :func:`finish_wandb_logger` when training ends so the run is closed and flushed.
-    """
+def start_wandb_run(project: str, name: str, group: str | None, config: dict[str, Any],
+                    save_dir: str | os.PathLike, tags: list[str] | None = None, job_type: str = "train",
+                    setup: Callable[[Any], Any] | None = None) -> Any:
+    """A started W&B run, or None when W&B is disabled or unusable (then one warning per process
+    says why). ``setup(run)`` runs right after ``wandb.init`` and its result is returned instead of
+    the run; a failure in either tries offline next. The run directory lands under
+    ``save_dir/wandb/``; project and entity come from ``WANDB_PROJECT``/``WANDB_ENTITY`` when set."""
     mode, reason = wandb_mode()
     if mode == "disabled":
         _note_once("mode", f"wandb: disabled ({reason}); metrics go to the local CSV only")
         return None
     try:
         import wandb
-
-        from lightning.pytorch.loggers import WandbLogger
     except Exception as e:  # ImportError, or a broken install raising anything else on import
         _warn_once(f"W&B logging is off: cannot import wandb ({type(e).__name__}: {e}); "
                    f"metrics still go to the local CSV log")
@@ -160,19 +158,10 @@ def make_wandb_logger(project: str, name: str, group: str | None, config: dict[s
                              # W&B's own banner, sparkline history and summary per run drown the
                              # training output; our one line below says where the run went.
                              settings=wandb.Settings(silent=_env_flag("WANDB_SILENT", True)))
-            logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), experiment=run,
-                                 group=group, tags=list(tags) if tags else None)
-            # Same x-axis as WandbLogger sets up when it creates the run itself; the budget
-            # counters are metrics too, so tokens, training FLOPs or seconds can be the x-axis.
-            run.define_metric("trainer/global_step")
-            run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-            for counter in ("train/tokens_seen", "train/flops_spent", "train/seconds"):
-                run.define_metric(counter, step_metric="trainer/global_step", summary="max")
-            for key, best in SUMMARY_BEST.items():
-                run.define_metric(key, step_metric="trainer/global_step", summary=best)
+            result = setup(run) if setup is not None else run
         except Exception as e:
             failures.append(f"{attempt} init failed: {type(e).__name__}: {e}")
-            if run is not None:  # started but could not be wrapped: do not leave it open
+            if run is not None:  # started but could not be set up: do not leave it open
                 try:
                     run.finish(exit_code=1)
                 except Exception:
@@ -187,10 +176,64 @@ def make_wandb_logger(project: str, name: str, group: str | None, config: dict[s
                                f"(this one: {run_dir}); upload later with `wandb sync {run_dir}`")
         else:
             _note_once("mode", f"wandb: online ({reason}); local copy in {run_dir}")
-        return logger
+        return result
     _warn_once("W&B logging is off for this process: " + "; ".join(failures)
                + ". Metrics still go to the local CSV log")
     return None
+
+
+def make_wandb_logger(project: str, name: str, group: str | None, config: dict[str, Any],
+                      save_dir: str | os.PathLike, tags: list[str] | None = None, job_type: str = "train"):
+    """A ``lightning.pytorch.loggers.WandbLogger`` whose run is already started (so every failure
+    surfaces here, not in the middle of ``Trainer.fit``), or None when W&B is off; CSV logging is
+    unaffected. Call :func:`finish_wandb_logger` when training ends so the run is closed and flushed."""
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except Exception as e:
+        _warn_once(f"W&B logging is off: cannot import WandbLogger ({type(e).__name__}: {e}); "
+                   f"metrics still go to the local CSV log")
+        return None
+
+    def wrap(run):
+        logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), experiment=run,
+                             group=group, tags=list(tags) if tags else None)
+        # Same x-axis as WandbLogger sets up when it creates the run itself; the budget
+        # counters are metrics too, so tokens, training FLOPs or seconds can be the x-axis.
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        for counter in ("train/tokens_seen", "train/flops_spent", "train/seconds"):
+            run.define_metric(counter, step_metric="trainer/global_step", summary="max")
+        for key, best in SUMMARY_BEST.items():
+            run.define_metric(key, step_metric="trainer/global_step", summary=best)
+        return logger
+
+    return start_wandb_run(project, name, group, config, save_dir, tags, job_type, setup=wrap)
+
+
+def log_tables(name: str, group: str | None, job_type: str, tables: dict[str, tuple[list[str], list[list[Any]]]],
+               save_dir: str | os.PathLike, config: dict[str, Any] | None = None, tags: list[str] | None = None,
+               files: list[Path] | None = None, artifact: str | None = None) -> str | None:
+    """One W&B run holding ``tables`` (name -> (columns, rows)) as ``wandb.Table``s, and ``files``
+    as one artifact of type "report" named ``artifact``: the comparison itself, beside its runs.
+    Returns the run's local directory, or None when W&B is off. Never raises."""
+    run = start_wandb_run("moe-bench", name, group, config or {}, save_dir, tags, job_type)
+    if run is None:
+        return None
+    try:
+        import wandb
+
+        run.log({key: wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+                 for key, (cols, rows) in tables.items()})
+        if files:
+            art = wandb.Artifact(artifact or name, type="report")
+            for f in files:
+                art.add_file(str(f), name=Path(f).name if Path(f).parent.name != "plots" else f"plots/{Path(f).name}")
+            run.log_artifact(art)
+    except Exception as e:  # a table that cannot be logged never fails the command
+        _warn_once(f"W&B tables were not logged ({type(e).__name__}: {e})")
+    run_dir = _run_dir(run)
+    finish_wandb_logger(SimpleNamespace(_experiment=run))
+    return str(run_dir) if run_dir else None
 
 
 def _safe_json(value: Any, convert) -> Any:
@@ -374,6 +417,29 @@ def read_offline_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
         elif kind == "config":
             info["config"].update({_item_key(i): _decode(i.value_json) for i in record.config.update})
     return info
+
+
+def read_offline_tables(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The ``wandb.Table``s an offline run logged: name -> {"columns", "data"} (read from the run's
+    ``files/media/table/`` copy, where ``wandb sync`` uploads them from)."""
+    root = _find_wandb_file(run_dir).parent
+    tables = {}
+    for row in read_offline_history(root):
+        for key, value in row.items():
+            if key.endswith("._type") and value == "table-file":
+                name = key[:-len("._type")]
+                tables[name] = json.loads((root / "files" / row[f"{name}.path"]).read_text(encoding="utf-8"))
+    return tables
+
+
+def read_offline_artifacts(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Artifacts an offline run logged: name -> {"type", "files": [paths inside the artifact]}."""
+    found = {}
+    for record in _records(run_dir):
+        if record.WhichOneof("record_type") == "artifact":
+            art = record.artifact
+            found[art.name] = {"type": art.type, "files": sorted(c.path for c in art.manifest.contents)}
+    return found
 
 
 def read_offline_run_keys(run_dir: str | os.PathLike) -> set[str]:

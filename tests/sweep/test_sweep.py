@@ -124,7 +124,9 @@ def test_multi_objective_study_reports_its_pareto_set(run_env, write_spec):
     path = write_spec("pareto", sampler="grid", family=["dense", "switch"], space={"d_model": [16, 32]},
                       objectives=["quality", "active_params"], fixed={"d_ff": 32, "n_heads": 2})
     run_sweep(load_spec(str(path)), storage=run_env["storage"], **QUIET)
-    summary = study_summary(load_existing_study("pareto", run_env["storage"]))
+    study = load_existing_study("pareto", run_env["storage"])
+    assert study.metric_names == ["quality", "active_params"]  # optuna-dashboard's axis labels
+    summary = study_summary(study)
     done = [t for t in summary["trials"] if t["state"] == "complete"]
     assert len(done) == 4
 

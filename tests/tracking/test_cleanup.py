@@ -19,6 +19,7 @@ def test_clean_dry_run_then_yes(tmp_path, capsys):
         _run(runs, run_id, size)
         store.save(RunRecord(run_id=run_id, status=status))
     _run(runs, "orphan", 700)
+    (runs / "_summaries" / "wandb").mkdir(parents=True)  # comparisons' W&B tables: not a run folder
     assert main(["clean", "--storage", url, "--runs-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "remove     2.9 KB" in out and "checkpoint of a finished run" in out
@@ -30,4 +31,4 @@ def test_clean_dry_run_then_yes(tmp_path, capsys):
     assert (runs / "a" / "metrics.csv").exists() and (runs / "b" / "checkpoints" / "last.ckpt").exists()
     assert (runs / "orphan").exists()
     assert main(["clean", "--storage", url, "--runs-dir", str(runs), "--orphans", "--yes"]) == 0
-    assert not (runs / "orphan").exists() and (runs / "b").exists()
+    assert not (runs / "orphan").exists() and (runs / "b").exists() and (runs / "_summaries" / "wandb").exists()
