@@ -11,6 +11,8 @@ from functools import lru_cache
 import lightning.pytorch as pl
 import torch
 
+from lightning.pytorch.callbacks import ProgressBar
+
 from bench.flops import model_cost
 from bench.models.config import ModelConfig
 
@@ -125,9 +127,22 @@ class EvalCurve(pl.Callback):
         self.points = list(state.get("points", []))
 
 
+def _status(trainer, budget: "BudgetStop") -> list[str]:
+    """Step, tokens, latest train and validation loss, throughput: the progress line's and bar's middle."""
+    spent = budget.spent
+    parts = [f"step {spent['steps']}", f"{spent['tokens'] / 1e6:.2f}M tokens"]
+    for key, name in (("train/loss", "train loss"), ("val/loss", "val loss")):
+        value = trainer.callback_metrics.get(key)
+        if value is not None:
+            parts.append(f"{name} {float(value):.4f}")
+    if spent["seconds"] > 0:
+        parts.append(f"{spent['tokens'] / spent['seconds']:,.0f} tokens/s")
+    return parts
+
+
 class ProgressLine(pl.Callback):
     """One progress line every ``every_s`` seconds, for output that is not a terminal (a log file,
-    CI, ``tee``), where Lightning's bar prints nothing useful: budget spent, step, tokens, the
+    CI, ``tee``), where a progress bar prints nothing useful: budget spent, step, tokens, the
     latest train and validation loss, throughput and the time left at that pace."""
 
     def __init__(self, budget: BudgetStop, label: str, every_s: float = 60.0, stream=None):
@@ -148,19 +163,56 @@ class ProgressLine(pl.Callback):
         print(self.line(trainer, now), file=self.stream or sys.stderr, flush=True)
 
     def line(self, trainer, now: float) -> str:
-        spent, done = self.budget.spent, self.budget.fraction
+        done = self.budget.fraction
         parts = [f"{self.label}: {100 * done:4.1f}% of {self.budget.value:.3g} {self.budget.kind}",
-                 f"step {spent['steps']}", f"{spent['tokens'] / 1e6:.2f}M tokens"]
-        for key, name in (("train/loss", "train loss"), ("val/loss", "val loss")):
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                parts.append(f"{name} {float(value):.4f}")
-        if spent["seconds"] > 0:
-            parts.append(f"{spent['tokens'] / spent['seconds']:,.0f} tokens/s")
+                 *_status(trainer, self.budget)]
         elapsed, progressed = now - self._start, done - self._done_at_start
         if progressed > 0 and done < 1:
             parts.append(f"~{_minutes(elapsed * (1 - done) / progressed)} left")
         return " | ".join(parts)
+
+
+class BudgetBar(ProgressBar):
+    """Lightning's progress bar for a terminal, measured in the run's budget: percent of the FLOPs
+    (tokens, steps, seconds) spent, time left at the current pace, step, tokens, losses and
+    throughput; no per-epoch bars (an "epoch" here is only the evaluation interval)."""
+
+    def __init__(self, budget: BudgetStop, label: str):
+        super().__init__()
+        self.budget, self.label = budget, label
+        self._bar = None
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        from tqdm.auto import tqdm
+
+        # Percent with one decimal as the unit: tqdm's rate and time left then follow the budget.
+        self._bar = tqdm(total=1000, initial=round(1000 * self.budget.fraction), dynamic_ncols=True, file=sys.stderr,
+                         desc=f"{self.label} ({self.budget.value:.3g} {self.budget.kind})", leave=True,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar:20}| [{elapsed}<{remaining}]{postfix}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = round(1000 * self.budget.fraction)
+        self._bar.set_postfix_str(" | ".join(_status(trainer, self.budget)), refresh=False)
+        self._bar.refresh()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 def _minutes(seconds: float) -> str:

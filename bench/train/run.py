@@ -34,8 +34,8 @@ from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir
-from bench.train.callbacks import (BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats, ProgressLine,
-                                   RNGState, summarize_moe_stats)
+from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
+                                   ProgressLine, RNGState, summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule
 
@@ -284,9 +284,11 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     if task.type == "translation" and tr.curve_bleu_batches:
         callbacks.insert(callbacks.index(curve) + 1,
                          CurveBLEU(curve, dm, tr.curve_bleu_batches, tr.max_decode_len or task.tgt_len))
-    # Not a terminal (log file, CI): a progress line each minute instead of Lightning's bar.
+    # A terminal gets a bar measured in the budget; anything else (log file, CI) a line each minute.
     bar = progress and sys.stderr.isatty()
-    if progress and not bar:
+    if bar:
+        callbacks.append(BudgetBar(budget, record.name or record.run_id))
+    elif progress:
         every = float(os.environ.get("MOE_BENCH_PROGRESS_EVERY", "60"))  # seconds between lines
         callbacks.append(ProgressLine(budget, record.name or record.run_id, every_s=every))
     # Lightning's per-run banners (GPU/TPU available, tips) say nothing a moe-bench user needs.

@@ -411,3 +411,22 @@ def test_progress_line_of_a_resumed_run_times_only_what_is_left():
     budget.spent.update(steps=70, tokens=70_000, seconds=70.0)  # 10 steps in this segment ...
     text = line.line(trainer, line._start + 10.0)  # ... took 10 s: 30 steps left = 30 s
     assert text == "resumed: 70.0% of 100 steps | step 70 | 0.07M tokens | 1,000 tokens/s | ~30 s left"
+
+
+def test_terminal_progress_bar_counts_the_budget_not_epochs(capsys):
+    from types import SimpleNamespace
+
+    from bench.train.callbacks import BudgetBar, BudgetStop
+
+    budget = BudgetStop("flops", 1e12, tracker=None)
+    budget.spent.update(steps=60, tokens=60_000, flops=6e11, seconds=60.0)  # resumed at 60%
+    bar = BudgetBar(budget, "run-a")
+    trainer = SimpleNamespace(is_global_zero=True, callback_metrics={"val/loss": 1.5})
+    bar.on_train_start(trainer, None)
+    budget.spent.update(steps=70, tokens=70_000, flops=7.25e11, seconds=70.0)
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    bar.on_train_end(trainer, None)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("run-a (1e+12 flops):  72%|")  # percent of the FLOPs budget
+    assert last.endswith("], step 70 | 0.07M tokens | val loss 1.5000 | 1,000 tokens/s")
+    assert "Epoch" not in last and "v_num" not in last
