@@ -3,19 +3,23 @@ without path traversal, Optuna studies in the same SQLite file, and one headless
 (marker ``browser``; needs Debian's chromium + chromium-driver, see .ci/browser.sh)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.client
+import shutil
+import sqlite3
 import json
 import os
 import threading
 import time
+import warnings
 
 from pathlib import Path
 
 import pytest
 
 from bench.dashboard import make_server
-from bench.dashboard.markdown import render
+from bench.dashboard.report_page import render
 from bench.tracking import ResultsStore, RunRecord, StorageError
 
 IDS = ("20260101-000000-dense-aaaa", "20260101-000100-moe-bbbb", "20260101-000200-switch-cccc")
@@ -79,16 +83,62 @@ def store_dir(tmp_path):
     return url, results
 
 
-@pytest.fixture
-def dashboard(store_dir):
-    url, results = store_dir
+@contextlib.contextmanager
+def serving(url: str, results: Path):
     server = make_server(url, port=0, results_dir=results)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def dashboard(store_dir):
+    with serving(*store_dir) as server:
+        yield server
+
+
+# -- a reproduction: arms over seeds ----------------------------------------------------------------
+
+REPRO_GROUP = "repro-switch-vs-dense-tiny"
+T2, T1 = 4.302652729749464, 12.706204736174698  # Student-t 97.5% quantiles, 2 and 1 degrees of freedom
+DENSE = {s: [3.0 + 0.1 * s, 2.5 + 0.1 * s, 2.0 + 0.1 * s] for s in range(3)}  # val loss at 100, 200, 300 tokens
+
+
+def arm_run(arm: str, seed: int, losses: list[float], status: str = "finished") -> RunRecord:
+    """A record as the runner writes it for one arm and seed of the switch-vs-dense plan."""
+    xs = (100, 200, 300)[:len(losses)]
+    curve = [{"step": 10 * (i + 1), "tokens": x, "flops": 6e6 * x, "loss": y} for i, (x, y) in enumerate(zip(xs, losses))]
+    family = arm.split()[0]
+    return RunRecord(run_id=f"sv-{arm.replace(' ', '_')}-s{seed}", name=f"switch-vs-dense: {arm}", group=REPRO_GROUP,
+                     task="tinyshakespeare-char", family=family, preset="tiny", seed=seed, status=status, curve=curve,
+                     metrics={"val_loss": losses[-1]}, extra={"reproduction": "switch-vs-dense", "arm": arm})
+
+
+@pytest.fixture
+def repro_store(store_dir):
+    """store_dir plus a switch-vs-dense reproduction: dense (3 seeds), switch cf=1.25 (3 seeds, 0.1/0.2/0.3
+    below dense; seed 2 stopped evaluating after 200 tokens), switch cf=1.0 (one seed), a failed run."""
+    url, results = store_dir
+    with ResultsStore(url) as store:
+        for seed, losses in DENSE.items():
+            store.save(arm_run("dense", seed, losses))
+        for seed in range(3):
+            losses = [y - 0.1 * (seed + 1) for y in DENSE[seed]]
+            store.save(arm_run("switch cf=1.25", seed, losses[:2] if seed == 2 else losses))
+        store.save(arm_run("switch cf=1.0", 0, [2.95, 2.45, 1.95]))
+        store.save(arm_run("switch cf=1.0", 1, [9.0, 9.0, 9.0], status="failed"))
+    return url, results
+
+
+@pytest.fixture
+def repro_dashboard(repro_store):
+    with serving(*repro_store) as server:
+        yield server
 
 
 def get(server, path: str) -> tuple[int, bytes]:
@@ -174,7 +224,8 @@ def test_report_and_plots(dashboard):
     report = get_json(dashboard, "/api/report")
     assert "<h1>Report</h1>" in report["html"] and "<strong>MoE</strong>" in report["html"]
     assert "<td>1.5</td>" in report["html"] and 'src="/files/plots/loss.png"' in report["html"]
-    assert {(p["name"], p["kind"]) for p in report["plots"]} == {("loss.png", "image"), ("loss.html", "html")}
+    # loss.png is shown by the report itself: only the plot it does not show is listed apart
+    assert [(p["name"], p["kind"]) for p in report["plots"]] == [("loss.html", "html")]
     assert get(dashboard, "/files/plots/loss.png") == (200, b"\x89PNG\r\n\x1a\nfake")
 
 
@@ -249,9 +300,177 @@ def test_storage_that_cannot_be_opened_refuses_to_start(tmp_path):
 
 
 def test_markdown_escapes_html():
-    html = render("# T <b>\n\n<script>alert(1)</script> [x](javascript:alert(1)) `a<b`\n\n- one\n- two\n")
-    assert "<script>" not in html and "&lt;script&gt;" in html and 'href="#"' in html
-    assert "<code>a&lt;b</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    html, used = render("# T <b>\n\n<script>alert(1)</script> [x](javascript:alert(1)) `a<b`\n\n- one\n- two\n"
+                        "\n[plot](plots/a%20b.html) [web](https://example.org/x)\n")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript' not in html and "[x](javascript:alert(1))" in html  # left as text, not a link
+    assert "<code>a&lt;b</code>" in html and "<ul>\n<li>one</li>\n<li>two</li>\n</ul>" in html
+    assert 'href="/files/plots/a%20b.html"' in html and 'href="https://example.org/x"' in html
+    assert used == {"plots/a b.html"}
+
+
+def test_verdicts_are_text_badges():
+    """Verdicts need no emoji font: the report's marks (and older reports' emoji) become badges."""
+    html, _ = render("| claim | verdict |\n|---|---|\n| a | **reproduced** |\n| b | inconclusive |\n"
+                     "| c | **no effect beyond delta** |\n\n- ❌ refuted claim\n- ✅️ fine\n")
+    assert '<td><span class="verdict reproduced">reproduced</span></td>' in html
+    assert '<td><span class="verdict inconclusive">inconclusive</span></td>' in html
+    assert '<span class="verdict no-effect">no effect beyond delta</span>' in html
+    assert '<li><span class="verdict refuted">refuted</span> refuted claim</li>' in html
+    assert '<li><span class="verdict reproduced">reproduced</span> fine</li>' in html
+    assert not any(ch in html for ch in "✅❌➖❔\ufe0f")
+
+
+def test_runs_and_curves_name_the_arm(repro_dashboard):
+    rows = {r["run_id"]: r for r in get_json(repro_dashboard, "/api/runs")["runs"]}
+    assert rows["sv-switch_cf=1.25-s0"]["arm"] == "switch cf=1.25"
+    assert rows["sv-switch_cf=1.25-s0"]["reproduction"] == "switch-vs-dense"
+    assert rows[IDS[0]]["arm"] == "dense"  # no arm tag and no name: the family
+    runs = get_json(repro_dashboard, "/api/curves?run=sv-switch_cf=1.0-s0&run=sv-switch_cf=1.25-s0")["runs"]
+    assert [r["label"] for r in runs] == ["switch cf=1.0 · seed 0", "switch cf=1.25 · seed 0"]
+    assert runs[1]["metrics"]["val/loss"]["y"] == pytest.approx([2.9, 2.4, 1.9])
+    twice = get_json(repro_dashboard, "/api/curves?run=sv-dense-s1&run=sv-dense-s1")["runs"]
+    assert [r["label"] for r in twice] == ["dense · seed 1 (sv-dense-s1)"] * 2  # the same label: the id tells them apart
+
+
+def test_arms_mean_interval_and_paired_gap(repro_dashboard):
+    data = get_json(repro_dashboard, f"/api/arms?group={REPRO_GROUP}")
+    assert data["baseline"] == "dense" and data["x"] == "tokens"  # the plan's baseline
+    assert [a["arm"] for a in data["arms"]] == ["dense", "switch cf=1.0", "switch cf=1.25"]  # the plan's order
+    dense, cf1, cf125 = data["arms"]
+    half = T2 * 0.1 / 3 ** 0.5  # sd 0.1 over 3 seeds
+    assert dense["seeds"] == [0, 1, 2] and dense["curve"]["x"] == [100, 200, 300]
+    assert dense["curve"]["mean"] == pytest.approx([3.1, 2.6, 2.1])
+    assert dense["curve"]["low"] == pytest.approx([3.1 - half, 2.6 - half, 2.1 - half])
+    assert dense["curve"]["high"] == pytest.approx([3.1 + half, 2.6 + half, 2.1 + half])
+    assert dense["final_val_loss"] == pytest.approx({"mean": 2.1, "low": 2.1 - half, "high": 2.1 + half, "n": 3})
+    assert dense["gap"] is None
+    # only the x values every seed has (seed 2 stopped at 200 tokens)
+    assert cf125["curve"]["x"] == [100, 200] and cf125["curve"]["mean"] == pytest.approx([2.9, 2.4])
+    gap = cf125["gap"]  # per-seed gaps -0.1, -0.2, -0.3; at 300 tokens only seeds 0 and 1 (sd 0.05 * sqrt 2)
+    assert gap["x"] == [100, 200, 300] and gap["n"] == [3, 3, 2]
+    assert gap["mean"] == pytest.approx([-0.2, -0.2, -0.15])
+    assert gap["low"] == pytest.approx([-0.2 - half, -0.2 - half, -0.15 - T1 * 0.05])
+    assert gap["high"][0] == pytest.approx(-0.2 + half)
+    # one finished seed (the failed run does not count): a mean, no interval
+    assert cf1["seeds"] == [0] and cf1["curve"]["low"] == [None, None, None]
+    assert cf1["gap"]["mean"] == pytest.approx([-0.05, -0.05, -0.05]) and cf1["gap"]["low"] == [None] * 3
+
+    flops = get_json(repro_dashboard, f"/api/arms?group={REPRO_GROUP}&x=flops&baseline=switch cf=1.25".replace(" ", "%20"))
+    assert flops["baseline"] == "switch cf=1.25" and flops["arms"][0]["curve"]["x"] == pytest.approx([6e8, 1.2e9, 1.8e9])
+    assert flops["arms"][0]["gap"]["mean"][0] == pytest.approx(0.2)
+    assert get_json(repro_dashboard, "/api/arms?group=nope")["note"] == "no finished runs in group 'nope'"
+    assert get(repro_dashboard, f"/api/arms?group={REPRO_GROUP}&x=bogus")[0] == 400
+
+
+def make_study(url: str, name: str = "lr-search", n: int = 3, directions=("minimize",), metric_names=None,
+               objectives=None):
+    """A small Optuna study in the results database, with intermediate values and run ids."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=url, directions=list(directions),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    if metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names)
+    if objectives:
+        study.set_user_attr("objectives", objectives)
+    for i in range(n):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        layers = trial.suggest_int("layers", 1, 4)
+        if len(directions) == 1:  # Optuna keeps intermediate values of single-objective trials only
+            trial.report(3.0 - i * 0.1, step=1)
+        trial.set_user_attr("run_id", IDS[i % len(IDS)])
+        values = [2.0 + lr * 10 + 0.01 * layers, 1000.0 * layers][:len(directions)]
+        study.tell(trial, values)
+    return study
+
+
+def test_study_figures_are_optunas_own(dashboard, store_dir):
+    url, _ = store_dir
+    make_study(url, "lr-search", n=3, metric_names=["val_loss"])
+    data = get_json(dashboard, "/api/study_plots?name=lr-search")
+    kinds = [f["kind"] for f in data["figures"]]
+    assert kinds == ["history", "importances", "parallel", "intermediate"] and data["notes"] == []
+    history = data["figures"][0]["figure"]
+    assert history["layout"]["yaxis"]["title"]["text"] == "val_loss"  # the study's metric name, not "Objective Value"
+    assert history["layout"]["title"]["text"] == "optimization history: val_loss"
+    assert {t["name"] for t in history["data"]} >= {"val_loss", "Best Value"}
+    assert sorted(data["figures"][1]["figure"]["data"][0]["y"]) == ["layers", "lr"]  # importances per parameter
+    assert get_json(dashboard, "/api/study?name=lr-search")["objectives"] == ["val_loss"]
+
+    make_study(url, "one-trial", n=1)
+    notes = get_json(dashboard, "/api/study_plots?name=one-trial")["notes"]
+    assert notes == ["parameter importances: Objective 0: needs at least 2 completed trials and 1 parameter "
+                     "(1 completed, 2 parameters)"]
+    # multi-objective, names only in the user attr (studies made before set_metric_names)
+    make_study(url, "pareto", n=3, directions=("minimize", "minimize"), objectives=["val_loss", "active_params"])
+    data = get_json(dashboard, "/api/study_plots?name=pareto")
+    assert [f["title"] for f in data["figures"]] == [
+        "optimization history: val_loss", "optimization history: active_params",
+        "parameter importances: val_loss", "parameter importances: active_params",
+        "parallel coordinates: val_loss", "parallel coordinates: active_params", "intermediate values", "Pareto front"]
+    pareto = data["figures"][-1]["figure"]["layout"]
+    assert (pareto["xaxis"]["title"]["text"], pareto["yaxis"]["title"]["text"]) == ("val_loss", "active_params")
+    assert get(dashboard, "/api/study_plots?name=nope")[0] == 404
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite file (its WAL content included), as a backup would make."""
+    with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(dst)) as b:
+        a.backup(b)
+
+
+@pytest.mark.parametrize("permissions", ["writable", "read-only"])
+def test_read_only_store_writes_nothing(repro_store, tmp_path, permissions):
+    """The dashboard on a copy of a store (runs + an Optuna study) creates no -wal/-shm/journal file
+    beside it, changes no byte of it, and works in a read-only directory."""
+    url, results = repro_store
+    make_study(url, "lr-search", n=3, metric_names=["val_loss"])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    db = ro / "moe-bench.db"
+    copy_store(Path(url.removeprefix("sqlite:///")), db)
+    shutil.copy(results / "REPORT.md", ro / "REPORT.md")
+    assert db.read_bytes()[18:20] == b"\x02\x02"  # a WAL-mode file: the case that used to leave -wal/-shm
+    before, content = sorted(os.listdir(ro)), db.read_bytes()
+    if permissions == "read-only":
+        db.chmod(0o444)
+        ro.chmod(0o555)
+    try:
+        with serving(f"sqlite:///{db}", ro) as server:
+            runs = get_json(server, "/api/runs")["runs"]
+            assert len(runs) == len(IDS) + 8 and {r["arm"] for r in runs} >= {"dense", "switch cf=1.25"}
+            assert get_json(server, f"/api/run?id={IDS[1]}")["record"]["family"] == "moe"
+            assert get_json(server, f"/api/arms?group={REPRO_GROUP}")["arms"][0]["curve"]["mean"] == pytest.approx([3.1, 2.6, 2.1])
+            assert [s["name"] for s in get_json(server, "/api/studies")["studies"]] == ["lr-search"]
+            assert len(get_json(server, "/api/study?name=lr-search")["trials"]) == 3
+            assert get_json(server, "/api/study_plots?name=lr-search")["figures"]
+            assert "<h1>Report</h1>" in get_json(server, "/api/report")["html"]
+            assert sorted(os.listdir(ro)) == before  # also while it is open
+        assert sorted(os.listdir(ro)) == before and db.read_bytes() == content
+    finally:
+        ro.chmod(0o755)
+        db.chmod(0o644)
+
+
+def test_read_only_store_follows_a_live_writer(store_dir):
+    """While a training run writes (its -wal/-shm exist), the dashboard reads through them: new runs
+    show up, and no file is added or left behind."""
+    url, results = store_dir
+    folder = results
+    with ResultsStore(url) as writer, serving(url, results) as server:
+        writer.list()  # the writer's connection is open: -wal and -shm exist
+        before = sorted(os.listdir(folder))
+        assert {"moe-bench.db-wal", "moe-bench.db-shm"} <= set(before)
+        assert len(get_json(server, "/api/runs")["runs"]) == len(IDS)
+        writer.save(arm_run("dense", 0, DENSE[0]))
+        assert [r["run_id"] for r in get_json(server, "/api/runs")["runs"]][-1] == "sv-dense-s0"
+        assert sorted(os.listdir(folder)) == before
+    assert not any(name.startswith("moe-bench.db-") for name in os.listdir(folder))  # the writer cleaned up
 
 
 # -- headless Chromium -----------------------------------------------------------------------------
@@ -345,3 +564,79 @@ def test_run_without_csv_files_falls_back_to_the_records_curve(tmp_path):
     val = run["metrics"]["val/loss"]
     assert (val["step"], val["y"], val["x"]["flops"]) == ([50, 100], [2.9, 2.5], [4e12, 8e12])
     assert run["note"] == "validation curve from the run record (no CSV files here)"
+
+
+def page_ready(driver, url: str) -> None:
+    driver.get(url)
+    assert wait_for(driver, "document.body.dataset.ready === '1'"), "page did not finish loading"
+
+
+@pytest.mark.browser
+def test_browser_runs_table_names_arms(repro_dashboard, browser):
+    page_ready(browser, repro_dashboard.url)
+    arms = browser.execute_script("return Object.fromEntries([...document.querySelectorAll('#runs-table tbody tr')]"
+                                  ".map(tr => [tr.dataset.runId, tr.querySelector('td.arm').textContent.trim()]))")
+    assert arms["sv-switch_cf=1.25-s0"] == "switch cf=1.25" and arms["sv-switch_cf=1.0-s0"] == "switch cf=1.0"
+    assert arms[IDS[0]] == "dense"
+    # At 1400 px the quality columns are on screen without scrolling.
+    shown = browser.execute_script(
+        "return ['val_loss', 'quality', 'quality_per_active_param'].map(k => document.querySelector("
+        "`#runs-table th[data-key='${k}']`).getBoundingClientRect().right <= document.documentElement.clientWidth)")
+    assert shown == [True, True, True]
+    # Narrower: the table scrolls sideways and the arm column (with the checkbox) stays in place.
+    browser.set_window_size(800, 1000)
+    moved = browser.execute_script(
+        "const box = document.querySelector('#view-runs .scroll'); const cell = document.querySelector('#runs-table td.arm');"
+        "const before = cell.getBoundingClientRect().left; box.scrollLeft = 400;"
+        "return [box.scrollWidth > box.clientWidth, box.scrollLeft, cell.getBoundingClientRect().left - before]")
+    assert moved[0] and moved[1] > 0 and moved[2] == 0
+
+
+@pytest.mark.browser
+def test_browser_arms_view_legends_name_the_arms(repro_dashboard, browser):
+    page_ready(browser, repro_dashboard.url + f"#arms/{REPRO_GROUP}")
+    legend = ("(() => { const d = document.querySelector('%s'); return d && d.data && "
+              "d.data.filter(t => t.showlegend !== false).map(t => t.name); })()")
+    assert wait_for(browser, legend % "#arms-curves") == ["dense", "switch cf=1.0", "switch cf=1.25"]
+    assert wait_for(browser, legend % "#arms-gap") == ["switch cf=1.0 − dense", "switch cf=1.25 − dense"]
+    drawn = browser.execute_script("return [...document.querySelectorAll('#arms-curves .legendtext')].map(t => t.textContent)")
+    assert drawn == ["dense", "switch cf=1.0", "switch cf=1.25"]
+    # bands: a filled trace under the mean of every arm with two or more seeds
+    fills = browser.execute_script("return document.querySelector('#arms-curves').data.filter(t => t.fill === 'toself').map(t => t.name)")
+    assert fills == ["dense (95% CI)", "switch cf=1.25 (95% CI)"]
+    # The legend sits right of the plot area and clear of the x-axis title.
+    boxes = browser.execute_script(
+        "const d = document.querySelector('#arms-curves'); const r = (s) => d.querySelector(s).getBoundingClientRect();"
+        "const legend = r('.legend'), plot = r('.nsewdrag'), xtitle = r('.g-xtitle');"
+        "return [legend.left >= plot.right, xtitle.right <= legend.left || xtitle.top >= legend.bottom]")
+    assert boxes == [True, True]
+    assert browser.execute_script("return [...document.querySelectorAll('#arms-table tbody tr td:first-child')]"
+                                  ".map(td => td.textContent)") == ["dense", "switch cf=1.0", "switch cf=1.25"]
+
+
+@pytest.mark.browser
+def test_browser_studies_show_optuna_figures(dashboard, store_dir, browser):
+    make_study(store_dir[0], "lr-search", n=3, metric_names=["val_loss"])
+    page_ready(browser, dashboard.url + "#study/lr-search")
+    kinds = wait_for(browser, "(() => { const d = [...document.querySelectorAll('#study-figures .js-plotly-plot')];"
+                              " return d.length === 4 && d.map(x => x.dataset.kind); })()")
+    assert kinds == ["history", "importances", "parallel", "intermediate"]
+    title = browser.execute_script("return document.querySelector('#study-figures .js-plotly-plot .gtitle').textContent")
+    assert title == "optimization history: val_loss"
+    assert browser.execute_script("return document.querySelectorAll('#study-figures .js-plotly-plot g.trace').length") > 0
+
+
+@pytest.mark.browser
+def test_browser_report_shows_each_plot_once(dashboard, store_dir, browser):
+    _, results = store_dir
+    (results / "REPORT.md").write_text("# Report\n\n| claim | verdict |\n|---|---|\n| a | **reproduced** |\n| b | ❔ |\n\n"
+                                       "![curve](plots/loss.png)\n")
+    page_ready(browser, dashboard.url + "#report")
+    srcs = wait_for(browser, "(() => { const r = document.querySelector('#report-body');"
+                             " return r && [...document.querySelectorAll('#view-report img, #view-report iframe')]"
+                             ".map(e => e.getAttribute('src')); })()")
+    assert srcs == ["/files/plots/loss.png", "/files/plots/loss.html"]  # inline once; the gallery only has the other
+    badges = browser.execute_script(
+        "return [...document.querySelectorAll('#report-body .verdict')].map(b => [b.className, b.textContent,"
+        " getComputedStyle(b).backgroundColor !== 'rgba(0, 0, 0, 0)'])")
+    assert badges == [["verdict reproduced", "reproduced", True], ["verdict inconclusive", "inconclusive", True]]

@@ -1,6 +1,6 @@
 """The package's import graph, function-local imports included: no cycle, and no upward arrow.
 
-Layers (DESIGN.md): cli -> throughput -> {runner, sweep, perf, report, dashboard} -> train ->
+Layers (DESIGN.md): cli -> {throughput, dashboard} -> {runner, sweep, perf, report} -> train ->
 {flops, decoding, plans} -> {models, data, tracking} -> {config, runtime, metrics}. The report and the
 dashboard read plans and records only: they never import the runner, the trainer or a sweep.
 """
@@ -16,11 +16,12 @@ LAYER = {
     "models": 1, "data": 1, "tracking": 1,
     "flops": 2, "decoding": 2, "plans": 2,  # use model configs and models
     "train": 3,
-    "runner": 4, "sweep": 4, "perf": 4, "report": 4, "dashboard": 4,
+    "runner": 4, "sweep": 4, "perf": 4, "report": 4,
+    "dashboard": 5,  # shows what the report computes, with bench.report's statistics
     "throughput": 5,  # times a plan's arms with perf's training step
     "cli": 6,
 }
-READERS = {"report", "dashboard"}  # read plans and records: only layers 0-2, never train/runner/sweep
+READERS = {"report", "dashboard"}  # read plans and records (and each other): never train/runner/sweep
 
 
 def _modules() -> dict[str, Path]:
@@ -90,7 +91,7 @@ def test_imports_only_point_down():
             dst = _package(target)
             if src == dst:
                 continue
-            if LAYER[dst] >= LAYER[src] or (src in READERS and LAYER[dst] > 2):
+            if LAYER[dst] >= LAYER[src] or (src in READERS and LAYER[dst] > 2 and dst not in READERS):
                 upward.append(f"{module} -> {target}")
     assert not upward, "imports against the layering:\n" + "\n".join(sorted(upward))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml", "optuna_integration": "optuna-integration"}
+DISTRIBUTION = {"yaml": "pyyaml", "optuna_integration": "optuna-integration", "markdown_it": "markdown-it-py"}
 
 
 def _imported() -> set[str]:

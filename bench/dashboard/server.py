@@ -6,9 +6,14 @@
     /api/runs                runs table rows (?task= &family= &status= &group= filter exactly)
     /api/run?id=RUN_ID       one record
     /api/curves?run=A&run=B  CSV curves of several runs (&metric=train/loss&metric=... : only those)
+    /api/arms?group=G        per arm over seeds: mean curve with 95% interval, gap to the baseline
+                             (&x=tokens|flops|step &baseline=ARM)
     /api/studies             Optuna studies in the same database
     /api/study?name=NAME     one study's trials
-    /api/report              REPORT.md as HTML and the plots under plots/
+    /api/study_plots?name=N  Optuna's plotly figures of one study
+    /api/report              REPORT.md as HTML and the plots under plots/ it does not show
+
+The store is opened read-only: nothing is written into or beside the database.
     /files/<path>            a report/plot file inside the results folder (nothing outside it)
 """
 from __future__ import annotations
@@ -30,7 +35,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import sqlalchemy as sa
 
-from bench.dashboard import api
+from bench.dashboard import api, arms, report_page
+from bench.dashboard.studies import Studies
 from bench.tracking.records import ResultsStore, StorageError, normalize_storage_url
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -59,7 +65,7 @@ class DashboardServer(ThreadingHTTPServer):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.store, self.results_dir = store, results_dir
-        self.studies = api.Studies(store)
+        self.studies = Studies(store)
         self.storage_shown = store.engine.url.render_as_string(hide_password=True)
         self.loopback_only = host in LOOPBACK_NAMES
         self._plotly: bytes | None = None
@@ -177,13 +183,22 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(detail) if detail else self._error(404, f"no run {one.get('id')!r} in the store")
         if path == "/api/curves":
             return self._json(api.run_curves(srv.store, query.get("run", []), query.get("metric")))
+        if path == "/api/arms":
+            if not one.get("group"):
+                return self._error(400, "which group? /api/arms?group=NAME")
+            if one.get("x", "tokens") not in arms.X_AXES:
+                return self._error(400, f"x must be one of {', '.join(arms.X_AXES)}")
+            return self._json(arms.arms(srv.store, one["group"], one.get("x", "tokens"), one.get("baseline")))
         if path == "/api/studies":
             return self._json(srv.studies.summaries())
         if path == "/api/study":
             trials = srv.studies.trials(one.get("name", ""))
             return self._json(trials) if trials else self._error(404, f"no study {one.get('name')!r}")
+        if path == "/api/study_plots":
+            figures = srv.studies.figures(one.get("name", ""))
+            return self._json(figures) if figures else self._error(404, f"no study {one.get('name')!r}")
         if path == "/api/report":
-            return self._json(api.report(srv.results_dir))
+            return self._json(report_page.report(srv.results_dir))
         return self._error(404, f"not found: {path}")
 
 
@@ -208,7 +223,7 @@ def make_server(storage: str | None, host: str = "127.0.0.1", port: int = 8050,
     port, see ``.url``). Raises StorageError when the store cannot be opened and OSError when the
     address cannot be bound."""
     _check_sqlite_exists(storage)
-    store = ResultsStore(storage)
+    store = ResultsStore(storage, read_only=True)  # a dashboard only reads
     try:
         store.list()  # fail now, not on the first page load
         return DashboardServer(store, host, port, Path(results_dir))

@@ -341,8 +341,11 @@ class ResultsStore:
     same database (Optuna's) are left alone. Raises StorageError when the database cannot be used.
     """
 
-    def __init__(self, url: str | os.PathLike | None = None):
+    def __init__(self, url: str | os.PathLike | None = None, read_only: bool = False):
+        """``read_only``: only read (the dashboard): no table creation, no WAL switch, and an SQLite
+        file is opened with ``mode=ro`` so nothing is written into or beside it."""
         self.url = normalize_storage_url(url)
+        self.read_only = read_only
         self._shown = self.url
         try:
             parsed = sa.engine.make_url(self.url)
@@ -360,13 +363,18 @@ class ResultsStore:
             self.sqlite_path = Path(parsed.database).expanduser().absolute()
             parsed = parsed.set(database=str(self.sqlite_path))
             try:
-                self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+                if not read_only:
+                    self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(
                     f"cannot create the directory for results database {self._shown!r}: {e}. "
                     f"Check the path and its permissions, or set ${STORAGE_ENV}") from None
         kwargs: dict[str, Any] = {}
-        if self.is_sqlite:
+        if read_only and self.sqlite_path is not None:
+            # A fresh connection per use (NullPool), so each one sees whether a writer is active now.
+            path = self.sqlite_path
+            kwargs.update(creator=lambda: sqlite_read_only_connect(path), poolclass=sa.pool.NullPool)
+        elif self.is_sqlite:
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         else:
             kwargs["pool_pre_ping"] = True
@@ -378,11 +386,12 @@ class ResultsStore:
                 f"dialect (sqlite, postgresql, mysql ...) and that its Python driver is installed "
                 f"(postgresql: `pip install 'psycopg[binary]'`; mysql: `pip install pymysql` with "
                 f"mysql+pymysql://)") from None
-        if self.is_sqlite:
+        if self.is_sqlite and not read_only:
             sa.event.listen(self.engine, "connect", _sqlite_on_connect)
         self.metadata, self.table = _metadata_and_table()
-        with self._guard("create the runs table in"):
-            self._create_table()
+        if not read_only:
+            with self._guard("create the runs table in"):
+                self._create_table()
 
     def __repr__(self) -> str:
         return f"ResultsStore({self._shown!r})"
@@ -504,6 +513,20 @@ class _StorageGuard:
         if exc is None or not isinstance(exc, (sa_exc.SQLAlchemyError, sqlite3.Error, ImportError, OSError)):
             return False
         raise self.store._explain(self.action, exc) from None
+
+
+def sqlite_read_only_connect(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write to ``path`` nor create anything beside it. A WAL-mode file
+    needs its ``-wal``/``-shm`` files to be read: they exist while a writer has it open; when they
+    do not, nobody is writing, and ``mode=ro`` alone would create both and leave them behind, so
+    the file is opened ``immutable`` instead (a snapshot, taken afresh by each connection)."""
+    with open(path, "rb") as f:  # a missing file is an error here, not a new database
+        header = f.read(20)
+    wal_mode = len(header) == 20 and header[18:20] == b"\x02\x02"
+    writer_active = all(Path(f"{path}-{ext}").exists() for ext in ("wal", "shm"))
+    flags = "mode=ro&immutable=1" if wal_mode and not writer_active else "mode=ro"
+    uri = f"{path.as_uri()}?{flags}"
+    return sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
 
 
 def _sqlite_on_connect(dbapi_conn, _record) -> None:

@@ -1,5 +1,6 @@
 // moe-bench dashboard front end: vanilla JS over the JSON API in bench/dashboard/server.py.
-// Views follow the URL hash: #runs, #compare/<id>,<id>, #run/<id>, #studies, #study/<name>, #report.
+// Views follow the URL hash: #runs, #compare/<id>,<id>, #arms/<group>, #run/<id>, #studies, #study/<name>,
+// #report.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -7,6 +8,8 @@ const state = { runs: [], selected: new Set(), sortKey: "started_at", sortDir: -
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                  "#7f7f7f", "#bcbd22"];
 const X_LABELS = { step: "step", flops: "training FLOPs", tokens: "tokens seen", seconds: "train seconds" };
+// Legends sit right of the plot area, so they never cover curves or the x-axis title.
+const LEGEND_OUTSIDE = { x: 1.02, xanchor: "left", y: 1, yanchor: "top" };
 
 // -- helpers ----------------------------------------------------------------------------------
 async function getJSON(url) {
@@ -61,15 +64,16 @@ function showError(where, err) {
 }
 
 // -- runs table -------------------------------------------------------------------------------
-const COLUMNS = [  // key, header, formatter, numeric
-  ["run_id", "run", null, false], ["group", "group", null, false], ["task", "task", null, false],
-  ["family", "family", null, false], ["preset", "preset", null, false], ["seed", "seed", null, true],
-  ["status", "status", null, false], ["budget", "budget", null, false],
+// key, header, formatter, numeric. The quality columns come early so they stay in view at ~1400 px;
+// family, preset and budget are filters and run details, not columns.
+const COLUMNS = [
+  ["arm", "arm", null, false], ["run_id", "run", null, false], ["status", "status", null, false],
+  ["seed", "seed", null, true], ["val_loss", "val loss", fmtNum, true], ["quality", "quality", fmtNum, true],
+  ["quality_per_active_param", "quality/active-M", fmtNum, true],
   ["active_params", "active", fmtCount, true], ["total_params", "total", fmtCount, true],
   ["train_flops", "train FLOPs", fmtSci, true], ["steps", "steps", null, true],
-  ["val_loss", "val loss", fmtNum, true], ["quality", "quality", fmtNum, true],
-  ["quality_per_active_param", "quality/active-M", fmtNum, true],
-  ["wall_seconds", "wall", fmtDur, true], ["started_at", "started", (x) => (x || "-").replace("T", " ").slice(0, 19), false],
+  ["wall_seconds", "wall", fmtDur, true], ["group", "group", null, false], ["task", "task", null, false],
+  ["started_at", "started", (x) => (x || "-").replace("T", " ").slice(0, 19), false],
 ];
 
 async function loadRuns() {
@@ -102,12 +106,16 @@ function compareValues(a, b) {
 }
 
 function renderRuns() {
-  const head = el("tr", {}, el("th", {}, el("input", { type: "checkbox", id: "select-all", title: "select all shown",
-    onchange: (e) => { for (const r of filteredRuns()) e.target.checked ? state.selected.add(r.run_id) : state.selected.delete(r.run_id); renderRuns(); } })));
+  // The first column (checkbox + arm) stays in place while the table scrolls sideways.
+  const head = el("tr", {});
   for (const [key, label] of COLUMNS) {
-    const cls = "sortable" + (state.sortKey === key ? (state.sortDir > 0 ? " sorted-asc" : " sorted-desc") : "");
-    head.append(el("th", { class: cls, "data-key": key, text: label, onclick: () => {
-      state.sortDir = state.sortKey === key ? -state.sortDir : 1; state.sortKey = key; renderRuns(); } }));
+    const cls = "sortable" + (key === "arm" ? " arm" : "") + (state.sortKey === key ? (state.sortDir > 0 ? " sorted-asc" : " sorted-desc") : "");
+    const sort = () => { state.sortDir = state.sortKey === key ? -state.sortDir : 1; state.sortKey = key; renderRuns(); };
+    head.append(key !== "arm" ? el("th", { class: cls, "data-key": key, text: label, onclick: sort })
+      : el("th", { class: cls, "data-key": key },
+           el("input", { type: "checkbox", id: "select-all", title: "select all shown",
+             onchange: (e) => { for (const r of filteredRuns()) e.target.checked ? state.selected.add(r.run_id) : state.selected.delete(r.run_id); renderRuns(); } }),
+           el("span", { text: " " + label, onclick: sort })));
   }
   $("#runs-table thead").replaceChildren(head);
   const rows = filteredRuns().sort((a, b) => {
@@ -116,14 +124,15 @@ function renderRuns() {
     return missing ? c : c * state.sortDir;
   });
   $("#runs-table tbody").replaceChildren(...rows.map((r) => {
-    const tr = el("tr", { "data-run-id": r.run_id, class: state.selected.has(r.run_id) ? "selected" : null },
-      el("td", {}, el("input", { type: "checkbox", class: "run-select", value: r.run_id, checked: state.selected.has(r.run_id),
-        onchange: (e) => { e.target.checked ? state.selected.add(r.run_id) : state.selected.delete(r.run_id); renderRuns(); } })));
+    const tr = el("tr", { "data-run-id": r.run_id, class: state.selected.has(r.run_id) ? "selected" : null });
     for (const [key, , fmt, numeric] of COLUMNS) {
       const v = r[key];
-      const cell = key === "run_id" ? runLink(v) : fmt ? fmt(v) : (v ?? "-");
-      tr.append(el("td", { class: (numeric ? "num " : "") + (key === "status" ? "status-" + v : ""),
-                           title: key === "status" && r.error ? r.error : null }, cell));
+      const cell = key === "run_id" ? runLink(v) : key === "group" && v ? el("a", { href: "#arms/" + encodeURIComponent(v), text: v, title: "arms of this group over seeds" })
+        : fmt ? fmt(v) : (v ?? "-");
+      const box = key === "arm" ? el("input", { type: "checkbox", class: "run-select", value: r.run_id, checked: state.selected.has(r.run_id),
+        onchange: (e) => { e.target.checked ? state.selected.add(r.run_id) : state.selected.delete(r.run_id); renderRuns(); } }) : null;
+      tr.append(el("td", { class: (numeric ? "num " : "") + (key === "status" ? "status-" + v : "") + (key === "arm" ? "arm" : ""),
+                           title: key === "status" && r.error ? r.error : null }, box, box ? " " : null, cell));
     }
     return tr;
   }));
@@ -224,7 +233,7 @@ function drawCurves() {
     });
     Plotly.newPlot(div, traces, {
       title: { text: metric, x: 0.01, xanchor: "left" }, margin: { l: 60, r: 20, t: 50, b: 50 },
-      legend: { orientation: "h", y: -0.2 },
+      legend: LEGEND_OUTSIDE,
       xaxis: { title: { text: X_LABELS[xAxis] || xAxis }, type: $("#log-x").checked ? "log" : "linear" },
       yaxis: { title: { text: metric }, type: $("#log-y").checked ? "log" : "linear" },
     }, { responsive: true, displaylogo: false });
@@ -236,6 +245,61 @@ function renderCompareTable(ids) {
   $("#compare-table thead").replaceChildren(el("tr", {}, COLUMNS.map(([, label]) => el("th", { text: label }))));
   $("#compare-table tbody").replaceChildren(...rows.map((r) => el("tr", {}, COLUMNS.map(([key, , fmt, numeric]) =>
     el("td", { class: numeric ? "num" : null }, key === "run_id" ? runLink(r[key]) : fmt ? fmt(r[key]) : (r[key] ?? "-"))))));
+}
+
+// -- arms over seeds --------------------------------------------------------------------------
+// /api/arms: per arm, the mean validation curve over seeds with its 95% t interval, and the
+// paired gap to the baseline arm (bench.report.stats computes both on the server).
+const fmtCI = (m) => !m ? "-" : m.low === null ? `${fmtNum(m.mean)} (1 seed)` : `${fmtNum(m.mean)} [${fmtNum(m.low)}, ${fmtNum(m.high)}]`;
+
+function bandTraces(name, s, color, width = 3) {
+  // A shaded band where the interval is bounded (>= 2 seeds), then the mean line carrying the legend.
+  const idx = s.x.map((_, i) => i).filter((i) => s.low[i] !== null && s.high[i] !== null);
+  const band = { x: idx.map((i) => s.x[i]).concat(idx.map((i) => s.x[i]).reverse()),
+                 y: idx.map((i) => s.high[i]).concat(idx.map((i) => s.low[i]).reverse()),
+                 type: "scatter", mode: "lines", fill: "toself", fillcolor: color, opacity: 0.18, line: { width: 0 },
+                 hoverinfo: "skip", legendgroup: name, showlegend: false, name: name + " (95% CI)" };
+  const line = { x: s.x, y: s.mean, type: "scatter", mode: s.x.length > 60 ? "lines" : "lines+markers", name,
+                 legendgroup: name, line: { color, width }, marker: { size: 5 } };
+  return idx.length ? [band, line] : [line];
+}
+
+function armsLayout(title, xAxis, yTitle, extra = {}) {
+  return { title: { text: title, x: 0.01, xanchor: "left" }, margin: { l: 70, r: 20, t: 50, b: 55 },
+           legend: LEGEND_OUTSIDE, xaxis: { title: { text: X_LABELS[xAxis] || xAxis }, type: xAxis === "flops" ? "log" : "linear" },
+           yaxis: { title: { text: yTitle } }, ...extra };
+}
+
+async function showArms(group) {
+  const groups = [...new Set(state.runs.map((r) => r.group).filter(Boolean))].sort();
+  const gSel = $("#arms-group"), xSel = $("#arms-x"), bSel = $("#arms-baseline");
+  gSel.replaceChildren(el("option", { value: "", text: "choose a group" }), ...groups.map((g) => el("option", { value: g, text: g })));
+  gSel.value = groups.includes(group) ? group : "";
+  const out = $("#arms-out");
+  if (!group) { out.replaceChildren(el("p", { class: "muted", text: "pick a group (a reproduction's or a comparison's runs) to see its arms over seeds" })); return; }
+  const q = new URLSearchParams({ group, x: xSel.value || "tokens" });
+  if (bSel.value && bSel.dataset.group === group) q.set("baseline", bSel.value);
+  let data;
+  try { data = await getJSON("/api/arms?" + q); } catch (err) { showError(out, err); return; }
+  bSel.dataset.group = group;
+  bSel.replaceChildren(...data.arms.map((a) => el("option", { value: a.arm, text: a.arm })));
+  bSel.value = data.baseline || "";
+  if (data.note) { out.replaceChildren(el("p", { class: "muted", text: data.note })); return; }
+  const curves = el("div", { class: "plot", id: "arms-curves" }), gap = el("div", { class: "plot", id: "arms-gap" });
+  const table = el("table", { class: "data", id: "arms-table" },
+    el("thead", {}, el("tr", {}, ["arm", "seeds", "final val loss: mean [95% CI]", "runs"].map((h) => el("th", { text: h })))),
+    el("tbody", {}, data.arms.map((a) => el("tr", {}, el("td", { text: a.arm }), el("td", { class: "num", text: a.seeds.join(", ") }),
+      el("td", { class: "num", text: fmtCI(a.final_val_loss) }), el("td", {}, a.run_ids.flatMap((id) => [runLink(id), " "]))))));
+  out.replaceChildren(el("div", { id: "arms-plots" }, curves, gap), el("div", { class: "scroll" }, table));
+  if (!window.Plotly) { showError(curves, new Error("plotly.js did not load")); return; }
+  const color = (i) => PALETTE[i % PALETTE.length];
+  Plotly.newPlot(curves, data.arms.flatMap((a, i) => bandTraces(a.arm, a.curve, color(i))),
+    armsLayout("val loss: mean over seeds (95% band)", data.x, "val loss"), { responsive: true, displaylogo: false });
+  const gaps = data.arms.map((a, i) => [a, i]).filter(([a]) => a.gap && a.gap.x.length);
+  Plotly.newPlot(gap, gaps.flatMap(([a, i]) => bandTraces(`${a.arm} − ${data.baseline}`, a.gap, color(i))),
+    armsLayout(`gap to ${data.baseline}, paired by seed (95% band)`, data.x, `val loss − ${data.baseline} (< 0: better)`,
+               { shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: 0, y1: 0, line: { dash: "dash", color: "#333" } }] }),
+    { responsive: true, displaylogo: false });
 }
 
 // -- one run ----------------------------------------------------------------------------------
@@ -250,7 +314,7 @@ async function showRun(id) {
   let data;
   try { data = await getJSON("/api/run?id=" + encodeURIComponent(id)); } catch (err) { showError(view, err); return; }
   const r = data.record;
-  const head = { run_id: r.run_id, name: r.name, group: r.group, task: r.task, family: r.family, preset: r.preset,
+  const head = { run_id: r.run_id, name: r.name, arm: data.row.arm, group: r.group, task: r.task, family: r.family, preset: r.preset,
                  seed: r.seed, status: r.status, error: r.error, git_commit: r.git_commit, budget: r.budget,
                  train_flops: fmtSci(r.train_flops), tokens_seen: fmtCount(r.tokens_seen), steps: r.steps,
                  started_at: r.started_at, finished_at: r.finished_at };
@@ -329,14 +393,32 @@ async function showStudy(name) {
   view.replaceChildren(
     el("h2", {}, "Study ", el("code", { text: data.name }), el("span", { class: "muted", text: "  " + data.directions.join(", ") })),
     el("table", { class: "data", id: "trials-table" },
-      el("thead", {}, el("tr", {}, ["#", "state", "values", "params", "run", "duration", "started"].map((h) => el("th", { text: h })))),
+      el("thead", {}, el("tr", {}, ["#", "state", data.objectives.join(", "), "params", "run", "duration", "started"].map((h) => el("th", { text: h })))),
       el("tbody", {}, data.trials.map((t) => el("tr", {},
         el("td", { class: "num", text: t.number }), el("td", { class: "status-" + t.state, text: t.state }),
         el("td", { class: "num", text: t.values ? t.values.map(fmtNum).join(", ") : "-" }),
         el("td", { text: Object.entries(t.params).map(([k, v]) => `${k}=${isNum(v) ? fmtNum(v) : v}`).join("  ") }),
         el("td", {}, t.run_id ? runLink(t.run_id) : "-"), el("td", { class: "num", text: fmtDur(t.duration_s) }),
         el("td", { text: t.started_at || "-" }))))),
+    el("ul", { class: "notes", id: "study-notes" }), el("div", { id: "study-figures" }),
     hint(data.hint));
+  await drawStudyFigures(name);
+}
+
+async function drawStudyFigures(name) {
+  // Optuna's own figures (plotly JSON made by optuna.visualization on the server).
+  const box = $("#study-figures");
+  let data;
+  try { data = await getJSON("/api/study_plots?name=" + encodeURIComponent(name)); } catch (err) { showError(box, err); return; }
+  $("#study-notes").replaceChildren(...data.notes.map((n) => el("li", { text: n })));
+  if (!window.Plotly) return;
+  const divs = data.figures.map((f) => el("div", { class: "plot study-figure", "data-kind": f.kind }));
+  box.replaceChildren(...divs);
+  data.figures.forEach((f, i) => {
+    const layout = { ...f.figure.layout };
+    delete layout.width; delete layout.height;  // size to the grid cell
+    Plotly.newPlot(divs[i], f.figure.data, layout, { responsive: true, displaylogo: false });
+  });
 }
 
 // -- report -----------------------------------------------------------------------------------
@@ -351,7 +433,8 @@ async function showReport() {
     p.kind === "image" ? el("img", { src: p.url, alt: p.name, loading: "lazy" })
                        : el("iframe", { src: p.url, sandbox: "allow-scripts", loading: "lazy", title: p.name }),
     el("figcaption", {}, el("a", { href: p.url, target: "_blank", text: p.name })))));
-  view.replaceChildren(report, data.plots.length ? el("h3", { text: "plots" }) : "", gallery);
+  // The server lists only the plots the report does not show itself, so nothing appears twice.
+  view.replaceChildren(report, data.plots.length ? el("h3", { text: "other plots" }) : "", gallery);
 }
 
 // -- routing ----------------------------------------------------------------------------------
@@ -359,7 +442,7 @@ async function route() {
   const hash = decodeURIComponent(location.hash.slice(1)) || "runs";
   const [view, ...rest] = hash.split("/");
   const arg = rest.join("/");
-  const name = { run: "run", study: "study" }[view] || (["runs", "compare", "studies", "report"].includes(view) ? view : "runs");
+  const name = { run: "run", study: "study" }[view] || (["runs", "compare", "arms", "studies", "report"].includes(view) ? view : "runs");
   for (const s of document.querySelectorAll("main > section")) s.hidden = s.id !== "view-" + name;
   for (const a of document.querySelectorAll("header nav a")) {
     const tab = a.dataset.tab;
@@ -367,6 +450,7 @@ async function route() {
   }
   if (name === "runs") renderRuns();
   else if (name === "compare") await showCompare(arg ? arg.split(",").filter(Boolean) : []);
+  else if (name === "arms") await showArms(arg);
   else if (name === "run") await showRun(arg);
   else if (name === "studies") await showStudies();
   else if (name === "study") await showStudy(arg);
@@ -381,6 +465,8 @@ async function init() {
   });
   $("#clear-btn").addEventListener("click", () => { state.selected.clear(); renderRuns(); });
   for (const id of ["#x-axis", "#log-x", "#log-y"]) $(id).addEventListener("change", drawCurves);
+  $("#arms-group").addEventListener("change", (e) => { location.hash = "#arms/" + encodeURIComponent(e.target.value); });
+  for (const id of ["#arms-x", "#arms-baseline"]) $(id).addEventListener("change", () => showArms($("#arms-group").value));
   window.addEventListener("hashchange", route);
   try {
     const info = await getJSON("/api/info");
