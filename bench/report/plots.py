@@ -152,10 +152,31 @@ def _go():
     return go
 
 
+def _wrap_titles(fig) -> None:
+    """Long titles (a plan's title with its paper reference and budget) on two lines, not cut off
+    at the figure's edge: about 7.5 characters per inch of figure width at the title's font size."""
+    import textwrap
+
+    width = max(20, int(fig.get_figwidth() * 7.5))
+    for ax in fig.axes:
+        title = ax.get_title()
+        if len(title) > width:
+            ax.set_title(textwrap.fill(title, width))
+    suptitle = getattr(fig, "_suptitle", None)
+    if suptitle is not None and len(suptitle.get_text()) > width:
+        suptitle.set_text(textwrap.fill(suptitle.get_text(), width))
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, never over a curve (constrained layout makes room for it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
 def _save(fig, pfig, out_dir: Path, stem: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, html = out_dir / f"{stem}.png", out_dir / f"{stem}.html"
+    _wrap_titles(fig)
     fig.savefig(png, dpi=DPI)
     pfig.update_layout(template=PLOTLY_TEMPLATE)
     pfig.write_html(html, include_plotlyjs="directory", full_html=True, config={"displaylogo": False})
@@ -284,7 +305,7 @@ def learning_curves(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel("validation loss")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
+    _legend_outside(ax)
     pfig.update_layout(title=title, xaxis_title=X_LABELS[x], yaxis_title="validation loss",
                        xaxis_type="log" if x == "flops" else "linear", hovermode="closest")
     return _save(fig, pfig, out_dir, stem)
@@ -466,7 +487,7 @@ def loss_vs_experts(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     ax.set_xlabel("number of experts")
     ax.set_ylabel("final validation loss")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     pfig.update_layout(title=title, xaxis_title="number of experts", yaxis_title="final validation loss",
                        xaxis={"type": "log", "tickvals": experts, "ticktext": [str(e) for e in experts]})
     return _save(fig, pfig, out_dir, stem)
@@ -700,7 +721,7 @@ def gap_to_baseline(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend_outside(ax)
     pfig.update_layout(title=title, xaxis={"title": {"text": X_LABELS[x]}}, yaxis={"title": {"text": ylabel}},
                        legend={"orientation": "h", "y": -0.2})
     return _save(fig, pfig, out_dir, stem)

@@ -238,3 +238,18 @@ def test_unfinished_runs_do_not_change_the_numbers(tmp_path):
     lone = [make_record("dense", 0), make_record("switch E=4", 1)]
     assert len(plots.loss_vs_experts(lone, tmp_path, "lone", "t")) == 2
     assert len(plots.learning_curves(lone, tmp_path, "lone-curves", "t")) == 2
+
+
+def test_long_titles_wrap_and_legends_sit_outside_the_axes():
+    fig, ax = plots._figure(7.5, 4.6)
+    ax.plot([0, 1], [0, 1], label="switch cf=1.25 (mean of 5)")
+    title = "Switch Transformer vs dense at equal FLOPs (Fedus et al. 2021, Table 1) (1.5e+14 training FLOPs per run)"
+    ax.set_title(title)
+    plots._legend_outside(ax)
+    plots._wrap_titles(fig)
+    lines = ax.get_title().split("\n")
+    assert len(lines) == 2 and all(len(line) <= 56 for line in lines) and " ".join(lines) == title
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # right of the plotting area: never over a curve
+    assert legend.x1 <= fig.bbox.x1 + 1  # and not cut off
