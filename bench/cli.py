@@ -195,9 +195,9 @@ def _log_plan_summary(plan, tier: str, records: list, started: str, job_type: st
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from bench.tracking.records import ResultsStore, format_runs_table
+    from bench.tracking.records import format_runs_table, reading_store
 
-    records = ResultsStore(args.storage).list(task=args.task, family=args.model, group=args.group)
+    records = reading_store(args.storage).list(task=args.task, family=args.model, group=args.group)
     if args.json:
         print(json.dumps([r.summary() for r in records]))
     else:
@@ -372,6 +372,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-bench", description="Fair dense vs mixture-of-experts benchmarks.",
                                      epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (also: MOE_BENCH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flops", help="parameters and FLOPs per token of a model on a task")
@@ -515,6 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: finished work is recorded, the same command continues
         print(f"moe-bench {args.command}: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else: one line (a failed run is already recorded with its traceback)
+        import os
+
+        if args.debug or os.environ.get("MOE_BENCH_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"moe-bench {args.command}: failed: {type(e).__name__}: {e}\n"
+              f"  (run `moe-bench --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"status": "error", "command": args.command, "error": f"{type(e).__name__}: {e}"}))
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.plans import Plan, all_plans
-from bench.tracking.records import ResultsStore, RunRecord, is_throughput, throughput_by_arm
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput, reading_store, throughput_by_arm
 
 VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
                 "inconclusive": "inconclusive", "no-data": "no data"}
@@ -100,7 +100,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
                                        reproduce_command, section_budget)
 
     plans = plans if plans is not None else all_plans()
-    store = ResultsStore(storage)
+    store = reading_store(storage)  # read-only: a shipped or shared store on read-only media works
     plans = {**plans, **_users_plans(store, plans)}
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"

@@ -515,6 +515,25 @@ class _StorageGuard:
         raise self.store._explain(self.action, exc) from None
 
 
+def reading_store(storage: str | os.PathLike | None = None) -> ResultsStore:
+    """A store for commands that only read (`runs`, `report`): an SQLite file is opened read-only
+    (nothing written into or beside it, so a read-only copy works), and a missing one reads as
+    empty without being created."""
+    url = normalize_storage_url(storage)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return ResultsStore(url)  # says what is wrong with the URL
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not parsed.database.startswith("file:"):
+        if not Path(parsed.database).expanduser().exists():
+            store = ResultsStore("sqlite://")  # in memory: lists nothing, leaves nothing behind
+            store.url = url
+            return store
+        return ResultsStore(url, read_only=True)
+    return ResultsStore(url)
+
+
 def sqlite_read_only_connect(path: Path) -> sqlite3.Connection:
     """A connection that cannot write to ``path`` nor create anything beside it. A WAL-mode file
     needs its ``-wal``/``-shm`` files to be read: they exist while a writer has it open; when they

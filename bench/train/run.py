@@ -390,7 +390,7 @@ def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunC
         refs = dm.references(split)[: len(hyps)]
         bleu, chrf = corpus_bleu(hyps, refs), corpus_chrf(hyps, refs)
         metrics[f"{split}_bleu"], metrics[f"{split}_chrf"] = bleu["score"], chrf["score"]
-        metrics[f"{split}_bleu_signature"] = bleu["signature"]
+        metrics[f"{split}_bleu_signature"], metrics[f"{split}_chrf_signature"] = bleu["signature"], chrf["signature"]
         metrics[f"{split}_quality"] = quality_translation(bleu["score"])
         metrics[f"{split}_quality_per_active_param"] = quality_per_active_param(metrics[f"{split}_quality"], active_params)
         _write_lines(Path(trainer.default_root_dir) / f"{split}.hyp.txt", hyps)

@@ -32,3 +32,26 @@ def test_clean_dry_run_then_yes(tmp_path, capsys):
     assert (runs / "orphan").exists()
     assert main(["clean", "--storage", url, "--runs-dir", str(runs), "--orphans", "--yes"]) == 0
     assert not (runs / "orphan").exists() and (runs / "b").exists() and (runs / "_summaries" / "wandb").exists()
+
+
+def test_runs_and_report_read_a_store_without_writing_beside_it(tmp_path, capsys):
+    import shutil
+    import sqlite3
+
+    src = tmp_path / "src.db"
+    store = ResultsStore(f"sqlite:///{src}")
+    store.save(RunRecord(run_id="r1", status="finished", task="tinyshakespeare-char", family="dense"))
+    store.close()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(src, shared / "ref.db")  # a WAL-mode file, as shipped, with no writer
+    assert sqlite3.connect(src).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    before = sorted(p.name for p in shared.iterdir())
+    url = f"sqlite:///{shared / 'ref.db'}"
+    assert main(["runs", "--storage", url]) == 0
+    assert "r1" in capsys.readouterr().out
+    assert main(["report", "--storage", url, "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    assert sorted(p.name for p in shared.iterdir()) == before  # no -wal/-shm left beside it
+    missing = tmp_path / "nowhere" / "none.db"
+    assert main(["runs", "--storage", f"sqlite:///{missing}"]) == 0
+    assert "no runs recorded yet" in capsys.readouterr().out and not missing.parent.exists()

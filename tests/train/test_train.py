@@ -151,6 +151,7 @@ def test_translation_bleu_equals_sacrebleu_on_written_hypotheses(run_env):
     assert record.metrics["val_bleu"] == pytest.approx(expected)
     assert record.metrics["quality"] == pytest.approx(record.metrics["val_bleu"] / 100)
     assert "nrefs:1" in record.metrics["val_bleu_signature"]
+    assert record.metrics["val_chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -430,3 +431,18 @@ def test_terminal_progress_bar_counts_the_budget_not_epochs(capsys):
     assert last.startswith("run-a (1e+12 flops):  72%|")  # percent of the FLOPs budget
     assert last.endswith("], step 70 | 0.07M tokens | val loss 1.5000 | 1,000 tokens/s")
     assert "Epoch" not in last and "v_num" not in last
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(run_env, capsys):
+    from bench.cli import main
+
+    args = ["train", "--task", TASK, "--model", "dense", "--budget-steps", "20", "--storage", run_env["storage"]]
+    args += [a for o in SMALL + ["lr=1e6", "grad_clip=0", "warmup_steps=0"] for a in ("--set", o)]
+    assert main(args) == 1  # lr=1e6 blows the weights up: the loss turns nan
+    err = capsys.readouterr().err
+    assert "moe-bench train: failed: FloatingPointError: training loss is nan" in err
+    assert "moe-bench --debug train ...` for the traceback" in err and "Traceback" not in err
+    (record,) = ResultsStore(run_env["storage"]).list()
+    assert record.status == "failed" and "FloatingPointError" in record.extra["traceback"]
+    with pytest.raises(FloatingPointError):
+        main(["--debug"] + args)
