@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bench.config import ConfigError, from_dict, to_dict
 from bench.data.datamodules import build_datamodule
+from bench.data.sources import resolve_corpus
 from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
@@ -96,6 +97,8 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     task = task if isinstance(task, TaskConfig) else load_task(task)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     _check_before_work(seed)
+    # Missing or corrupt data: one clear error before a record, run folder or W&B run exists.
+    resolve_corpus(task, data_dir)
     for warning in schedule_warnings(task, cfg, rc):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_id = run_id or new_run_id(f"{task.name}-{family}")

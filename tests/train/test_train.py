@@ -212,6 +212,9 @@ def test_missing_data_is_a_clear_error(run_env, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MOE_BENCH_DATA", str(tmp_path / "nowhere"))
     assert main(["train", "--task", TASK, "--model", "dense", "--storage", run_env["storage"]]) == 2
     assert "MOE_BENCH_DATA" in capsys.readouterr().err
+    # checked before any work: no record, no run folder, no W&B run left behind
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()
+    assert ResultsStore(run_env["storage"]).list() == []
 
 
 @pytest.mark.slow
