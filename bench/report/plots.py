@@ -7,19 +7,21 @@ offline. Only records with status "finished" count; a record missing the values 
 left out of that figure, and when nothing is left the function writes nothing and returns [].
 
 Records are grouped into arms by ``record.extra["arm"]`` (falling back to the run name, family or
-id), each arm keeps one colour in every figure, and seeds are summarised as mean with min..max
-(or half-range) error bars.
+id), each arm keeps one colour in every figure, and seeds are summarised as the mean with its 95%
+Student-t interval (``bench.report.stats``, the same as the claims; one seed: no error bar).
 """
 from __future__ import annotations
 
 import math
+import statistics
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report.stats import curve_xy as _curve_xy, finite as _num, interp, paired_gap_band, speedup_to_target
+from bench.report.stats import (curve_xy as _curve_xy, finite as _num, interp, mean_interval, paired_gap_band,
+                                speedup_to_target)
 from bench.tracking.records import RunRecord
 
 X_AXES = ("flops", "step", "tokens", "seconds")
@@ -91,10 +93,14 @@ def _capacity(record: RunRecord) -> Any:
     return _num(cf) if _num(cf) is not None and _num(cf) > 0 else _INVALID
 
 
-def _spread(values: Iterable[float | None]) -> tuple[float, float, float] | None:
-    """(mean, min, max) of the finite values, or None when there are none."""
+def _interval(values: Iterable[float | None]) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the finite values with a 95% t interval (one value: low = high =
+    mean, drawn without a bar), or None when there are none."""
     xs = [v for v in values if v is not None]
-    return (sum(xs) / len(xs), min(xs), max(xs)) if xs else None
+    if not xs:
+        return None
+    mean, low, high, _ = mean_interval(xs)
+    return (mean, low, high) if len(xs) > 1 else (mean, mean, mean)
 
 
 def _key(x: float) -> float:
@@ -326,7 +332,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def quality_vs_active_params(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str) -> list[Path]:
-    """Final quality (mean over seeds, error bars min..max) vs active parameters (log-x), one
+    """Final quality (mean over seeds, 95% interval error bars) vs active parameters (log-x), one
     labelled point per arm, and the Pareto front (max quality, min active params) as a step line."""
     runs = _finished(records)
     colors = _colors(runs)
@@ -337,7 +343,7 @@ def quality_vs_active_params(records: Sequence[RunRecord], out_dir: Path, stem: 
         pairs = [(a, q) for a, q in pairs if a is not None and a > 0 and q is not None]
         if pairs:
             active = sum(a for a, _ in pairs) / len(pairs)
-            mean, lo, hi = _spread(q for _, q in pairs)
+            mean, lo, hi = _interval(q for _, q in pairs)
             points.append((arm, active, mean, lo, hi, len(pairs)))
     if not points:
         return []
@@ -416,16 +422,16 @@ def quality_vs_active_params(records: Sequence[RunRecord], out_dir: Path, stem: 
 # 3. Validation loss vs number of experts
 # ----------------------------------------------------------------------------------------------
 
-def _half_range(stats: tuple[float, float, float]) -> float:
+def _half_width(stats: tuple[float, float, float]) -> float:
     return (stats[2] - stats[1]) / 2
 
 
 def loss_vs_experts(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str,
                     baseline_label: str = "dense") -> list[Path]:
-    """Mean validation loss ± half-range over seeds vs number of experts (log2 x) for every arm
+    """Mean validation loss ± its 95% interval over seeds vs number of experts (log2 x) for every arm
     other than the baseline that has ``config.model.moe.num_experts``, one line per model family
     and capacity factor;
-    the baseline's mean as a dashed horizontal line with mean ± half-range as a band."""
+    the baseline's mean as a dashed horizontal line with its 95% interval as a band."""
     runs = _finished(records)
     colors = _colors(runs)
     # One line per (family, capacity factor): loss vs experts with everything else equal.
@@ -433,7 +439,7 @@ def loss_vs_experts(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     base = None
     for arm, rs in _by_arm(runs).items():
         if arm == baseline_label:
-            base = _spread(_num(_get(r.metrics, "val_loss")) for r in rs)
+            base = _interval(_num(_get(r.metrics, "val_loss")) for r in rs)
             continue
         groups: dict[tuple, list[RunRecord]] = defaultdict(list)
         for r in rs:
@@ -441,9 +447,9 @@ def loss_vs_experts(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
                 cf = _capacity(r)
                 groups[(_family(r) or arm, "?" if cf is _INVALID else cf, _num_experts(r))].append(r)
         for (family, cf, e), ers in groups.items():
-            stats = _spread(_num(_get(r.metrics, "val_loss")) for r in ers)
+            stats = _interval(_num(_get(r.metrics, "val_loss")) for r in ers)
             if stats:
-                lines[(family, cf)].append((e, stats[0], _half_range(stats), arm))
+                lines[(family, cf)].append((e, stats[0], _half_width(stats), arm))
     if not lines:
         return []
     def name(family: str, cf: Any) -> str:
@@ -459,15 +465,15 @@ def loss_vs_experts(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     line_color = {name: colors[pts[0][3]] for name, pts in families.items()}  # its first arm's colour
     experts = sorted({p[0] for pts in families.values() for p in pts})
     if base is not None:
-        mean, hr = base[0], _half_range(base)
-        ax.axhline(mean, color="black", linestyle="--", linewidth=1.3, label=f"{baseline_label} (mean ± half-range)")
+        mean, hr = base[0], _half_width(base)
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1.3, label=f"{baseline_label} (mean, 95% CI)")
         if hr > 0:
             ax.axhspan(mean - hr, mean + hr, color="black", alpha=0.08, linewidth=0)
         pfig.add_hline(y=mean, line_dash="dash", line_color="black")
         if hr > 0:
             pfig.add_hrect(y0=mean - hr, y1=mean + hr, fillcolor="black", opacity=0.08, line_width=0)
         pfig.add_trace(go.Scatter(  # a legend entry and hover values for the baseline lines
-            x=[experts[0], experts[-1]], y=[mean, mean], mode="lines", name=f"{baseline_label} (mean ± half-range)",
+            x=[experts[0], experts[-1]], y=[mean, mean], mode="lines", name=f"{baseline_label} (mean, 95% CI)",
             line={"color": "black", "dash": "dash"},
             hovertemplate=f"{baseline_label}: {mean:.4f} ± {hr:.4f}<extra></extra>"))
     for family, pts in families.items():
@@ -515,7 +521,7 @@ _CAPACITY_PANELS = (  # title, value(record), y scale
 def capacity_tradeoffs(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str) -> list[Path]:
     """Three panels vs capacity factor (``config.model.moe.capacity_factor``): percentage of
     tokens dropped (mean over layers of ``expert_stats`` fraction_dropped), final validation loss
-    and tokens/s, each the mean over seeds with min..max error bars, one line per family and
+    and tokens/s, each the mean over seeds with 95% interval error bars, one line per family and
     number of experts. Dropless
     arms (capacity factor None) appear as dotted horizontal reference lines."""
     runs = [r for r in _finished(records) if isinstance(_get(r.config, "model", "moe"), dict)]
@@ -533,7 +539,7 @@ def capacity_tradeoffs(records: Sequence[RunRecord], out_dir: Path, stem: str, t
             # one line per family and expert count: vs capacity factor with everything else equal
             name = (_family(crs[0]) or arm) + (f" E={experts}" if experts else "")
             for i, (_, value, *_rest) in enumerate(_CAPACITY_PANELS):
-                stats = _spread(value(r) for r in crs)
+                stats = _interval(value(r) for r in crs)
                 if stats is None:
                     continue
                 if cf is None:
@@ -743,8 +749,8 @@ def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, tit
     if baseline_label not in curves:
         return []
     base_runs = [r for r in groups[baseline_label] if _step_curve(r)]
-    base_step = _spread(_step_curve(r)[-1][0] for r in base_runs)[0]
-    target = _spread(_step_curve(r)[-1][1] for r in base_runs)[0]
+    base_step = statistics.fmean(_step_curve(r)[-1][0] for r in base_runs)
+    target = statistics.fmean(_step_curve(r)[-1][1] for r in base_runs)
     if base_step <= 0:
         return []
     speedups: dict[str, float | None] = {}
