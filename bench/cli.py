@@ -210,7 +210,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from bench.tracking.records import ResultsStore, runs_dir
 
     runs = Path(args.runs_dir) if args.runs_dir else runs_dir()
-    items = plan_cleanup(runs, ResultsStore(args.storage), orphans=args.orphans)
+    items = plan_cleanup(runs, ResultsStore(args.storage), orphans=args.orphans, models=args.models)
     if not items:
         print(f"nothing to clean in {runs}/")
         return 0
@@ -218,10 +218,44 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"{'remove' if item.removable else 'keep':<7} {human(item.bytes):>9}  {item.path}  ({item.why})")
     freed = sum(i.bytes for i in items if i.removable)
     if not args.yes:
+        also = [note for note, given in (("--models also removes model.pt files, which evaluate and translate use",
+                                          args.models),
+                                         ("--orphans also removes run folders with no record in this store",
+                                          args.orphans)) if not given]
         print(f"\n{human(freed)} can be freed; nothing removed yet: run again with --yes"
-              + ("" if args.orphans else " (--orphans also removes run folders with no record in this store)"))
+              + (f" ({'; '.join(also)})" if also else ""))
         return 0
     print(f"\nremoved {human(remove(items))}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bench.train.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_id, storage=args.storage, split=args.split, text=args.text, src=args.src,
+                          ref=args.ref, beam_size=args.beam_size)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    source = ", ".join(f"{k} {v}" for k, v in result["source"].items()).replace("split final", "final evaluation")
+    print(f"run {result['run_id']}: {source}")
+    for k, v in result["metrics"].items():
+        print(f"  {k:<32} {f'{v:,}' if isinstance(v, int) else _fmt_value(k, v)}")
+    hyps = result.get("hypotheses")
+    if hyps:
+        print(f"  hypotheses in {', '.join(hyps) if isinstance(hyps, list) else hyps}")
+    print(f"  added to the run's record (extra.evaluations) in {args.storage or 'results/moe-bench.db'}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from bench.train.evaluate import translate_file
+
+    hyps = translate_file(args.run_id, args.src, out=args.out, beam_size=args.beam_size, storage=args.storage)
+    if args.out:
+        print(f"wrote {len(hyps)} lines to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write("".join(h + "\n" for h in hyps))
     return 0
 
 
@@ -425,8 +459,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="results store whose records decide what is finished")
     p.add_argument("--runs-dir", help="run folders (default $MOE_BENCH_RUNS or runs)")
     p.add_argument("--orphans", action="store_true", help="also remove run folders with no record in the store")
+    p.add_argument("--models", action="store_true",
+                   help="also remove finished runs' runs/<id>/model.pt (evaluate and translate need it)")
     p.add_argument("--yes", action="store_true", help="remove (default: list what would go and its size)")
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("evaluate", help="a trained run's model on its own splits (its final metrics again), "
+                                        "a text file (LM) or a file pair (translation); adds the result to its record")
+    p.add_argument("run_id", metavar="RUN_ID")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--split", choices=["val", "test"], help="one of the run's splits (default: its final "
+                                                                "evaluation: val and test)")
+    which.add_argument("--text", metavar="FILE", help="LM: loss, perplexity, bits per token on a UTF-8 text file")
+    which.add_argument("--src", metavar="FILE", help="translation: source sentences, one per line (with --ref)")
+    p.add_argument("--ref", metavar="FILE", help="translation: reference translations, line by line with --src")
+    p.add_argument("--beam-size", type=int, help="translation: beam size (default: the run's)")
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("translate", help="translate a file with a trained translation run, one line per line")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--src", metavar="FILE", required=True, help="source sentences, one per line (UTF-8)")
+    p.add_argument("--out", metavar="FILE", help="write the translations here (default: stdout)")
+    p.add_argument("--beam-size", type=int, help="beam size (default: the run's)")
+    p.add_argument("--storage", help="results store URL (default sqlite:///results/moe-bench.db)")
+    p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("sweep", help="an Optuna study: every trial a training run at the same budget")
     p.add_argument("spec", nargs="?", help="study spec: a YAML path or a shipped name (sweeps/NAME.yaml)")

@@ -3,7 +3,9 @@
 Finished (and pruned) runs need nothing from ``runs/<id>/checkpoints``: their record holds the
 metrics, curve and config, and they cannot be resumed. Interrupted, running and failed runs keep
 their checkpoint (to resume or inspect). A run folder with no record in the store is an orphan:
-listed, and removed only when asked, since it may belong to another store.
+listed, and removed only when asked, since it may belong to another store. A finished run's final
+model (``runs/<id>/model.pt``, weights only, for `moe-bench evaluate` / `translate`) is listed and
+removed only with ``models``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from bench.tracking.records import SUMMARIES_DIR, ResultsStore
 
 DONE = ("finished", "pruned")
+MODEL_FILE = "model.pt"  # bench.train.run.MODEL_FILE (not imported: cleaning must not load torch)
 
 
 @dataclass
@@ -28,7 +31,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def plan_cleanup(runs_dir: Path, store: ResultsStore, orphans: bool = False) -> list[Item]:
+def plan_cleanup(runs_dir: Path, store: ResultsStore, orphans: bool = False, models: bool = False) -> list[Item]:
     items = []
     status = {r.run_id: r.status for r in store.list()}
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
@@ -40,6 +43,11 @@ def plan_cleanup(runs_dir: Path, store: ResultsStore, orphans: bool = False) -> 
             done = status[run.name] in DONE
             items.append(Item(ckpt, folder_bytes(ckpt), f"checkpoint of a {status[run.name]} run"
                               + ("" if done else " (kept: it can be resumed or inspected)"), removable=done))
+        model = run / MODEL_FILE
+        if run.name in status and model.is_file():
+            items.append(Item(model, model.stat().st_size, f"final model of a {status[run.name]} run"
+                              + ("" if models else " (kept: evaluate and translate use it; --models removes it)"),
+                              removable=models))
     return items
 
 
@@ -47,7 +55,10 @@ def remove(items: list[Item]) -> int:
     freed = 0
     for item in items:
         if item.removable:
-            shutil.rmtree(item.path, ignore_errors=True)
+            if item.path.is_dir():
+                shutil.rmtree(item.path, ignore_errors=True)
+            else:
+                item.path.unlink(missing_ok=True)
             freed += item.bytes
     return freed
 

@@ -125,7 +125,7 @@ def _task_file(task: str | TaskConfig) -> dict[str, str] | None:
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def _recorded_task(record: RunRecord) -> TaskConfig:
+def _recorded_task(record: RunRecord, context: str = "resume") -> TaskConfig:
     """The task a run trained on: its shipped name, or the YAML file it was given (checked unchanged)."""
     import hashlib
 
@@ -135,10 +135,10 @@ def _recorded_task(record: RunRecord) -> TaskConfig:
     path = Path(source["path"])
     if not path.is_file():
         raise ConfigError([f"run {record.run_id} trained on the task file {path}, which is no longer there: put it "
-                           "back (or restore it) to resume"], "resume")
+                           f"back (or restore it) to {context}"], context)
     if hashlib.sha256(path.read_bytes()).hexdigest() != source["sha256"]:
-        raise ConfigError([f"the task file {path} changed since run {record.run_id} started: resuming would train on "
-                           "different data or settings; restore the file, or start a new run"], "resume")
+        raise ConfigError([f"the task file {path} changed since run {record.run_id} started: {context} would use "
+                           "different data or settings; restore the file, or start a new run"], context)
     return load_task(path)
 
 
@@ -188,15 +188,7 @@ def _check_before_work(seed: int) -> None:
 def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True,
                keep_checkpoints: bool = False) -> RunRecord:
     """Continue a killed or interrupted run from its last checkpoint with its recorded config."""
-    sqlite_file = _sqlite_path(storage)
-    if sqlite_file is not None and not sqlite_file.exists():  # never create an empty store to resume from
-        raise ConfigError([f"no results store at {sqlite_file}: check --storage (runs list with `moe-bench runs "
-                           "--storage URL`)"], "resume")
-    store = ResultsStore(storage)
-    record = store.get(run_id)
-    if record is None:
-        raise ConfigError([f"run_id={run_id!r} is not in the results store {store.url}; "
-                           "list runs with `moe-bench runs`"], "resume")
+    record = stored_record(run_id, storage, "resume")
     if record.status == "finished":
         raise ConfigError([f"run {run_id} already finished: nothing to resume (its results are in the store)"],
                           "resume")
@@ -219,6 +211,20 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
                     None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
+
+
+def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
+    """The record of ``run_id``, or one clear error (a mistyped store path is never created)."""
+    sqlite_file = _sqlite_path(storage)
+    if sqlite_file is not None and not sqlite_file.exists():
+        raise ConfigError([f"no results store at {sqlite_file}: check --storage (runs list with `moe-bench runs "
+                           "--storage URL`)"], context)
+    store = ResultsStore(storage)
+    record = store.get(run_id)
+    if record is None:
+        raise ConfigError([f"run_id={run_id!r} is not in the results store {store.url}; "
+                           "list runs with `moe-bench runs`"], context)
+    return record
 
 
 def _sqlite_path(storage: str | None) -> Path | None:
@@ -315,6 +321,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
             status = "interrupted"
         else:
             record.metrics = final_evaluation(trainer, module, dm, task, rc, cost.active_params)
+            if "study" not in record.extra and trainer.is_global_zero:  # sweep trials: many, only numbers matter
+                record.paths["model"] = str(save_model(model, cfg, task, run_dir))
     except (KeyboardInterrupt, SystemExit, SIGTERMException) as e:
         # Lightning turns Ctrl-C into a graceful shutdown followed by exit(1), and SIGTERM into
         # SIGTERMException: record the run as interrupted (its last checkpoint can be resumed).
@@ -364,43 +372,81 @@ def _last_evaluation(trainer: pl.Trainer) -> dict:
     return _headline(metrics)
 
 
-def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunConfig, active_params: int) -> dict:
-    """Evaluate on the whole validation (and test) split; translation adds BLEU and chrF."""
-    from bench.metrics import corpus_bleu, corpus_chrf, quality_per_active_param, quality_translation
+def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunConfig, active_params: int,
+                     splits: list[str] | None = None, hyp_prefix: str = "") -> dict:
+    """Evaluate on the whole validation (and test) split; translation adds BLEU and chrF.
 
-    metrics: dict[str, Any] = {}
+    `moe-bench evaluate` calls this very function on the rebuilt model (bench/train/evaluate.py),
+    so it reproduces a run's final metrics exactly; ``hyp_prefix`` keeps its hypothesis files
+    apart from the run's own."""
     trainer.limit_val_batches = 1.0
     trainer.limit_test_batches = 1.0
-    splits = ["val"] + (["test"] if task.has_split("test") else [])
+    splits = splits or ["val"] + (["test"] if task.has_split("test") else [])
+    metrics: dict[str, Any] = {}
     for split in splits:
-        results = (trainer.validate if split == "val" else trainer.test)(module, datamodule=dm, verbose=False)
-        for k, v in (results[0] if results else {}).items():
-            metrics[k.replace("/", "_")] = float(v)
+        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+        refs = dm.references(split) if task.type == "translation" else None
+        scores = evaluate_loader(trainer, module, loader, split, task, rc, active_params, dm.tokenizer, refs,
+                                 Path(trainer.default_root_dir) / f"{hyp_prefix}{split}.hyp.txt",
+                                 decode_batches=rc.train.decode_batches)
+        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+        if "bleu" in scores:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{split}/{k}": scores[k] for k in ("bleu", "chrf", "quality")},
+                                   step=trainer.global_step)
     if task.type == "lm":
-        metrics["unigram_baseline_val_loss"] = float(dm.unigram_baseline_loss("val"))
+        if "val" in splits:
+            metrics["unigram_baseline_val_loss"] = float(dm.unigram_baseline_loss("val"))
         if task.tokenizer.kind == "char":
             for split in splits:
                 metrics[f"{split}_bits_per_char"] = metrics[f"{split}_bits_per_token"]
-        return _headline(metrics)
+    return _headline(metrics)
+
+
+def evaluate_loader(trainer: pl.Trainer, module, loader, stage: str, task: TaskConfig, rc: RunConfig,
+                    active_params: int, tokenizer=None, references: list[str] | None = None,
+                    hyp_file: Path | None = None, decode_batches: int = 0) -> dict:
+    """Metrics of one evaluation loader, unprefixed (loss, perplexity, bits_per_token, ...): the
+    loss through Lightning's validate/test step, as during training; for translation also BLEU and
+    chrF of ``decode(...)`` on its first ``decode_batches`` batches (0 = all) against ``references``,
+    with the hypotheses written to ``hyp_file``."""
+    from bench.metrics import corpus_bleu, corpus_chrf, quality_per_active_param, quality_translation
+
+    results = (trainer.test if stage == "test" else trainer.validate)(module, dataloaders=loader, verbose=False)
+    metrics: dict[str, Any] = {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
+    if references is None:
+        return metrics
+    hyps = decode(module.model, loader if not decode_batches else _take(loader, decode_batches), tokenizer, task, rc)
+    refs = references[: len(hyps)]
+    bleu, chrf = corpus_bleu(hyps, refs), corpus_chrf(hyps, refs)
+    metrics["bleu"], metrics["chrf"] = bleu["score"], chrf["score"]
+    metrics["bleu_signature"], metrics["chrf_signature"] = bleu["signature"], chrf["signature"]
+    metrics["quality"] = quality_translation(bleu["score"])
+    metrics["quality_per_active_param"] = quality_per_active_param(metrics["quality"], active_params)
+    if hyp_file is not None:
+        _write_lines(hyp_file, hyps)
+    return metrics
+
+
+def decode(model, batches, tokenizer, task: TaskConfig, rc: RunConfig) -> list[str]:
+    """Hypotheses of a translation model with the run's decoding settings (beam size, length limit)."""
     from bench.decoding import translate
 
     max_len = rc.train.max_decode_len or task.tgt_len
-    for split in splits:
-        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
-        batches = loader if not rc.train.decode_batches else _take(loader, rc.train.decode_batches)
-        hyps = translate(module.model, batches, dm.tokenizer, beam_size=rc.train.beam_size, max_len=max_len)
-        hyps = [h.strip() for h in hyps]  # a generated first token may carry BPE's word-initial space
-        refs = dm.references(split)[: len(hyps)]
-        bleu, chrf = corpus_bleu(hyps, refs), corpus_chrf(hyps, refs)
-        metrics[f"{split}_bleu"], metrics[f"{split}_chrf"] = bleu["score"], chrf["score"]
-        metrics[f"{split}_bleu_signature"], metrics[f"{split}_chrf_signature"] = bleu["signature"], chrf["signature"]
-        metrics[f"{split}_quality"] = quality_translation(bleu["score"])
-        metrics[f"{split}_quality_per_active_param"] = quality_per_active_param(metrics[f"{split}_quality"], active_params)
-        _write_lines(Path(trainer.default_root_dir) / f"{split}.hyp.txt", hyps)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"{split}/bleu": bleu["score"], f"{split}/chrf": chrf["score"],
-                                f"{split}/quality": metrics[f"{split}_quality"]}, step=trainer.global_step)
-    return _headline(metrics)
+    hyps = translate(model, batches, tokenizer, beam_size=rc.train.beam_size, max_len=max_len)
+    return [h.strip() for h in hyps]  # a generated first token may carry BPE's word-initial space
+
+
+MODEL_FILE = "model.pt"
+
+
+def save_model(model: torch.nn.Module, cfg: ModelConfig, task: TaskConfig, run_dir: Path) -> Path:
+    """Weights only (no optimizer state: about a third of a checkpoint) and the config to rebuild
+    the model with ``build_model``: what `moe-bench evaluate` / `translate` need after the
+    checkpoint is gone."""
+    path = run_dir / MODEL_FILE
+    torch.save({"model_config": to_dict(cfg), "task_type": task.type, "state_dict": model.state_dict()}, path)
+    return path
 
 
 def _headline(metrics: dict) -> dict:

@@ -34,6 +34,23 @@ def test_clean_dry_run_then_yes(tmp_path, capsys):
     assert not (runs / "orphan").exists() and (runs / "b").exists() and (runs / "_summaries" / "wandb").exists()
 
 
+def test_final_models_go_only_with_models(tmp_path, capsys):
+    runs, url = tmp_path / "runs", f"sqlite:///{tmp_path / 's.db'}"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "model.pt").write_bytes(b"x" * 2048)
+    ResultsStore(url).save(RunRecord(run_id="a", status="finished"))
+    args = ["clean", "--storage", url, "--runs-dir", str(runs)]
+    assert main(args + ["--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "keep       2.0 KB" in out and "final model of a finished run (kept: evaluate and translate" in out
+    assert (runs / "a" / "model.pt").exists()
+    assert main(args) == 0 and "--models also removes model.pt files" in capsys.readouterr().out
+    assert main(args + ["--models"]) == 0
+    assert "remove     2.0 KB" in capsys.readouterr().out and (runs / "a" / "model.pt").exists()
+    assert main(args + ["--models", "--yes"]) == 0
+    assert "removed 2.0 KB" in capsys.readouterr().out and not (runs / "a" / "model.pt").exists()
+
+
 def test_runs_and_report_read_a_store_without_writing_beside_it(tmp_path, capsys):
     import shutil
     import sqlite3

@@ -1,0 +1,180 @@
+"""`moe-bench evaluate` / `translate`: a run's final metrics again, new text and file pairs, clear errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn.functional as F
+
+from bench.cli import main
+from bench.tracking.records import ResultsStore
+from bench.train.run import train
+from tests.train.conftest import SMALL
+
+LM_TASK, MT_TASK = "tinyshakespeare-char", "multi30k-de-en"
+MT = SMALL + ["decode_batches=1", "eval_batch_size=32", "beam_size=2", "max_decode_len=10"]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 12  # 3 blocks of 256
+SRC = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
+REF = ["A man rides a bike.", "Two dogs play in the snow.", "A woman reads a book."]
+
+
+def _evaluate(run_env, capsys, *args) -> tuple[int, dict | str]:
+    rc = main(["evaluate", *args, "--storage", run_env["storage"], "--json"])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out.strip().splitlines()[-1]) if rc == 0 else err.strip())
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_lm_evaluate_reproduces_the_run_and_scores_a_text_file(run_env, capsys, tmp_path):
+    record = train(LM_TASK, "switch", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 5},
+                   storage=run_env["storage"], progress=False)
+    model_file = Path(record.paths["model"])
+    assert model_file == Path(record.paths["run_dir"]) / "model.pt" and model_file.is_file()
+
+    rc, result = _evaluate(run_env, capsys, record.run_id)
+    assert rc == 0 and result["source"] == {"split": "final"}
+    assert result["metrics"]["val_loss"] == pytest.approx(record.metrics["val_loss"], abs=1e-6)
+    assert result["metrics"]["unigram_baseline_val_loss"] == record.metrics["unigram_baseline_val_loss"]
+
+    text = tmp_path / "speech.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    rc, result = _evaluate(run_env, capsys, record.run_id, "--text", str(text))
+    assert rc == 0 and result["metrics"]["tokens"] == 3 * 256
+    loss = result["metrics"]["loss"]
+    # by hand: the model's mean cross-entropy over the same non-overlapping blocks of seq_len + 1
+    from bench.data.datamodules import LMDataModule
+    from bench.train.evaluate import load_run
+
+    dm = LMDataModule(LM_TASK)
+    dm.prepare_data()
+    ids = torch.tensor(dm.tokenizer.encode(TEXT))
+    blocks = torch.stack([ids[s:s + 257] for s in range(0, len(ids) - 256, 256)])
+    model = load_run(record.run_id, run_env["storage"], "test").module.model.eval()
+    with torch.no_grad():
+        logits = model(blocks[:, :-1]).logits
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    assert len(blocks) == 3 and loss == pytest.approx(float(expected), rel=1e-5)
+    assert math.isfinite(loss) and loss < math.log(65)
+    assert result["metrics"]["bits_per_char"] == pytest.approx(loss / math.log(2))
+
+    stored = ResultsStore(run_env["storage"]).get(record.run_id)
+    assert stored.metrics == record.metrics  # the run's own numbers never change
+    assert [e["source"] for e in stored.extra["evaluations"]] == [{"split": "final"}, {"text": str(text.resolve())}]
+    assert all(e["at"] and e["metrics"] for e in stored.extra["evaluations"])
+
+    # the readable table
+    assert main(["evaluate", record.run_id, "--text", str(text), "--storage", run_env["storage"]]) == 0
+    out = capsys.readouterr().out
+    assert "text " in out and f"{loss:.4f}" in out and "perplexity" in out
+
+    # bad input: one clear line each
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    (tmp_path / "short.txt").write_text("Speak, speak.\n", encoding="utf-8")
+    (tmp_path / "odd.txt").write_text("Speak {\u00e9}\n" * 40, encoding="utf-8")
+    for args, needle in [
+        (["--text", str(tmp_path / "none.txt")], "none.txt does not exist"),
+        (["--text", str(tmp_path / "empty.txt")], "empty.txt is empty"),
+        (["--text", str(tmp_path / "short.txt")], "fewer than one block of seq_len + 1 = 257"),
+        (["--text", str(tmp_path / "odd.txt")], "cannot be tokenized like task tinyshakespeare-char"),
+        (["--src", str(text), "--ref", str(text)], "is a language model (task tinyshakespeare-char): --src/--ref"),
+        (["--beam-size", "2"], "--beam-size applies to translation runs"),
+        (["--ref", str(text)], "--src and --ref go together"),
+    ]:
+        rc, err = _evaluate(run_env, capsys, record.run_id, *args)
+        assert rc == 2 and needle in err and len(err.splitlines()) == 2, (args, err)  # header + the problem
+    rc, err = _evaluate(run_env, capsys, "no-such-run")
+    assert rc == 2 and "run_id='no-such-run' is not in the results store" in err
+    model_file.unlink()
+    rc, err = _evaluate(run_env, capsys, record.run_id)
+    assert rc == 2 and "has no saved model: neither" in err and len(err.splitlines()) == 2
+    assert len(ResultsStore(run_env["storage"]).get(record.run_id).extra["evaluations"]) == 3
+
+
+def test_a_kept_checkpoint_is_evaluated_when_there_is_no_model_file(run_env, capsys):
+    record = train(LM_TASK, "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 5},
+                   storage=run_env["storage"], progress=False, keep_checkpoints=True)
+    Path(record.paths["model"]).unlink()
+    rc, result = _evaluate(run_env, capsys, record.run_id)
+    assert rc == 0 and result["metrics"]["val_loss"] == pytest.approx(record.metrics["val_loss"], abs=1e-6)
+
+
+def test_sweep_trials_save_no_model(run_env):
+    record = train(LM_TASK, "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 5},
+                   storage=run_env["storage"], progress=False, tags={"study": "s", "trial": 0})
+    assert "model" not in record.paths and not (Path(record.paths["run_dir"]) / "model.pt").exists()
+
+
+def test_translation_evaluate_reproduces_the_run_scores_a_file_pair_and_translates(run_env, capsys, tmp_path):
+    record = train(MT_TASK, "dense", "tiny", overrides=MT, budget={"kind": "steps", "value": 5},
+                   storage=run_env["storage"], progress=False)
+    assert record.status == "finished"
+    run_dir = Path(record.paths["run_dir"])
+
+    rc, result = _evaluate(run_env, capsys, record.run_id)
+    assert rc == 0 and result["source"] == {"split": "final", "beam_size": 2}
+    m = result["metrics"]
+    for split in ("val", "test"):
+        assert m[f"{split}_loss"] == pytest.approx(record.metrics[f"{split}_loss"], abs=1e-6)
+        assert m[f"{split}_bleu"] == record.metrics[f"{split}_bleu"]
+        assert m[f"{split}_chrf"] == record.metrics[f"{split}_chrf"]
+        assert m[f"{split}_bleu_signature"] == record.metrics[f"{split}_bleu_signature"]
+        assert (run_dir / f"eval-{split}.hyp.txt").read_text() == (run_dir / f"{split}.hyp.txt").read_text()
+
+    rc, result = _evaluate(run_env, capsys, record.run_id, "--split", "test", "--beam-size", "1")
+    assert rc == 0 and set(k.split("_")[0] for k in result["metrics"]) <= {"test", "quality"}
+    assert result["source"] == {"split": "test", "beam_size": 1}
+
+    src, ref = _write(tmp_path / "new.de", SRC), _write(tmp_path / "new.en", REF)
+    rc, result = _evaluate(run_env, capsys, record.run_id, "--src", src, "--ref", ref)
+    assert rc == 0
+    hyps = (run_dir / "eval-new.de.hyp.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 3 and result["hypotheses"] == str(run_dir / "eval-new.de.hyp.txt")
+    assert result["metrics"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [REF]).score)
+    assert result["metrics"]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [REF]).score)
+    assert result["metrics"]["bleu_signature"].startswith("nrefs:1") and result["metrics"]["sentences"] == 3
+    assert math.isfinite(result["metrics"]["loss"])
+
+    out = tmp_path / "out.en"
+    assert main(["translate", record.run_id, "--src", src, "--out", str(out), "--storage", run_env["storage"],
+                 "--beam-size", "2"]) == 0
+    assert out.read_text(encoding="utf-8").splitlines() == hyps  # the same decoding as evaluate
+    capsys.readouterr()
+    assert main(["translate", record.run_id, "--src", src, "--storage", run_env["storage"]]) == 0
+    assert capsys.readouterr().out.splitlines() == hyps  # stdout; the run's own beam size (2)
+
+    short = _write(tmp_path / "short.en", REF[:2])
+    for args, needle in [
+        (["--src", src, "--ref", short], "--src has 3 lines but --ref has 2"),
+        (["--src", src, "--ref", _write(tmp_path / "empty.en", [])], "empty.en is empty"),
+        (["--text", src], "is a translation model (task multi30k-de-en): --text"),
+        (["--beam-size", "0"], "beam_size=0 is not allowed"),
+    ]:
+        rc, err = _evaluate(run_env, capsys, record.run_id, *args)
+        assert rc == 2 and needle in err and len(err.splitlines()) == 2, (args, err)  # header + the problem
+    stored = ResultsStore(run_env["storage"]).get(record.run_id)
+    assert stored.metrics == record.metrics and len(stored.extra["evaluations"]) == 3
+
+
+def test_clean_removes_models_only_with_models(run_env, capsys):
+    record = train(LM_TASK, "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 5},
+                   storage=run_env["storage"], progress=False)
+    model = Path(record.paths["model"])
+    args = ["clean", "--storage", run_env["storage"]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "keep" in out and "final model of a finished run (kept:" in out
+    assert "--models also removes model.pt files" in out
+    assert main(args + ["--yes"]) == 0 and model.is_file()
+    capsys.readouterr()
+    assert main(args + ["--models"]) == 0
+    assert "remove" in capsys.readouterr().out and model.is_file()
+    assert main(args + ["--models", "--yes"]) == 0
+    assert not model.exists() and Path(record.paths["csv_file"]).is_file()
