@@ -10,7 +10,7 @@ from typing import Any
 from bench.config import ConfigError
 from bench.plans import load_plan
 from bench.report.plots import arm_of
-from bench.report.stats import curve_xy, finite, mean_interval, paired_gap_band
+from bench.report.stats import curve_band, curve_xy, finite, mean_interval, paired_gap_band
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput
 
 X_AXES = ("tokens", "flops", "step")  # keys of the record's evaluation curve points
@@ -32,15 +32,9 @@ def by_arm(records: list[RunRecord]) -> dict[str, dict[int, RunRecord]]:
 
 def mean_band(curves: list[list[tuple[float, float]]]) -> dict[str, list]:
     """Mean and 95% t interval over seeds at the x values every seed evaluated at."""
-    curves = [c for c in curves if c]
-    common = set.intersection(*({x for x, _ in c} for c in curves)) if curves else set()
-    lookup = [dict(c) for c in curves]
-    out: dict[str, list] = {"x": [], "mean": [], "low": [], "high": []}
-    for x in sorted(common):
-        mean, low, high, _ = mean_interval([ys[x] for ys in lookup])
-        for key, value in zip(out, (x, mean, _bound(low), _bound(high))):
-            out[key].append(value)
-    return out
+    band = curve_band(curves)
+    return {"x": [b[0] for b in band], "mean": [b[1] for b in band], "low": [_bound(b[2]) for b in band],
+            "high": [_bound(b[3]) for b in band]}
 
 
 def _plan_of(records: list[RunRecord]):

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report.stats import (curve_xy as _curve_xy, finite as _num, interp, mean_interval, paired_gap_band,
+from bench.report.stats import (curve_xy as _curve_xy, finite as _num, mean_curve, mean_interval, paired_gap_band,
                                 speedup_to_target)
 from bench.tracking.records import RunRecord
 
@@ -101,33 +101,6 @@ def _interval(values: Iterable[float | None]) -> tuple[float, float, float] | No
         return None
     mean, low, high, _ = mean_interval(xs)
     return (mean, low, high) if len(xs) > 1 else (mean, mean, mean)
-
-
-def _key(x: float) -> float:
-    return float(f"{x:.9g}")  # x values computed the same way in every seed compare equal
-
-
-def _mean_curve(series: list[list[tuple[float, float]]], interpolate: bool = False) -> list[tuple[float, float]]:
-    """Mean loss over seeds. Without ``interpolate``: at the x values every seed evaluated at.
-    With it: each seed linearly interpolated onto the union of their x values inside the range
-    all seeds cover (equal to the first form when the seeds share x values)."""
-    series = [s for s in series if s]
-    if not series:
-        return []
-    if len(series) == 1:
-        return list(series[0])
-    if not interpolate:
-        common = set.intersection(*({_key(x) for x, _ in s} for s in series))
-        sums: dict[float, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for s in series:
-            for x, loss in s:
-                if _key(x) in common:
-                    sums[_key(x)][0] += x / len(series)
-                    sums[_key(x)][1] += loss / len(series)
-        return sorted((x, loss) for x, loss in sums.values())
-    lo, hi = max(s[0][0] for s in series), min(s[-1][0] for s in series)
-    grid = sorted({x for s in series for x, _ in s if lo <= x <= hi})
-    return [(x, sum(interp(s, x) for s in series) / len(series)) for x in grid]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +232,7 @@ def learning_curves(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
     finals = []
     for arm, seeds in arms.items():
         color = colors[arm]
-        mean = _mean_curve([s for _, s in seeds]) if len(seeds) > 1 else []
+        mean = mean_curve([s for _, s in seeds]) if len(seeds) > 1 else []
         if len(mean) < 2:
             mean = []
         # thin seed lines under a thick mean; without a mean (one seed, or seeds evaluated at
@@ -744,7 +717,7 @@ def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, tit
     runs = _finished(records)
     colors = _colors(runs)
     groups = _by_arm(runs)
-    curves = {arm: _mean_curve([_step_curve(r) for r in rs], interpolate=True) for arm, rs in groups.items()}
+    curves = {arm: mean_curve([_step_curve(r) for r in rs], interpolate=True) for arm, rs in groups.items()}
     curves = {arm: c for arm, c in curves.items() if c}
     if baseline_label not in curves:
         return []

@@ -187,6 +187,43 @@ def speedup_to_target(curve_points: Sequence[Any], target_loss: float, x: str = 
 
 
 
+def _key(x: float) -> float:
+    return float(f"{x:.9g}")  # x values computed the same way in every seed compare equal
+
+
+def curve_band(series: list[list[tuple[float, float]]]) -> list[tuple[float, float, float, float, int]]:
+    """(x, mean, ci low, ci high, seeds) of several seeds' curves at the x values every seed
+    evaluated at: a 95% t-interval at each x (unbounded with one seed)."""
+    series = [s for s in series if s]
+    if not series:
+        return []
+    common = set.intersection(*({_key(x) for x, _ in s} for s in series))
+    at: dict[float, list[tuple[float, float]]] = {}
+    for s in series:
+        for x, y in s:
+            if _key(x) in common:
+                at.setdefault(_key(x), []).append((x, y))
+    out = []
+    for points in at.values():
+        mean, low, high, _ = mean_interval([y for _, y in points])
+        out.append((statistics.fmean(x for x, _ in points), mean, low, high, len(points)))
+    return sorted(out)
+
+
+def mean_curve(series: list[list[tuple[float, float]]], interpolate: bool = False) -> list[tuple[float, float]]:
+    """Mean over seeds. Without ``interpolate``: at the x values every seed evaluated at. With it:
+    each seed linearly interpolated onto the union of their x values inside the range all seeds
+    cover (equal to the first form when the seeds share x values)."""
+    series = [s for s in series if s]
+    if len(series) <= 1:
+        return list(series[0]) if series else []
+    if not interpolate:
+        return [(x, mean) for x, mean, *_ in curve_band(series)]
+    lo, hi = max(s[0][0] for s in series), min(s[-1][0] for s in series)
+    grid = sorted({x for s in series for x, _ in s if lo <= x <= hi})
+    return [(x, statistics.fmean(interp(s, x) for s in series)) for x in grid]
+
+
 def paired_gap_band(arm: dict[int, list[tuple[float, float]]], base: dict[int, list[tuple[float, float]]]
                     ) -> list[tuple[float, float, float, float, int]]:
     """(x, mean gap, ci low, ci high, seeds) along the baseline's x values: per seed, the arm's
@@ -211,4 +248,5 @@ def paired_gap_band(arm: dict[int, list[tuple[float, float]]], base: dict[int, l
 
 __all__ = ["Effect", "VERDICTS", "REPRODUCED", "REFUTED", "NO_EFFECT", "INCONCLUSIVE", "NO_DATA", "mean_interval",
            "detectable_effect", "paired_difference", "paired_slope", "slope", "verdict", "effect_from",
-           "t_quantile", "finite", "curve_xy", "interp", "speedup_to_target", "paired_gap_band"]
+           "t_quantile", "finite", "curve_xy", "interp", "speedup_to_target", "paired_gap_band", "curve_band",
+           "mean_curve"]

@@ -155,3 +155,17 @@ def test_gap_plot_is_written(tmp_path):
     files = gap_to_baseline(records, tmp_path, "g", "t", baseline_label="dense")
     assert sorted(f.name for f in files) == ["g.html", "g.png"] and all(f.stat().st_size > 1000 for f in files)
     assert gap_to_baseline(records, tmp_path, "none", "t", baseline_label="nobody") == []
+
+
+def test_curve_band_is_a_t_interval_at_the_x_values_every_seed_has():
+    from bench.report.stats import curve_band, mean_curve
+
+    seeds = [[(1.0, 2.0), (2.0, 1.0)], [(1.0, 2.2), (2.0, 1.4), (3.0, 1.0)]]
+    band = curve_band(seeds)
+    assert [b[0] for b in band] == [1.0, 2.0] and [b[4] for b in band] == [2, 2]  # x=3: one seed only
+    t = 12.7062047  # t(0.975, 1 df); sd of two values a, b is |a - b| / sqrt(2), so half-width = t |a - b| / 2
+    assert band[0][1:4] == pytest.approx((2.1, 2.1 - t * 0.1, 2.1 + t * 0.1), rel=1e-6)
+    assert band[1][1:4] == pytest.approx((1.2, 1.2 - t * 0.2, 1.2 + t * 0.2), rel=1e-6)
+    flat = lambda curve: [v for point in curve for v in point]  # noqa: E731
+    assert flat(mean_curve(seeds)) == pytest.approx([1.0, 2.1, 2.0, 1.2])
+    assert flat(mean_curve(seeds, interpolate=True)) == pytest.approx([1.0, 2.1, 2.0, 1.2])  # the range both cover
