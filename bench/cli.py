@@ -47,6 +47,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from bench.models.config import model_config
 
     task = load_task(args.task)
+    if task.vocab_size is None:  # a user's task that takes its vocabulary size from its data
+        from bench.data.tokenizers import derive_vocab_size
+
+        task = derive_vocab_size(task)
     cfg = model_config(args.model, args.preset, args.overrides, vocab_size=task.vocab_size,
                        max_seq_len=task.max_seq_len)
     cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)

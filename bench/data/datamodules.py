@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.data.sources import Corpus, atomic_open, cache_dir, resolve_corpus
 from bench.data.tasks import TaskConfig, load_task
-from bench.data.text import lm_text, parallel_lines
+from bench.data.text import lm_text, parallel_lines, split_documents
 from bench.data.tokenizers import Tokenizer, get_tokenizer, tokenizer_key
 
 
@@ -44,8 +44,12 @@ def encoded_ids(task: TaskConfig, corpus: Corpus, tok: Tokenizer, split: str,
                 cache: str | Path | None = None) -> np.ndarray:
     """Token ids of an LM split, cached as .npy keyed by tokenizer + data (memory-mapped on load)."""
     spec = getattr(task.splits, split)
-    blob = json.dumps({"tok": tokenizer_key(task, corpus), "file": spec.file, "sha": corpus.sha256[spec.file],
-                       "range": [spec.start, spec.end], "format": task.corpus.format}, sort_keys=True)
+    docs = split_documents(task, corpus)[split]
+    # One file: the key of the cache entries written before splits could read several files.
+    data = ({"file": docs[0], "sha": corpus.sha256[docs[0]]} if len(docs) == 1
+            else {"files": [[d, corpus.sha256[d]] for d in docs]})
+    blob = json.dumps({"tok": tokenizer_key(task, corpus), **data, "range": [spec.start, spec.end],
+                       "format": task.corpus.format}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = cache_dir(cache) / "encoded" / f"{Path(task.corpus.dir).name}-{split}-{key}.npy"
     if path.is_file():
@@ -122,6 +126,9 @@ class _TaskDataModule(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
+        if self.task.vocab_size is None:  # derived from the data: the tokenizer's size
+            self._resolve()
+            return self.tokenizer.vocab_size
         return self.task.vocab_size
 
     def _resolve(self) -> None:

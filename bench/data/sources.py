@@ -7,6 +7,10 @@ Each file a task's splits need is looked up, in order, in:
 and otherwise downloaded from the task's URL into the cache. Data dirs may be read-only (CI mounts
 the shared data that way), so everything this module writes goes to the cache.
 
+A split may also name glob patterns (``c*``): each is expanded in the first of those local places
+where it matches anything (patterns are never downloaded), sorted, and every match verified as a
+single file is. A pattern that matches nothing is an error naming it and each directory searched.
+
 Checksums come from the task file and from a ``SHA256SUMS`` file next to the data (in the corpus
 dir, or in the data dir with ``<corpus dir>/<file>`` paths). Hashing is cached by
 (path, size, mtime) so repeated runs do not re-read large corpora.
@@ -28,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from bench.data.tasks import FileSpec, TaskConfig
+from bench.data.tasks import SUMS_FILE, FileSpec, TaskConfig, is_pattern
 
 ENV_DATA = "MOE_BENCH_DATA"
 ENV_CACHE = "MOE_BENCH_CACHE"
 ENV_OFFLINE = "MOE_BENCH_OFFLINE"
-SUMS_NAME = "SHA256SUMS"
+SUMS_NAME = SUMS_FILE
 # Looked in when $MOE_BENCH_DATA is not set: <checkout>/data, then <checkout>/../shared/data.
 _REPO = Path(__file__).resolve().parents[2]
 REPO_DATA_DIRS = (_REPO / "data", _REPO.parent / "shared" / "data")
@@ -292,12 +296,14 @@ def _record_sum(corpus_dir: Path, name: str, digest: str) -> None:
 
 @dataclass
 class Corpus:
-    """Where a task's files were found: file name -> path, its sha256, and which source."""
+    """Where a task's files were found: file name -> path, its sha256, and which source; and
+    what each glob pattern matched (sorted names relative to the corpus dir)."""
 
     task: str
     paths: dict[str, Path] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)
+    matches: dict[str, list[str]] = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         return self.paths[name]
@@ -328,10 +334,19 @@ def _corpus_dirs(root: Path, rel: str) -> list[Path]:
     return [root / rel] + ([root] if root.name == Path(rel).name else [])
 
 
+def _split_items(task: TaskConfig) -> list[str]:
+    return [f for s in (task.splits.train, task.splits.val, task.splits.test) for f in s.items]
+
+
 def required_files(task: TaskConfig) -> list[str]:
-    """Files the task's defined splits read, in corpus order."""
-    needed = {f for s in (task.splits.train, task.splits.val, task.splits.test) for f in s.files}
+    """Files (not patterns) the task's defined splits read, in corpus order."""
+    needed = {f for f in _split_items(task) if not is_pattern(f)}
     return [f.name for f in task.corpus.files if f.name in needed]
+
+
+def required_patterns(task: TaskConfig) -> list[str]:
+    """Glob patterns the task's defined splits read, first use first, each once."""
+    return list(dict.fromkeys(f for f in _split_items(task) if is_pattern(f)))
 
 
 def resolve_corpus(task: TaskConfig, data_dir: str | Path | None = None, *,
@@ -372,7 +387,68 @@ def resolve_corpus(task: TaskConfig, data_dir: str | Path | None = None, *,
             _unlink(a)
     if missing:
         raise DataError(_missing_message(task, missing, cache))
+    unmatched = {}
+    for pattern in required_patterns(task):
+        looked = _expand_pattern(task, pattern, data_dir, cache, corpus)
+        if looked:
+            unmatched[pattern] = looked
+    if unmatched:
+        raise DataError(_unmatched_message(task, unmatched, cache))
     return corpus
+
+
+def _expand_pattern(task: TaskConfig, pattern: str, data_dir: str | Path | None, cache: Path,
+                    corpus: Corpus) -> list[str]:
+    """Expand ``pattern`` in the first local corpus dir where it matches, verify and record each
+    match; return the places searched when it matches nothing (empty list when it matched)."""
+    looked = []
+    for label, root, note in _candidates(data_dir, cache):
+        if root is None:
+            looked.append(f"{label}: {note}")
+            continue
+        dirs = [root / task.corpus.dir] if label == "cache" else _corpus_dirs(root, task.corpus.dir)
+        for d in dirs:
+            names = _glob(d, pattern)
+            if not names:
+                looked.append(f"{label}: nothing matches in {d}" if d.is_dir() else f"{label}: no directory {d}")
+                continue
+            for name in names:
+                if name in corpus.paths:  # also named by another pattern or as a file
+                    continue
+                try:
+                    digests = verify_file(d / name, _expected(FileSpec(name=name), d), cache)
+                except ChecksumError as e:
+                    raise ChecksumError(f"data for task {task.name!r} ({label}, pattern {pattern!r}): {e}") from None
+                corpus.paths[name], corpus.sha256[name], corpus.origin[name] = d / name, digests["sha256"], label
+            corpus.matches[pattern] = names
+            return []
+    return looked
+
+
+def _glob(corpus_dir: Path, pattern: str) -> list[str]:
+    """Regular files under ``corpus_dir`` matching ``pattern``, as sorted relative names; our own
+    checksum file and hidden files (e.g. half-written temp files) are never documents."""
+    if not corpus_dir.is_dir():
+        return []
+    names = []
+    for path in corpus_dir.glob(pattern):
+        rel = path.relative_to(corpus_dir)
+        if path.is_file() and rel.name != SUMS_NAME and not any(part.startswith(".") for part in rel.parts):
+            names.append(rel.as_posix())
+    return sorted(names)
+
+
+def _unmatched_message(task: TaskConfig, unmatched: dict[str, list[str]], cache: Path) -> str:
+    lines = [f"data for task {task.name!r}: no file matches {', '.join(map(repr, unmatched))}"]
+    for pattern, looked in unmatched.items():
+        lines.append(f"  pattern {pattern!r} (relative to the corpus dir {task.corpus.dir!r}) -- searched:")
+        lines.extend(f"    - {x}" for x in looked)
+    lines += [
+        "  how to fix (any one):",
+        "    - check the pattern against the file names (patterns are matched inside corpus.dir)",
+        f"    - set {ENV_DATA}=/path/to/data (or pass --data-dir) to a directory holding {task.corpus.dir}/",
+    ]
+    return "\n".join(lines)
 
 
 def _find_local(task: TaskConfig, name: str, data_dir: str | Path | None, cache: Path, corpus: Corpus) -> list[str]:

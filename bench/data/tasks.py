@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -24,8 +24,24 @@ METRICS = {
     "translation": ("loss", "perplexity", "bleu", "chrf"),
 }
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # BPE ids 0..3, in this order
+WORD_SPECIALS = ("<unk>", "<eos>")  # word tokenizer ids 0, 1
+SUMS_FILE = "SHA256SUMS"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_GLOB_CHARS = set("*?[")
+
+
+def is_pattern(name: str) -> bool:
+    """A glob pattern (``c*``, ``docs/*.txt``, ``ca0[1-9]``) rather than one file name."""
+    return bool(_GLOB_CHARS & set(name))
+
+
+def _relative_problem(key: str, name: str) -> list[str]:
+    if not name:
+        return [f"{key} is required"]
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return [f"{key}={name!r} is not allowed: must be a relative path inside the corpus dir"]
+    return []
 
 
 def default_tasks_dir() -> Path:
@@ -44,11 +60,13 @@ class FileSpec:
     member: Optional[str] = None  # set when ``url`` is a .zip/.tar(.gz): the path inside it
 
     def problems(self) -> list[str]:
-        p = []
-        if not self.name:
-            p.append("name is required")
-        elif Path(self.name).is_absolute() or ".." in Path(self.name).parts:
-            p.append(f"name={self.name!r} is not allowed: must be a relative path inside the corpus dir")
+        p = _relative_problem("name", self.name)
+        if is_pattern(self.name):
+            # A pattern stands for files only known once it is expanded: nothing to download or pin.
+            given = [k for k in ("url", "sha256", "git_blob", "member") if getattr(self, k) is not None]
+            if given:
+                p.append(f"name={self.name!r} is a glob pattern, so {', '.join(given)} is not allowed: pin matched "
+                         f"files with a {SUMS_FILE} file in the corpus dir instead")
         if self.url is not None and not re.match(r"^(https?|file)://", self.url):
             p.append(f"url={self.url!r} is not allowed: expected an http(s):// or file:// URL")
         if self.sha256 is not None and not _SHA256.match(self.sha256):
@@ -65,6 +83,9 @@ class CorpusConfig:
     dir: str = ""  # subdirectory of the data dir / cache dir holding the files
     format: Literal["text", "gzip-text", "lines", "gzip-lines"] = "text"
     files: list = field(default_factory=list)  # list[FileSpec] (dicts from YAML are converted)
+    # Tagged text: each whitespace-separated token "word<sep>TAG" is read as "word" (cut at the
+    # last separator, so "1/2/cd" -> "1/2"); tokens without the separator are kept as they are.
+    tag_separator: Optional[str] = None
 
     def __post_init__(self):
         # bench.config.from_dict only builds nested dataclasses for plain fields, not for list
@@ -91,8 +112,9 @@ class CorpusConfig:
         p = list(self._file_problems)
         if not self.dir or Path(self.dir).is_absolute() or ".." in Path(self.dir).parts:
             p.append(f"dir={self.dir!r} is not allowed: expected a relative directory name")
-        if not self.files:
-            p.append("files is required: list every file the splits use")
+        if self.tag_separator is not None and (not self.tag_separator or any(c.isspace() for c in self.tag_separator)):
+            p.append(f"tag_separator={self.tag_separator!r} is not allowed: expected a non-empty string without "
+                     "whitespace, e.g. '/' for word/TAG")
         names = [f.name for f in self.files if isinstance(f, FileSpec)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -102,26 +124,53 @@ class CorpusConfig:
 
 @dataclass
 class SplitSpec:
-    """A split is a [start, end) fraction of one file (LM) or of a parallel file pair."""
+    """A split is a [start, end) fraction of one file, of several files read one after the other
+    (LM), or of a parallel file pair (translation).
 
-    file: Optional[str] = None  # LM: the text file
+    LM files are names or glob patterns inside the corpus dir; a pattern's matches are taken in
+    sorted order. ``every``/``offset`` cut a corpus of many documents (files) by document: a val
+    or test split keeps documents ``offset, offset + every, ...`` of its list, and those documents
+    are removed from train (train keeps the rest)."""
+
+    file: Optional[Union[str, list]] = None  # LM: one file name or pattern (a list is reported)
+    files: list[str] = field(default_factory=list)  # LM: several names / patterns, in this order
     src: Optional[str] = None  # translation: source-language file
     tgt: Optional[str] = None  # translation: target-language file
     start: float = 0.0  # fraction of characters (LM) or of lines (translation)
     end: float = 1.0
+    every: Optional[int] = None  # LM val/test: every n-th document of the list ...
+    offset: int = 0  # ... starting at this one (0-based)
 
     @property
     def defined(self) -> bool:
-        return bool(self.file or self.src or self.tgt)
+        return bool(self.file or self.files or self.src or self.tgt)
 
     @property
-    def files(self) -> list[str]:
-        return [f for f in (self.file, self.src, self.tgt) if f]
+    def items(self) -> list[str]:
+        """The names and patterns this split reads, in order."""
+        one = [self.file] if isinstance(self.file, str) and self.file else []
+        return one + list(self.files) + [f for f in (self.src, self.tgt) if f]
 
     def problems(self) -> list[str]:
+        p = []
         if not 0.0 <= self.start < self.end <= 1.0:
-            return [f"start={self.start}, end={self.end} is not allowed: need 0 <= start < end <= 1"]
-        return []
+            p.append(f"start={self.start}, end={self.end} is not allowed: need 0 <= start < end <= 1")
+        if isinstance(self.file, list):
+            p.append(f"file={self.file!r} is not allowed: file names one file or pattern; "
+                     f"for several use files: {self.file!r}")
+        elif self.file:
+            p.extend(_relative_problem("file", self.file))
+            if self.files:
+                p.append("file and files are not allowed together: put every name in files")
+        for i, name in enumerate(self.files):
+            p.extend(_relative_problem(f"files[{i}]", name))
+        if self.every is not None and self.every < 2:
+            p.append(f"every={self.every} is not allowed: must be >= 2 (every n-th document)")
+        elif self.every is not None and not 0 <= self.offset < self.every:
+            p.append(f"offset={self.offset} is not allowed: need 0 <= offset < every={self.every}")
+        if self.every is None and self.offset != 0:
+            p.append(f"offset={self.offset} is not allowed without every")
+        return p
 
 
 @dataclass
@@ -138,6 +187,10 @@ class TokenizerConfig:
     joint: bool = True  # translation: one vocabulary for source and target (models share embeddings)
     pre_tokenizer: Literal["byte_level", "metaspace"] = "byte_level"  # BPE only
     min_frequency: int = 2  # BPE only: merges need a pair seen at least this often
+    # Word only, counted on the training split: rarer words, and words beyond the max_vocab most
+    # frequent, are read as <unk>. max_vocab counts <unk> and <eos> too: it is the vocabulary size.
+    min_count: int = 1
+    max_vocab: Optional[int] = None
 
 
 @dataclass
@@ -151,7 +204,9 @@ class TaskConfig:
     seq_len: Optional[int] = None  # LM block length (tokens per training example)
     src_len: Optional[int] = None  # translation: max source tokens (incl. <eos>)
     tgt_len: Optional[int] = None  # translation: max decoder input/output tokens
-    vocab_size: int = 0  # expected vocabulary size; checked when the tokenizer is built
+    # Vocabulary size the models are built with. null: the size of the tokenizer built from the
+    # training split (bench.data.tokenizers.derive_vocab_size); given: checked against it.
+    vocab_size: Optional[int] = None
     src_lang: Optional[str] = None
     tgt_lang: Optional[str] = None
     metrics: list[str] = field(default_factory=list)
@@ -176,19 +231,32 @@ class TaskConfig:
         p: list[str] = []
         if not self.name:
             p.append("name is required")
-        if self.vocab_size < 1:
-            p.append(f"vocab_size={self.vocab_size} is not allowed: must be >= 1")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            p.append(f"vocab_size={self.vocab_size} is not allowed: must be >= 1 (or left out: derived from the data)")
         tok = self.tokenizer
         if tok.kind in ("char", "word") and tok.vocab_size is not None:
+            cap = " or tokenizer.max_vocab to cap a word vocabulary" if tok.kind == "word" else ""
             p.append(f"tokenizer.vocab_size={tok.vocab_size} is not allowed for kind={tok.kind!r}: "
-                     "the vocabulary comes from the training text (set the task's vocab_size instead)")
+                     f"the vocabulary comes from the training text (set the task's vocab_size instead{cap})")
+        if tok.kind != "word":
+            for key, default in (("min_count", 1), ("max_vocab", None)):
+                if getattr(tok, key) != default:
+                    p.append(f"tokenizer.{key}={getattr(tok, key)} is not allowed for kind={tok.kind!r}: "
+                             "it caps a word vocabulary (kind: word)")
+        if tok.min_count < 1:
+            p.append(f"tokenizer.min_count={tok.min_count} is not allowed: must be >= 1")
+        if tok.max_vocab is not None and tok.max_vocab <= len(WORD_SPECIALS):
+            p.append(f"tokenizer.max_vocab={tok.max_vocab} is not allowed: must be > {len(WORD_SPECIALS)} "
+                     f"(it counts {' and '.join(WORD_SPECIALS)})")
         bpe_size = tok.vocab_size or self.vocab_size
-        if tok.kind == "bpe":
+        if tok.kind == "bpe" and bpe_size is None:
+            p.append("vocab_size is required for kind='bpe': it is the size BPE is trained to")
+        elif tok.kind == "bpe":
             floor = len(SPECIAL_TOKENS) + (256 if tok.pre_tokenizer == "byte_level" else 1)
             if bpe_size < floor:
                 p.append(f"vocab_size={bpe_size} is not allowed for {tok.pre_tokenizer} BPE: must be >= {floor} "
                          "(specials + base alphabet)")
-            if tok.vocab_size is not None and tok.vocab_size != self.vocab_size:
+            if tok.vocab_size is not None and self.vocab_size is not None and tok.vocab_size != self.vocab_size:
                 p.append(f"tokenizer.vocab_size={tok.vocab_size} is not allowed: must equal vocab_size={self.vocab_size} "
                          "(or be null)")
         if tok.min_frequency < 1:
@@ -218,12 +286,20 @@ class TaskConfig:
                 if split != "test":
                     p.append(f"splits.{split} is required")
                 continue
-            if self.type == "lm" and (s.file is None or s.src or s.tgt):
-                p.append(f"splits.{split} is not allowed as {_short(s)}: type='lm' needs 'file' (not src/tgt)")
-            if self.type == "translation" and (s.file or not s.src or not s.tgt):
+            lm_files = bool(s.file or s.files)
+            if self.type == "lm" and (not lm_files or s.src or s.tgt):
+                p.append(f"splits.{split} is not allowed as {_short(s)}: type='lm' needs 'file' or 'files' "
+                         "(not src/tgt)")
+            if self.type == "translation" and (lm_files or not s.src or not s.tgt):
                 p.append(f"splits.{split} is not allowed as {_short(s)}: type='translation' needs 'src' and 'tgt'")
-            for f in s.files:
-                if f not in names:
+            if s.every is not None and (split == "train" or self.type != "lm"):
+                p.append(f"splits.{split}.every is not allowed " + (
+                    "on train: train keeps the documents val/test leave, so give every on val/test"
+                    if split == "train" else "for type='translation' (a split is one parallel file pair)"))
+            # A pattern is expanded in the corpus dir; a plain name is declared in corpus.files
+            # (where its URL and checksum live), so a typo is caught before any data is read.
+            for f in s.items:
+                if not is_pattern(f) and f not in names:
                     p.append(f"splits.{split} file {f!r} is not allowed: not in corpus.files "
                              f"(have {', '.join(sorted(names)) or 'none'})")
         allowed = METRICS.get(self.type, ())
@@ -235,7 +311,8 @@ class TaskConfig:
 
 
 def _short(s: SplitSpec) -> str:
-    return "{" + ", ".join(f"{k}: {v}" for k, v in (("file", s.file), ("src", s.src), ("tgt", s.tgt)) if v) + "}"
+    keys = (("file", s.file), ("files", s.files), ("src", s.src), ("tgt", s.tgt), ("every", s.every))
+    return "{" + ", ".join(f"{k}: {v}" for k, v in keys if v) + "}"
 
 
 def available_tasks(tasks_dir: str | Path | None = None) -> list[str]:

@@ -1,11 +1,17 @@
-"""Read corpus files and cut them into the task's splits (raw text, before tokenization)."""
+"""Read corpus files and cut them into the task's splits (raw text, before tokenization).
+
+An LM split reads one or more documents (files) one after the other; see ``split_documents``
+for how names, glob patterns and the every-n-th-document rule choose them.
+"""
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
-from bench.data.sources import Corpus
-from bench.data.tasks import SplitSpec, TaskConfig
+from bench.data.sources import Corpus, DataError
+from bench.data.tasks import SplitSpec, TaskConfig, is_pattern
+
+SPLITS = ("train", "val", "test")
 
 
 def read_text(path: str | Path, fmt: str) -> str:
@@ -14,6 +20,22 @@ def read_text(path: str | Path, fmt: str) -> str:
     if fmt.startswith("gzip"):
         raw = gzip.decompress(raw)
     return raw.decode("utf-8")
+
+
+def strip_tags(text: str, separator: str) -> str:
+    """``The/at jury/nn`` -> ``The jury``, line by line (line count kept, so parallel files stay
+    aligned); the tag is what follows the last separator, and a token without one is kept."""
+    def word(token: str) -> str:
+        return token.rsplit(separator, 1)[0] if separator in token else token
+
+    return "\n".join(" ".join(w for w in map(word, line.split()) if w) for line in text.split("\n"))
+
+
+def read_document(task: TaskConfig, path: str | Path) -> str:
+    """One corpus file as the task reads it: decoded, and untagged when the corpus is tagged."""
+    text = read_text(path, task.corpus.format)
+    sep = task.corpus.tag_separator
+    return strip_tags(text, sep) if sep else text
 
 
 def split_lines(text: str) -> list[str]:
@@ -45,18 +67,58 @@ def split_spec(task: TaskConfig, split: str) -> SplitSpec:
     return spec
 
 
+def _listed(spec: SplitSpec, corpus: Corpus) -> list[str]:
+    """The split's names with each pattern replaced by its sorted matches; a file named twice counts once."""
+    names: list[str] = []
+    for item in spec.items:
+        names.extend(corpus.matches[item] if is_pattern(item) else [item])
+    return list(dict.fromkeys(names))
+
+
+def split_documents(task: TaskConfig, corpus: Corpus) -> dict[str, list[str]]:
+    """Documents (file names in the corpus dir) of each defined LM split, in reading order.
+
+    A split with ``every: n, offset: k`` keeps documents k, k + n, k + 2n, ... of its list; those
+    documents are taken out of train, which keeps the rest. Raises DataError when a split gets no
+    document or val and test would share one (evaluating on the same text twice is never meant).
+    """
+    docs = {s: _listed(getattr(task.splits, s), corpus) for s in SPLITS if task.has_split(s)}
+    held_out: dict[str, str] = {}
+    for split in ("val", "test"):
+        spec = getattr(task.splits, split)
+        if split not in docs or spec.every is None:
+            continue
+        listed = docs[split]
+        docs[split] = listed[spec.offset::spec.every]
+        for d in docs[split]:
+            if d in held_out:
+                raise DataError(f"task {task.name!r}: document {d} is in both {held_out[d]} and {split}; give "
+                                f"splits.val and splits.test different offsets (or every values)")
+            held_out[d] = split
+        if not docs[split]:
+            raise DataError(f"task {task.name!r}: splits.{split} gets no document: its files list "
+                            f"{len(listed)} documents, and every={spec.every} from offset={spec.offset} picks none")
+    docs["train"] = [d for d in docs["train"] if d not in held_out]
+    if not docs["train"]:
+        raise DataError(f"task {task.name!r}: splits.train gets no document: val/test's every rule took "
+                        "all of its files")
+    return docs
+
+
 def lm_text(task: TaskConfig, corpus: Corpus, split: str) -> str:
-    """The raw text of an LM split (a character range of its file)."""
+    """The raw text of an LM split: its documents one after the other (each ends in a newline,
+    so no two run together), then the split's character range of that text."""
     spec = split_spec(task, split)
-    text = read_text(corpus.path(spec.file), task.corpus.format)
+    docs = [read_document(task, corpus.path(d)) for d in split_documents(task, corpus)[split]]
+    text = "".join(t if t.endswith("\n") or i == len(docs) - 1 else t + "\n" for i, t in enumerate(docs))
     return text[_cut(len(text), spec)]
 
 
 def parallel_lines(task: TaskConfig, corpus: Corpus, split: str) -> tuple[list[str], list[str]]:
     """(source sentences, target sentences) of a translation split, aligned by line."""
     spec = split_spec(task, split)
-    src = read_lines(corpus.path(spec.src), task.corpus.format)
-    tgt = read_lines(corpus.path(spec.tgt), task.corpus.format)
+    src = split_lines(read_document(task, corpus.path(spec.src)))
+    tgt = split_lines(read_document(task, corpus.path(spec.tgt)))
     if len(src) != len(tgt):
         raise ValueError(f"task {task.name!r} split {split}: {spec.src} has {len(src)} lines but "
                          f"{spec.tgt} has {len(tgt)}; parallel files must align line by line")

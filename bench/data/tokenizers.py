@@ -2,7 +2,7 @@
 
 - ``CharTokenizer``: the sorted set of characters of the training text (nanoGPT); no specials.
 - ``WordTokenizer``: whitespace words plus ``<eos>`` at every line end (PyTorch word LM example),
-  ``<unk>`` for words not seen in training.
+  ``<unk>`` for words not seen in training, or left out by ``min_count`` / ``max_vocab``.
 - ``BPETokenizer``: HF ``tokenizers`` BPE (byte-level or metaspace pre-tokenizer) with
   ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``; joint over source and target for translation.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from bench.config import ConfigError
-from bench.data.sources import Corpus, atomic_write_bytes, cache_dir
-from bench.data.tasks import SPECIAL_TOKENS, TaskConfig
-from bench.data.text import lm_text, parallel_lines, split_lines
+from bench.data.sources import Corpus, atomic_write_bytes, cache_dir, resolve_corpus
+from bench.data.tasks import SPECIAL_TOKENS, WORD_SPECIALS, TaskConfig
+from bench.data.text import lm_text, parallel_lines, split_documents, split_lines
 
 FORMAT_VERSION = 1  # bump when training/encoding changes, so old cached tokenizers are not reused
 
@@ -100,7 +100,7 @@ class CharTokenizer(Tokenizer):
 
 class WordTokenizer(Tokenizer):
     kind = "word"
-    SPECIALS = ("<unk>", "<eos>")
+    SPECIALS = WORD_SPECIALS
 
     def __init__(self, words: Sequence[str]):
         self.words = list(words)
@@ -108,13 +108,17 @@ class WordTokenizer(Tokenizer):
         self.unk_id, self.eos_id = self.stoi["<unk>"], self.stoi["<eos>"]
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> "WordTokenizer":
+    def train(cls, texts: Iterable[str], min_count: int = 1, max_vocab: int | None = None) -> "WordTokenizer":
+        """Every word seen ``min_count`` times or more, most frequent first, at most ``max_vocab``
+        entries in all (specials included); any other word encodes to <unk>."""
         counts: Counter[str] = Counter()
         for t in texts:
             for line in split_lines(t):
                 counts.update(line.split())
         # specials first (fixed ids 0, 1), then by frequency; Counter keeps first-seen order on ties
-        words = [w for w, _ in counts.most_common() if w not in cls.SPECIALS]
+        words = [w for w, n in counts.most_common() if w not in cls.SPECIALS and n >= min_count]
+        if max_vocab is not None:
+            words = words[:max_vocab - len(cls.SPECIALS)]
         return cls([*cls.SPECIALS, *words])
 
     @property
@@ -209,14 +213,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 # --------------------------------------------------------------------------- building + caching
 
 
-def _train_files(task: TaskConfig) -> list[str]:
+def _train_files(task: TaskConfig, corpus: Corpus) -> list[str]:
+    if task.type == "lm":
+        return split_documents(task, corpus)["train"]  # reading order: it decides ties in word counts
     # Sorted, so multi30k-de-en and multi30k-en-de train (and cache) the very same joint tokenizer.
-    return sorted(task.splits.train.files)
+    return sorted(task.splits.train.items)
+
+
+# Settings added after tokenizers were first cached: left out of the key at their defaults, so
+# the tokenizers (and encoded corpora) of existing tasks keep their cache entries.
+_LATER_DEFAULTS = {"min_count": 1, "max_vocab": None}
 
 
 def tokenizer_key(task: TaskConfig, corpus: Corpus) -> str:
     """Hash of everything the trained tokenizer depends on: settings + training data checksums."""
     settings = dataclasses.asdict(task.tokenizer)
+    for key, default in _LATER_DEFAULTS.items():
+        if settings.get(key) == default:
+            del settings[key]
     if task.tokenizer.kind == "bpe":
         settings["vocab_size"] = task.tokenizer.vocab_size or task.vocab_size
     spec = task.splits.train
@@ -224,9 +238,11 @@ def tokenizer_key(task: TaskConfig, corpus: Corpus) -> str:
         "version": FORMAT_VERSION,
         "tokenizer": settings,
         "format": task.corpus.format,
-        "train": [[f, corpus.sha256[f]] for f in _train_files(task)],
+        "train": [[f, corpus.sha256[f]] for f in _train_files(task, corpus)],
         "range": [spec.start, spec.end],
     }
+    if task.corpus.tag_separator:
+        blob["tag_separator"] = task.corpus.tag_separator
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -236,7 +252,7 @@ def training_texts(task: TaskConfig, corpus: Corpus) -> list[str]:
         return [lm_text(task, corpus, "train")]
     src, tgt = parallel_lines(task, corpus, "train")
     by_file = {task.splits.train.src: src, task.splits.train.tgt: tgt}
-    return [line for f in _train_files(task) for line in by_file[f]]
+    return [line for f in _train_files(task, corpus) for line in by_file[f]]
 
 
 def train_tokenizer(task: TaskConfig, texts: list[str]) -> Tokenizer:
@@ -244,17 +260,21 @@ def train_tokenizer(task: TaskConfig, texts: list[str]) -> Tokenizer:
     if cfg.kind == "char":
         return CharTokenizer.train(texts)
     if cfg.kind == "word":
-        return WordTokenizer.train(texts)
+        return WordTokenizer.train(texts, cfg.min_count, cfg.max_vocab)
     return BPETokenizer.train(texts, cfg.vocab_size or task.vocab_size, cfg.pre_tokenizer, cfg.min_frequency)
 
 
 def check_vocab_size(task: TaskConfig, tok: Tokenizer) -> None:
-    if tok.vocab_size != task.vocab_size:
+    """A declared vocab_size must be the data's; an absent one is the data's by definition."""
+    if task.vocab_size is not None and tok.vocab_size != task.vocab_size:
+        # Not `--set vocab_size`: that resizes the model and leaves the task's (wrong) value as it was.
+        bpe_hint = (" (or give BPE more training text)"
+                    if tok.kind == "bpe" and tok.vocab_size < task.vocab_size else "")
         raise VocabSizeError(
             [f"vocab_size={task.vocab_size} does not match the data: the {tok.kind} tokenizer built from "
-             f"the training split has {tok.vocab_size} tokens. Models are sized from vocab_size before data "
-             f"is loaded, so set `vocab_size: {tok.vocab_size}` in the task file (or --set vocab_size={tok.vocab_size})"
-             + (" or give BPE more training text" if tok.kind == "bpe" and tok.vocab_size < task.vocab_size else "")],
+             f"the training split has {tok.vocab_size} tokens. Edit the task's YAML file: set "
+             f"`vocab_size: {tok.vocab_size}`, or remove the vocab_size line to have it derived from the data"
+             + bpe_hint],
             f"task {task.name!r}",
         )
 
@@ -284,3 +304,15 @@ def get_tokenizer(task: TaskConfig, corpus: Corpus, cache: str | Path | None = N
     if check:
         check_vocab_size(task, tok)
     return tok
+
+
+def derive_vocab_size(task: TaskConfig, data_dir: str | Path | None = None, *, cache: str | Path | None = None,
+                      allow_download: bool | None = None) -> TaskConfig:
+    """The task with the vocab_size its models are built with, checked before any run exists.
+
+    Finds and verifies the data and builds (or loads) the tokenizer from the training split; a
+    task without vocab_size gets the tokenizer's size, a task with one must match it. Raises
+    DataError or VocabSizeError with the fix.
+    """
+    tok = get_tokenizer(task, resolve_corpus(task, data_dir, cache=cache, allow_download=allow_download), cache)
+    return task if task.vocab_size is not None else dataclasses.replace(task, vocab_size=tok.vocab_size)

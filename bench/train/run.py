@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bench.config import ConfigError, from_dict, to_dict
 from bench.data.datamodules import build_datamodule
-from bench.data.sources import resolve_corpus
+from bench.data.tokenizers import derive_vocab_size
 from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
@@ -63,7 +63,11 @@ def _cpu_has_bf16() -> bool:
 
 
 def resolve_configs(task: TaskConfig, family: str, preset: str, overrides: list[str] | dict,
-                    budget: dict[str, Any] | None) -> tuple[ModelConfig, RunConfig]:
+                    budget: dict[str, Any] | None, data_dir: str | None = None) -> tuple[ModelConfig, RunConfig]:
+    """The model and run configs of one run. A task without vocab_size takes its data's (the
+    tokenizer built on its training split), so plans, sweeps and `flops` size the model as `train` does."""
+    if task.vocab_size is None:
+        task = derive_vocab_size(task, data_dir)
     model_over, run_over = split_overrides(overrides or [])
     if budget:
         run_over.update({f"budget.{k}": v for k, v in budget.items()})
@@ -95,10 +99,13 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect."""
     task_file = _task_file(task)
     task = task if isinstance(task, TaskConfig) else load_task(task)
-    cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
+    if task.vocab_size is not None:  # bad settings are reported before any work on the data
+        resolve_configs(task, family, preset, overrides or [], budget)
     _check_before_work(seed)
-    # Missing or corrupt data: one clear error before a record, run folder or W&B run exists.
-    resolve_corpus(task, data_dir)
+    # Missing or corrupt data, or a vocab_size the data does not have: one clear error before a
+    # record, run folder or W&B run exists. A task without vocab_size gets its data's.
+    task = derive_vocab_size(task, data_dir)
+    cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     for warning in schedule_warnings(task, cfg, rc):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
