@@ -22,10 +22,10 @@ import http.client
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
-import urllib.request
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,52 +216,29 @@ def verify_file(path: Path, expected: list[tuple[str, str, str]], cache: Path) -
 
 def download(url: str, dest: str | Path, sha256: str | None = None, git_blob: str | None = None,
              desc: str | None = None, timeout: float = 60.0) -> Path:
-    """Stream ``url`` to ``dest`` with a progress bar; verify; rename into place only if good.
+    """Download ``url`` to ``dest`` with pooch (temporary file, sha256 check, progress bar on a
+    terminal), then check a git blob id where that is all the task knows (pooch cannot).
 
-    On any failure (network, checksum, Ctrl-C) the temp file is removed, so ``dest`` is either
-    absent or complete and verified.
+    On any failure (network, checksum, Ctrl-C) ``dest`` is either absent or complete and verified.
     """
-    from tqdm.auto import tqdm  # only needed online
+    import pooch  # only needed online
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    bar = sys.stderr.isatty()
+    downloader = pooch.HTTPDownloader(progressbar=bar, timeout=timeout, headers={"User-Agent": "moe-bench"})
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "moe-bench"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
-            size = resp.headers.get("Content-Length")
-            size = int(size) if size and size.isdigit() else None
-            h, n = hashlib.sha256(), 0
-            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=desc or dest.name, disable=None, leave=False) as bar:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                    out.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                    bar.update(len(chunk))
-        if size is not None and n != size:
-            raise DataError(f"download of {url} was cut short: got {n} of {size} bytes")
-        if sha256 and h.hexdigest() != sha256:
-            raise ChecksumError(
-                f"downloaded {url} but its sha256 is {h.hexdigest()}, expected {sha256}; nothing was "
-                f"saved to {dest}. The file may have changed upstream or the download was corrupted."
-            )
-        if git_blob:
-            # git's id hashes a 'blob <size>\0' header first, and the size is only sure now
-            blob = hashlib.sha1(f"blob {n}\0".encode())
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(_CHUNK), b""):
-                    blob.update(chunk)
-            if blob.hexdigest() != git_blob:
-                raise ChecksumError(
-                    f"downloaded {url} but its git blob id is {blob.hexdigest()}, expected {git_blob}; "
-                    f"nothing was saved to {dest}."
-                )
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        _unlink(tmp)
-        raise
+        pooch.retrieve(url, known_hash=f"sha256:{sha256}" if sha256 else None, fname=dest.name, path=dest.parent,
+                       downloader=downloader, progressbar=bar)
+    except ValueError as e:  # pooch: "SHA256 hash of downloaded file (...) does not match the known hash"
+        raise ChecksumError(f"downloaded {url}: {e}; nothing was saved to {dest}. The file may have changed "
+                            f"upstream or the download was corrupted.") from None
+    if git_blob:
+        blob = file_digests(dest)["git_blob"]
+        if blob != git_blob:
+            _unlink(dest)
+            raise ChecksumError(f"downloaded {url} but its git blob id is {blob}, expected {git_blob}; "
+                                f"nothing was saved to {dest}.")
     return dest
 
 
@@ -510,6 +487,9 @@ def _fetch(spec: FileSpec, target_dir: Path, cache: Path, archives: list[Path]) 
 
 
 def _reason(e: BaseException) -> str:
+    response = getattr(e, "response", None)  # requests' HTTPError (pooch downloads with requests)
+    if response is not None and getattr(response, "status_code", None):
+        return f"HTTP {response.status_code} {response.reason}"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
