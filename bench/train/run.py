@@ -493,7 +493,9 @@ def _wandb_logger(record: RunRecord, run_dir: Path):
     config = {"task": record.task, "family": record.family, "preset": record.preset, "seed": record.seed,
               "run_id": record.run_id, "params": record.params, "flops_per_token": record.flops,
               **{k: v for k, v in extra.items() if k in _TAGGED + ("trial", "budget_flops")}, **record.config}
-    return make_wandb_logger(project="moe-bench", name=record.name or record.run_id, group=record.group,
+    # A plain `train` has no group of its own: W&B groups it with the other runs of its task.
+    group = record.group or f"train-{record.task}"
+    return make_wandb_logger(project="moe-bench", name=record.name or record.run_id, group=group,
                              config=config, save_dir=str(run_dir), tags=tags, job_type=job_type)
 
 

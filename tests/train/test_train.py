@@ -61,7 +61,7 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     # a finished run keeps its record, CSV and W&B files, not its (large) checkpoint
     assert record.paths["checkpoint_dir"] is None and not (Path(record.paths["run_dir"]) / "checkpoints").exists()
     info = read_offline_run_info(record.paths["wandb_dir"])
-    assert info["name"] == record.name and info["job_type"] == "train"
+    assert info["name"] == record.name and info["job_type"] == "train" and info["group"] == f"train-{TASK}"
     assert info["tags"] == ["switch", TASK, "tiny"]
     assert info["config"]["params"]["active"] == record.params["active"] < record.params["total"]
     assert info["config"]["flops_per_token"]["train_per_token"] == record.flops["train_per_token"]
