@@ -10,20 +10,24 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install demo test perf clean clean-runs
 
+# pip's own output goes to $(LOG) (shown when a step fails), so the demo's output stays readable.
+LOG := $(VENV)/install.log
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (pip's log: $(LOG))"
+	@$(PY) -m pip install --quiet --upgrade pip > $(LOG) 2>&1 || { tail -30 $(LOG); exit 1; }
 	@if [ -n "$(TORCH_INDEX)" ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
 	    timeout 15 $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
 	        "$(TORCH_INDEX)" >/dev/null 2>&1; then \
 	    echo "installing $(TORCH_SPEC) (CPU build) from $(TORCH_INDEX)"; \
-	    $(PY) -m pip install --quiet "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"; \
+	    $(PY) -m pip install --quiet "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" >> $(LOG) 2>&1 || { tail -30 $(LOG); exit 1; }; \
 	else \
 	    echo "installing $(TORCH_SPEC) from the default index ($(TORCH_INDEX) not used: GPU present or not reachable)"; \
-	    $(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+	    $(PY) -m pip install --quiet "$(TORCH_SPEC)" >> $(LOG) 2>&1 || { tail -30 $(LOG); exit 1; }; \
 	fi
-	$(PY) -m pip install --quiet -e '.[test,peer]'
-	touch $(STAMP)
+	@echo "installing moe-bench and its dependencies"
+	@$(PY) -m pip install --quiet -e '.[test,peer]' >> $(LOG) 2>&1 || { tail -30 $(LOG); exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
