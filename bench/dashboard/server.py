@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import sqlalchemy as sa
-
 from bench.dashboard import api, arms, report_page
 from bench.dashboard.studies import Studies
-from bench.tracking.records import ResultsStore, StorageError, normalize_storage_url
+from bench.tracking.records import ResultsStore, StorageError, normalize_storage_url, sqlite_file
 
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -204,15 +202,10 @@ class Handler(BaseHTTPRequestHandler):
 
 def _check_sqlite_exists(storage: str | None) -> None:
     """A dashboard only reads: a missing SQLite file is a mistyped path, not a new database."""
-    url = normalize_storage_url(storage)
-    try:
-        parsed = sa.engine.make_url(url)
-    except (sa.exc.ArgumentError, ValueError):
-        return  # ResultsStore explains bad URLs
-    db = parsed.database
-    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:") \
-            and not Path(db).expanduser().is_file():
-        raise StorageError(f"no results database at {Path(db).expanduser().absolute()} (storage {url!r}): "
+    db = sqlite_file(storage)
+    if db is not None and not db.is_file():
+        url = normalize_storage_url(storage)
+        raise StorageError(f"no results database at {db} (storage {url!r}): "
                            f"train a run first (`moe-bench train ...`), or pass the storage URL of an "
                            f"existing database (--storage or $MOE_BENCH_STORAGE)")
 

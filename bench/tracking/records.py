@@ -515,23 +515,32 @@ class _StorageGuard:
         raise self.store._explain(self.action, exc) from None
 
 
+def sqlite_file(storage: str | os.PathLike | None) -> Path | None:
+    """The SQLite file a storage URL names, or None (another database, in-memory, or a bad URL,
+    which ResultsStore explains)."""
+    try:
+        parsed = sa.engine.make_url(normalize_storage_url(storage))
+    except (sa.exc.ArgumentError, ValueError):
+        return None
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).expanduser().absolute()
+
+
 def reading_store(storage: str | os.PathLike | None = None) -> ResultsStore:
     """A store for commands that only read (`runs`, `report`): an SQLite file is opened read-only
     (nothing written into or beside it, so a read-only copy works), and a missing one reads as
     empty without being created."""
     url = normalize_storage_url(storage)
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        return ResultsStore(url)  # says what is wrong with the URL
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
-            and not parsed.database.startswith("file:"):
-        if not Path(parsed.database).expanduser().exists():
-            store = ResultsStore("sqlite://")  # in memory: lists nothing, leaves nothing behind
-            store.url = url
-            return store
-        return ResultsStore(url, read_only=True)
-    return ResultsStore(url)
+    path = sqlite_file(url)
+    if path is None:
+        return ResultsStore(url)
+    if not path.exists():
+        store = ResultsStore("sqlite://")  # in memory: lists nothing, leaves nothing behind
+        store.url = url
+        return store
+    return ResultsStore(url, read_only=True)
 
 
 def sqlite_read_only_connect(path: Path) -> sqlite3.Connection:

@@ -34,7 +34,7 @@ from bench.models import build_model, model_config
 from bench.models.config import ModelConfig
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
-from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir
+from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
                                    ProgressLine, RNGState, summarize_moe_stats)
 from bench.train.config import RunConfig, run_config, split_overrides
@@ -222,9 +222,9 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
 
 def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
     """The record of ``run_id``, or one clear error (a mistyped store path is never created)."""
-    sqlite_file = _sqlite_path(storage)
-    if sqlite_file is not None and not sqlite_file.exists():
-        raise ConfigError([f"no results store at {sqlite_file}: check --storage (runs list with `moe-bench runs "
+    db_file = sqlite_file(storage)
+    if db_file is not None and not db_file.exists():
+        raise ConfigError([f"no results store at {db_file}: check --storage (runs list with `moe-bench runs "
                            "--storage URL`)"], context)
     store = ResultsStore(storage)
     record = store.get(run_id)
@@ -232,13 +232,6 @@ def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
         raise ConfigError([f"run_id={run_id!r} is not in the results store {store.url}; "
                            "list runs with `moe-bench runs`"], context)
     return record
-
-
-def _sqlite_path(storage: str | None) -> Path | None:
-    from bench.tracking.records import normalize_storage_url
-
-    url = normalize_storage_url(storage)
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") and ":memory:" not in url else None
 
 
 def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,
