@@ -65,7 +65,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if cfg.is_sparse:
         m = cfg.moe
         cap = "dropless" if m.capacity_factor is None else f"capacity factor {m.capacity_factor}"
-        print(f"  {m.num_experts} experts of width {cfg.expert_width}, {m.router} router, top-{m.top_k}, {cap}")
+        G = m.granularity
+        fine = f" (granularity {G}: {m.num_experts // G} x {G})" if G > 1 else ""
+        shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
+        print(f"  {m.num_experts} experts{fine}{shared} of width {cfg.expert_width}, {m.router} router, "
+              f"top-{m.top_k}, {cap}")
     rows = [
         ("total params", _fmt_int(cost.total_params), f"{_fmt_int(cost.total_params_no_embed)} without embeddings"),
         ("active params", _fmt_int(cost.active_params), f"{_fmt_int(cost.active_params_no_embed)} without embeddings"),
@@ -83,8 +87,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from bench.perf import (decoding_benchmark, format_decoding_table, format_layer_table, format_training_table,
-                            layer_benchmark, training_benchmark)
+    from bench.perf import (decoding_benchmark, evaluation_benchmark, format_decoding_table, format_evaluation_table,
+                            format_layer_table, format_training_table, layer_benchmark, training_benchmark)
 
     progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
     result = {}
@@ -95,12 +99,15 @@ def cmd_perf(args: argparse.Namespace) -> int:
         result["training"] = training_benchmark(steps=args.train_steps, progress=progress)
     if args.only in (None, "decoding"):
         result["decoding"] = decoding_benchmark(progress=progress)
+    if args.only in (None, "evaluation"):
+        result["evaluation"] = evaluation_benchmark(progress=progress)
     if args.json:
         print(json.dumps(result))
     else:
         print("\n\n".join(fmt(result[k]) for k, fmt in (("layer", format_layer_table),
                                                          ("training", format_training_table),
-                                                         ("decoding", format_decoding_table)) if k in result))
+                                                         ("decoding", format_decoding_table),
+                                                         ("evaluation", format_evaluation_table)) if k in result))
     return 0
 
 
@@ -118,6 +125,14 @@ def _budget(args: argparse.Namespace) -> dict | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from bench.train.run import resume_run, train
 
+    if args.resume and args.init_from:
+        raise ConfigError(["--init-from starts a new run; --resume continues one (which keeps its own init)"],
+                          "arguments")
+    init_from = None
+    if args.init_from and not args.resume:
+        from bench.train.upcycling import from_dense_run
+
+        init_from = from_dense_run(args.init_from, args.storage)
     if args.resume:
         record = resume_run(args.resume, storage=args.storage, data_dir=args.data_dir, progress=not args.json,
                             keep_checkpoints=args.keep_checkpoints)
@@ -126,8 +141,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(["--task and --model are required (or --resume RUN_ID)"], "arguments")
         record = train(args.task, args.model, args.preset, args.overrides, budget=_budget(args), seed=args.seed,
                        storage=args.storage, data_dir=args.data_dir, group=args.group, name=args.name,
-                       progress=not args.json, keep_checkpoints=args.keep_checkpoints)
+                       progress=not args.json, keep_checkpoints=args.keep_checkpoints, init_from=init_from)
     summary = record.summary()
+    if "init_from" in record.config:  # upcycled: the source, and the FLOPs with the dense run's
+        summary.update(init_from=record.config["init_from"]["run_id"],
+                       total_train_flops=record.extra.get("total_train_flops"))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -265,23 +283,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Any experiment file: a plan of arms goes to `reproduce`, a search space to `sweep`."""
-    import yaml
+    from bench.runner import experiment_kind
 
-    from bench.plans import PLANS_DIR
-
-    path = Path(args.plan)
-    if not path.is_file() and (PLANS_DIR / f"{args.plan}.yaml").is_file():
-        path = PLANS_DIR / f"{args.plan}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError([f"cannot read {args.plan}: {e}"], "run") from None
-    if isinstance(data, dict) and "arms" in data:
-        return main(["reproduce", args.plan, *args.rest])
-    if isinstance(data, dict) and "space" in data:
-        return main(["sweep", args.plan, *args.rest])
-    raise ConfigError([f"{args.plan} has neither arms: (a plan: moe-bench reproduce) nor space: (a study: "
-                       "moe-bench sweep)"], "run")
+    kind, _ = experiment_kind(args.plan)
+    return main(["reproduce" if kind == "plan" else "sweep", args.plan, *args.rest])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -295,7 +300,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.spec:
         raise ConfigError(["give a study spec (a YAML file or a shipped name such as switch-experts), "
                            "or --show STUDY"], "sweep")
-    from bench.sweep import load_spec, run_sweep
+    from bench.runner import run_sweep
+    from bench.sweep import load_spec
     from bench.sweep.show import format_study, load_existing_study, study_summary
 
     spec = load_spec(args.spec, args.overrides, budget=_budget(args), n_trials=args.n_trials)
@@ -348,11 +354,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        keep_checkpoints=args.keep_checkpoints)
     if args.json:
         print(json.dumps([r.summary() for r in records]))
-    else:
-        print("\n" + format_plan_results(plan, tier, records))
-        storage = f" --storage {args.storage}" if args.storage else ""
-        print(f"\nnext: moe-bench report{storage}")
-    _log_plan_summary(plan, tier, records, started, job_type="reproduce")
+        return 0
+    from bench.tracking.records import ResultsStore, is_throughput
+
+    # the tier's quiet throughput measurements judge its tokens/s claims (bench.report.claims)
+    speed = [r for r in ResultsStore(args.storage).list(group=plan.group(tier)) if is_throughput(r)]
+    print("\n" + format_plan_results(plan, tier, records + speed))
+    storage = f" --storage {args.storage}" if args.storage else ""
+    print(f"\nnext: moe-bench report{storage}")
+    _log_plan_summary(plan, tier, records + speed, started, job_type="reproduce")
     return 0
 
 
@@ -432,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="comparison / study name for W&B grouping")
     p.add_argument("--name", help="run name (default: the run id)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a killed run from its last checkpoint")
+    p.add_argument("--init-from", metavar="RUN_ID",
+                   help="sparse upcycling (Komatsuzaki et al. 2022): start a switch/moe model from a finished dense "
+                        "run's weights, every expert a copy of its FFN; --budget-flops then counts that run's FLOPs too")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep runs/<id>/checkpoints/last.ckpt after the run finishes (default: removed)")
     p.add_argument("--json", action="store_true", help="print the run record summary as JSON (last line)")
@@ -551,13 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("perf", help="benchmarks: MoE layer vs dense FFN and HF peer, training and decoding speed")
+    p = sub.add_parser("perf", help="benchmarks: MoE layer vs dense FFN and HF peer, training and decoding speed, "
+                                    "large-vocabulary loss memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="token batch sizes")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="expert counts")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the best is reported")
     p.add_argument("--no-peer", action="store_true", help="skip the HuggingFace peer")
-    p.add_argument("--only", choices=["layer", "training", "decoding"], help="run one part only")
+    p.add_argument("--only", choices=["layer", "training", "decoding", "evaluation"], help="run one part only")
     p.add_argument("--train-steps", type=int, default=12, help="timed steps per training-throughput row")
     p.set_defaults(func=cmd_perf)
     return parser

@@ -13,7 +13,14 @@ Conventions (also in the README):
   k * capacity_factor slots per token (padding included) instead of k.
 - Translation FLOPs are per *target* token: a (source, target) pair of lengths S and T costs
   encoder(S) + decoder(T), divided by T.
-- Active parameters: everything outside expert banks plus k experts per MoE layer.
+- Active parameters: everything outside expert banks plus k experts per MoE layer (and its shared
+  experts, which every token uses). Fine-grained experts (granularity G) are counted at their
+  resolved shapes: E*G experts of width W/G, k*G of them active, a router of E*G x d_model.
+  Hash routing (Roller et al. 2021) has no router: no router parameters or FLOPs. Expert choice
+  (Zhou et al. 2022): each expert takes ceil(k * S / E * capacity_factor) of a group's S tokens,
+  so a token is processed by k x capacity_factor experts *on average* (0..E each, no padding): its
+  FLOPs and "active" parameters count k x capacity_factor experts (exact when E divides
+  k * S * capacity_factor), with the training capacity factor.
   "no_embed" figures exclude token and position embeddings (tied output heads share them).
 """
 from __future__ import annotations
@@ -64,20 +71,32 @@ class Cost:
 # building blocks (per token, forward)
 
 
-def _mixture_cost(cfg: ModelConfig, sparse: bool) -> tuple[dict[str, float], dict[str, float], int, int]:
-    """FFN slot: (flops, executed flops, total params, active params)."""
+def _mixture_cost(cfg: ModelConfig, sparse: bool, causal: bool = True) -> tuple[dict[str, float], dict[str, float], int, int]:
+    """FFN slot: (flops, executed flops, total params, active params). ``causal``: the slot sits in
+    a causal stack (LM, decoder, LSTMs), whose router is ``moe.causal_router`` when set."""
     C, m = cfg.d_model, cfg.moe
     if not sparse:
         ffn_flops, ffn_params = 4 * C * cfg.d_ff, 2 * C * cfg.d_ff  # two matmuls C->f->C
         return {"ffn": ffn_flops}, {"ffn": ffn_flops}, ffn_params, ffn_params
     expert_flops, expert_params = 4 * C * cfg.expert_width, 2 * C * cfg.expert_width
-    router_mats = 2 if m.router == "noisy_topk" else 1  # W_g, plus W_noise for noisy top-k
+    kind = m.router_for(causal)
+    router_mats = {"noisy_topk": 2, "hash": 0}.get(kind, 1)  # W_g, plus W_noise for noisy top-k; hash: none
+    # num_experts, top_k and expert_width are the resolved (fine-grained) ones: granularity G has
+    # already made them E*G, k*G and W/G (config.split_experts), so the router counts E*G x C.
     router = router_mats * 2 * C * m.num_experts
     slots = m.top_k if m.capacity_factor is None else min(m.top_k * m.capacity_factor, m.num_experts)
-    flops = {"router": router, "experts": m.top_k * expert_flops}
+    k = m.top_k
+    if kind == "expert_choice":  # each expert takes ceil(k * S / E * cf) tokens: k * cf per token, no padding
+        k = slots = min(m.top_k * m.capacity_factor, m.num_experts)
+    flops = {"router": router, "experts": k * expert_flops}
     executed = {"router": router, "experts": slots * expert_flops}
     total = router_mats * C * m.num_experts + m.num_experts * expert_params
-    active = total - (m.num_experts - m.top_k) * expert_params
+    active = total - (m.num_experts - k) * expert_params
+    if m.shared_experts:  # DeepSeekMoE shared experts: every token, no capacity, all active
+        shared = m.shared_experts * expert_flops
+        flops["shared_experts"] = executed["shared_experts"] = shared
+        total += m.shared_experts * expert_params
+        active += m.shared_experts * expert_params
     return flops, executed, total, active
 
 
@@ -100,12 +119,13 @@ def _transformer(cfg: ModelConfig, seq_len: int, src_len: int | None, seq2seq: b
         block_params = 2 * ln + 4 * C * C
         if seq2seq:  # encoder block i, run by S source tokens, reported per target token
             enc_attn = {"attention": 8 * C * C + 4 * S * C}
-            for part in (enc_attn, mix):
+            enc_mix, enc_mix_ex, enc_total, enc_active = _mixture_cost(cfg, sparse, causal=False)
+            for part in (enc_attn, enc_mix):
                 _add(fl, part, S / T)
-            for part in (enc_attn, mix_ex):
+            for part in (enc_attn, enc_mix_ex):
                 _add(ex, part, S / T)
-            total += block_params + mix_total
-            active += block_params + mix_active
+            total += block_params + enc_total
+            active += block_params + enc_active
             # decoder cross-attention: q + out proj per target token, scores over S keys, and
             # the K/V projection of every source token
             cross = {"attention": 4 * C * C + 4 * S * C + 4 * C * C * S / T}
@@ -201,5 +221,6 @@ def measure_forward_flops(model, *inputs, **kwargs) -> int:
     formulas = {torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
-        model(*inputs, **kwargs)
+        out = model(*inputs, **kwargs)
+        getattr(out, "logits", None)  # a ModelOutput projects its logits on access: the output layer counts
     return counter.get_total_flops()

@@ -1,4 +1,5 @@
-"""Evaluation metrics: corpus BLEU / chrF (sacrebleu) for translation, and LM loss transforms.
+"""Evaluation metrics: corpus BLEU / chrF (sacrebleu) for translation, and LM loss transforms
+(perplexity, bits per token, bits per character).
 
 Translation scores are computed on *detokenized* text (``tokenizer.decode`` output against the
 raw references), with sacrebleu's defaults (BLEU: 13a tokenization, exp smoothing, mixed case;
@@ -71,6 +72,25 @@ def bits_per_token(loss: float) -> float:
     return float(loss) / LN2
 
 
+def bits_per_char(bits_per_token: float, tokens: int, chars: int) -> float:
+    """Bits per character of an LM split: total nats over the split / (characters x ln 2), i.e.
+    ``bits_per_token`` (the mean over the scored tokens) x ``tokens`` / ``chars``.
+
+    ``tokens`` is the number of tokens the split's text encodes to and ``chars`` its number of
+    characters (Unicode code points of the text as the task reads it: after tag stripping,
+    newlines and spaces included, since the model predicts them too: as tokens, as word
+    boundaries or as <eos>). The mean stands in for the few tokens evaluation does not score (the
+    first one, which has no context, and the tail shorter than a block). This is the bits-per-byte
+    convention of Gao et al. 2020 (The Pile) with characters for bytes, and it puts word, BPE and
+    char models on one scale. A char tokenizer has one token per character, so it equals
+    ``bits_per_token`` exactly. A word vocabulary maps unseen or capped-out words to <unk>, whose
+    probability covers all of them at once: with <unk> in the split this understates the bits a
+    model would need to spell those words out."""
+    if tokens < 1 or chars < 1:
+        raise ValueError(f"tokens={tokens}, chars={chars} is not allowed: both must be >= 1")
+    return float(bits_per_token) * (tokens / chars)
+
+
 def quality_lm(loss: float) -> float:
     """exp(-loss) = 1 / perplexity, in (0, 1]: geometric-mean probability of the correct token."""
     return math.exp(-float(loss))
@@ -89,6 +109,6 @@ def quality_per_active_param(quality: float, active_params: float) -> float:
 
 
 __all__ = [
-    "bits_per_token", "corpus_bleu", "corpus_chrf", "perplexity", "quality_lm",
+    "bits_per_char", "bits_per_token", "corpus_bleu", "corpus_chrf", "perplexity", "quality_lm",
     "quality_per_active_param", "quality_translation",
 ]

@@ -418,3 +418,125 @@ def format_decoding_table(result: dict) -> str:
         lines.append(f"{r['family']:<7} {r['search']:<8} {r['sentences']:>9} {r['cached_sentences_per_sec']:>16} "
                      f"{r['full_prefix_sentences_per_sec']:>19} {r['speedup']:>8}x")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation memory: the output layer's cross-entropy with full logits vs in row chunks
+
+def _full_logits_loss(out, y: torch.Tensor) -> torch.Tensor:
+    """The LM loss as moe-bench computed it before chunking: B x T x vocab fp32 logits at once."""
+    import torch.nn.functional as F
+
+    logits = out.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def _chunked_loss(out, y: torch.Tensor) -> torch.Tensor:
+    from bench.train.loss import output_cross_entropy
+
+    return output_cross_entropy(out.hidden, out.head, y)
+
+
+EVAL_LOSSES = {"full logits": _full_logits_loss, "chunked": _chunked_loss}
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_worker(spec: dict) -> dict:
+    """One measurement, run in a fresh process (``python -m bench.perf SPEC``) so that its peak
+    resident memory is its own: a synthetic dense LM scores ``spec["batches"]`` batches without
+    gradients (evaluation) or takes training steps (forward + backward), with one loss ``impl``.
+    Returns the mean loss, the seconds, and the peak RSS above what model and data held before."""
+    from bench.models import build_model, model_config
+
+    tune_cpu_allocator()
+    torch.manual_seed(0)
+    cfg = model_config("dense", "tiny", {"d_model": spec["d_model"], "n_layers": spec["n_layers"]},
+                       vocab_size=spec["vocab"], max_seq_len=spec["seq"])
+    model = build_model(cfg, "lm")
+    batches = _synthetic_batches(spec["vocab"], spec["batch"], spec["seq"], spec["batches"])
+    train = spec["mode"] == "train"
+    model.train(train)
+    loss_fn = EVAL_LOSSES[spec["impl"]]
+    loss_fn(model(batches[0][0][:1, :8]), batches[0][1][:1, :8]).backward()  # warm-up: imports, first-call costs
+    model.zero_grad(set_to_none=False)
+    before = _max_rss_mib()
+    losses = []
+    start = time.perf_counter()
+    for x, y in batches:
+        with torch.set_grad_enabled(train):
+            loss = loss_fn(model(x), y)
+        if train:
+            loss.backward()
+            model.zero_grad(set_to_none=False)  # gradient buffers stay, as in a training loop
+        losses.append(float(loss))
+    seconds = time.perf_counter() - start
+    return dict(loss=sum(losses) / len(losses), seconds=seconds, peak_rss_mib=_max_rss_mib(),
+                rise_mib=_max_rss_mib() - before)
+
+
+def _measure_in_subprocess(spec: dict) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def evaluation_benchmark(vocab: int = 49370, batch: int = 64, seq: int = 256, batches: int = 1,
+                         train_batch: int = 16, train_steps: int = 2, d_model: int = 128, n_layers: int = 2,
+                         progress: Callable[[str], None] | None = None) -> dict:
+    """Peak memory and time of a large-vocabulary LM's loss, full logits vs chunked.
+
+    Evaluation: ``batches`` batches of ``batch`` x ``seq`` tokens without gradients (64 x 256 is
+    the default eval batch, and 49,370 the Brown corpus's word vocabulary in issue 17); training:
+    ``train_steps`` forward + backward steps of ``train_batch`` x ``seq``. Each row runs in its own
+    process and reports its peak resident memory (``getrusage`` max RSS) above what the model and
+    data held before the first batch; the two losses of a mode must agree."""
+    from bench.train.loss import chunk_rows
+
+    rows = []
+    for mode, n_batch, n in (("evaluation", batch, batches), ("training", train_batch, train_steps)):
+        for impl in EVAL_LOSSES:
+            if progress:
+                progress(f"{mode}, {impl}")
+            spec = dict(mode="train" if mode == "training" else "eval", impl=impl, vocab=vocab, batch=n_batch,
+                        seq=seq, batches=n, d_model=d_model, n_layers=n_layers)
+            r = _measure_in_subprocess(spec)
+            rows.append(dict(mode=mode, impl=impl, batch=n_batch, batches=n, loss=r["loss"], seconds=r["seconds"],
+                             peak_rss_mib=round(r["peak_rss_mib"]), rise_mib=round(r["rise_mib"]),
+                             logits_mib=round(n_batch * seq * vocab * 4 / 2**20)))
+        full, chunked = rows[-2], rows[-1]
+        if abs(full["loss"] - chunked["loss"]) > 1e-4 * abs(full["loss"]):
+            raise RuntimeError(f"{mode}: full-logits loss {full['loss']} and chunked loss {chunked['loss']} disagree")
+        chunked["vs_full_seconds"] = round(chunked["seconds"] / full["seconds"], 2)
+        chunked["vs_full_rise"] = round(chunked["rise_mib"] / max(full["rise_mib"], 1), 3)
+    return dict(vocab=vocab, seq_len=seq, d_model=d_model, n_layers=n_layers, threads=torch.get_num_threads(),
+                chunk_rows=chunk_rows(vocab), rows=rows)
+
+
+def format_evaluation_table(result: dict) -> str:
+    lines = [f"LM loss with a {result['vocab']:,}-token vocabulary (dense, d_model {result['d_model']}, "
+             f"{result['n_layers']} layers, seq {result['seq_len']}, {result['threads']} threads): full fp32 logits "
+             f"vs chunks of {result['chunk_rows']} rows; peak RSS above the model and data, one process per row", "",
+             f"{'mode':<10} {'impl':<11} {'batches':>9} {'logits MiB':>11} {'peak rise MiB':>14} {'seconds':>8} "
+             f"{'x full time':>11}"]
+    for r in result["rows"]:
+        ratio = r.get("vs_full_seconds", "")
+        lines.append(f"{r['mode']:<10} {r['impl']:<11} {r['batches']:>3} x {r['batch']:<3} {r['logits_mib']:>11} "
+                     f"{r['rise_mib']:>14} {r['seconds']:>8.2f} {ratio:>11}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the memory worker: python -m bench.perf SPEC_JSON
+    import json
+    import sys
+
+    print(json.dumps(memory_worker(json.loads(sys.argv[1]))))

@@ -28,6 +28,8 @@ EXACT = dict(rtol=0, atol=1e-6)
     ("moe", []),  # top-2: GShard's choice-major slots let later first choices drop earlier second choices
     ("moe", ["capacity_factor=1.0"]),
     ("moe", ["top_k=3", "num_experts=6"]),
+    ("moe", ["granularity=2"]),  # fine-grained: 8 experts, top-4, slots still token by token
+    ("switch", ["granularity=4", "shared_experts=4"]),  # top-4 of 16, plus shared experts on every token
     ("moe-rnn", ["router=topk"]),  # capacity given: without noise so the two passes route identically
 ])
 def test_changing_a_future_token_changes_no_earlier_output(family, extra):

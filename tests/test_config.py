@@ -143,7 +143,8 @@ def test_dotted_suffix_resolves_uniquely():
     ({"d_model": True}, ["d_model=True", "an integer"]),
     ({"dropout": "high"}, ["dropout='high'", "a number"]),
     ({"tie_embeddings": "yes"}, ["tie_embeddings='yes'", "true or false"]),
-    ({"router": "hash"}, ["moe.router='hash'", "'switch'", "'topk'", "'noisy_topk'"]),
+    ({"router": "sinkhorn"}, ["moe.router='sinkhorn'", "'switch'", "'topk'", "'noisy_topk'", "'hash'",
+                              "'expert_choice'"]),
     ({"capacity_factor": "big"}, ["moe.capacity_factor='big'", "float or null"]),
 ])
 def test_bad_value_types(overrides, needles):

@@ -7,7 +7,7 @@ import pytest
 import sacrebleu
 import torch
 
-from bench.metrics import (bits_per_token, corpus_bleu, corpus_chrf, perplexity, quality_lm,
+from bench.metrics import (bits_per_char, bits_per_token, corpus_bleu, corpus_chrf, perplexity, quality_lm,
                            quality_per_active_param, quality_translation)
 
 HYPS = [
@@ -92,3 +92,14 @@ def test_lm_metric_formulas():
     assert quality_per_active_param(0.3, 500_000) == pytest.approx(0.6)
     with pytest.raises(ValueError, match="active_params"):
         quality_per_active_param(0.5, 0)
+
+
+def test_bits_per_char_is_total_bits_over_characters():
+    # 100 tokens at 2 nats each over 400 characters: 200 nats = 288.539... bits, 0.7213... per character
+    assert bits_per_char(bits_per_token(2.0), 100, 400) == pytest.approx(200 / math.log(2) / 400, rel=1e-15)
+    assert bits_per_char(bits_per_token(2.0), 100, 400) == pytest.approx(0.7213475204444817)
+    for bpt in (0.1, 1.0, 3.0000001192092896, 6.02):  # one token per character: exactly bits per token
+        assert bits_per_char(bpt, 12_345, 12_345) == bpt
+    for tokens, chars in ((0, 10), (10, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            bits_per_char(1.0, tokens, chars)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.perf import (decoding_benchmark, format_decoding_table, format_layer_table, format_training_table,
-                        layer_benchmark, training_benchmark)
+from bench.perf import (decoding_benchmark, evaluation_benchmark, format_decoding_table, format_evaluation_table,
+                        format_layer_table, format_training_table, layer_benchmark, training_benchmark)
 
 
 def test_decoding_benchmark_compares_cached_and_full_prefix_decoding():
@@ -69,3 +69,20 @@ def test_matmul_floor_step_does_not_accumulate_gradients():
     step()
     for w, g in zip(weights, first):
         torch.testing.assert_close(w.grad, g)  # not 2 * g
+
+
+def test_evaluation_benchmark_measures_both_losses_in_their_own_processes():
+    result = evaluation_benchmark(vocab=3000, batch=4, seq=32, batches=2, train_batch=2, train_steps=1, d_model=16,
+                                  n_layers=1)
+    assert [(r["mode"], r["impl"], r["batch"], r["batches"]) for r in result["rows"]] == [
+        ("evaluation", "full logits", 4, 2), ("evaluation", "chunked", 4, 2),
+        ("training", "full logits", 2, 1), ("training", "chunked", 2, 1)]
+    assert result["chunk_rows"] == 2**28 // (4 * 3000)  # 22369: every batch here is one chunk
+    for full, chunked in (result["rows"][:2], result["rows"][2:]):
+        # the same model, data and loss in two processes (the benchmark itself checks rtol 1e-4)
+        assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-6)
+        assert full["logits_mib"] == chunked["logits_mib"] == round(full["batch"] * 32 * 3000 * 4 / 2**20)
+        assert chunked["vs_full_seconds"] == round(chunked["seconds"] / full["seconds"], 2)  # exact, one measurement
+        assert full["peak_rss_mib"] > 0 and full["rise_mib"] >= 0
+    table = format_evaluation_table(result)
+    assert "3,000-token vocabulary" in table and "chunks of 22369 rows" in table and "training   chunked" in table

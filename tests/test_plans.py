@@ -10,14 +10,14 @@ from bench.data.tasks import load_task
 from bench.flops import model_cost
 from bench.models import model_config
 from bench.plans import all_plans, load_plan, parse_plan
-from bench.runner import arm_budget, plan_runs, planned_config, run_plan
+from bench.runner.arms import arm_budget, plan_runs, planned_config, run_plan
 from bench.tracking.records import ResultsStore, RunRecord
 from tests.train.conftest import SMALL
 
 
 def test_shipped_plans_cover_the_papers_arms():
     plans = all_plans()
-    assert sorted(plans) == ["capacity", "moe-rnn", "switch-experts", "switch-vs-dense", "translation"]
+    assert sorted(plans) == ["capacity", "granularity", "moe-rnn", "switch-experts", "switch-vs-dense", "translation"]
     svd = plans["switch-vs-dense"]
     assert [a.label for a in svd.arms] == ["dense", "dense-wide", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0",
                                            "switch cf=1.25 equal-time", "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
@@ -26,7 +26,7 @@ def test_shipped_plans_cover_the_papers_arms():
     assert [a.settings["capacity_factor"] for a in plans["capacity"].arms] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
     assert {a.model for a in plans["moe-rnn"].arms} == {"lstm", "moe-rnn"}
     assert {a.model for a in plans["translation"].arms} == {"dense", "switch", "moe-rnn", "lstm"}
-    with pytest.raises(ConfigError, match="plan 'nope' is not known; shipped plans: capacity, moe-rnn"):
+    with pytest.raises(ConfigError, match="plan 'nope' is not known; shipped plans: capacity, granularity, moe-rnn"):
         load_plan("nope")
 
 
@@ -41,6 +41,37 @@ def test_each_reference_tier_has_its_own_seeds_and_headline_claims():
         assert len(seeds[name]) >= 5
         headline = [c for c in plans[name].claims if c.headline]
         assert headline and all(set(c.arms()) & {a.label for a in plans[name].tier_arms("ref")} for c in headline)
+
+
+@pytest.mark.parametrize("tier", ["tiny", "ref", "small", "base"])
+def test_granularity_arms_split_the_experts_at_equal_active_flops(tier):
+    plan = load_plan("granularity")
+    task = load_task(plan.task)
+    dense = None
+    for arm in plan.tier_arms(tier):
+        model = planned_config(plan, arm, tier, arm_budget(plan, arm, tier))["model"]
+        cfg = model_config(arm.model, plan.tiers[tier].preset,
+                           {k: model[k] for k in ("d_model", "n_heads", "d_ff", "n_layers")} | arm.settings,
+                           vocab_size=65, max_seq_len=256)
+        assert to_dict_moe(cfg) == to_dict_moe_of(model)  # the plan's arm resolves as model_config does
+        cost = model_cost(cfg, task.seq_len)
+        if arm.model == "dense":
+            dense = cost
+            continue
+        G, m = arm.settings["granularity"], model["moe"]
+        experts = {"tiny": 8, "ref": 8, "small": 16, "base": 128}[tier]
+        assert (m["num_experts"], m["top_k"], m["d_expert"] * G) == (experts * G, G, model["d_ff"])
+        # equal active FLOPs: only the router (2 x d_model x E*G per MoE layer) differs from dense
+        router = cost.forward_breakdown["router"]
+        assert cost.forward_flops_per_token - dense.forward_flops_per_token == pytest.approx(router)
+
+
+def to_dict_moe(cfg):
+    return {k: getattr(cfg.moe, k) for k in ("num_experts", "top_k", "d_expert", "granularity", "router")}
+
+
+def to_dict_moe_of(model):
+    return {k: model["moe"][k] for k in ("num_experts", "top_k", "d_expert", "granularity", "router")}
 
 
 def test_moe_rnn_sparsity_control_uses_every_expert():
@@ -239,7 +270,7 @@ def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, 
 
 
 def test_a_config_field_added_later_at_its_default_keeps_finished_runs():
-    from bench.runner import same_config
+    from bench.runner.arms import same_config
 
     plan = load_plan("capacity")
     arm = plan.arm("switch cf=1.0")
@@ -264,7 +295,7 @@ def json_copy(d):
 
 
 def test_an_equal_time_arm_waits_for_throughput_then_gets_the_baselines_time_in_tokens(tmp_path):
-    from bench.runner import NeedsThroughput, throughput_medians
+    from bench.runner.arms import NeedsThroughput, throughput_medians
 
     store = ResultsStore(f"sqlite:///{tmp_path / 't.db'}")
     plan = load_plan("switch-vs-dense")
@@ -334,3 +365,58 @@ def test_run_dispatches_a_plan_to_reproduce_and_a_space_to_sweep(monkeypatch, tm
     odd.write_text("task: x\n")
     assert cli.main(["run", str(odd)]) == 2
     assert "has neither arms: (a plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, trained", [("fatal", 1), ("ordinary", 2)])
+def test_one_failure_policy_a_fatal_error_stops_the_plan_an_ordinary_one_does_not(run_env, monkeypatch, error, trained):
+    """bench.runner.failures: a DataError would fail every arm the same way, so the plan stops at
+    the first; a NaN loss is that run's own failure, so it is recorded and the next arm runs."""
+    import bench.train.run as run_module
+    from bench.data.sources import DataError
+
+    attempts, store = [], ResultsStore(run_env["storage"])
+
+    def failing_train(task, family, preset, overrides, *, run_id, seed, **kw):
+        attempts.append(family)
+        record = RunRecord(run_id=run_id, task=task, family=family, preset=preset, seed=seed, group=kw["group"],
+                           budget=kw["budget"], extra=dict(kw["tags"]))
+        record.finish("failed", "boom")
+        store.save(record)  # train() records the failure before raising
+        raise DataError("train.txt is missing") if error == "fatal" else FloatingPointError("training loss is nan")
+
+    monkeypatch.setattr(run_module, "train", failing_train)
+    said = []
+    kw = dict(seeds=1, storage=run_env["storage"], overrides=SMALL, arms=["dense", "switch cf=1.25"], budget_flops=2e9,
+              progress=False, announce=said.append, include_failed=True)
+    if error == "fatal":
+        with pytest.raises(DataError, match="train.txt is missing"):
+            run_plan("switch-vs-dense", **kw)
+    else:
+        records = run_plan("switch-vs-dense", **kw)
+        assert [r.status for r in records] == ["failed", "failed"]
+        assert "  dense (seed 0) failed: FloatingPointError: training loss is nan; the other runs go on" in said
+    assert attempts == ["dense", "switch"][:trained]
+
+
+def test_run_file_runs_a_users_plan_and_a_search_space_through_the_one_runner(run_env, tmp_path):
+    from bench.runner import experiment_kind, run_file
+
+    plan = {"name": "two-arms", "title": "Two arms", "task": "tinyshakespeare-char", "baseline": "dense",
+            "settings": dict(parse_override(p) for p in SMALL), "tiers": {"tiny": {"budget_flops": 2e9, "seeds": 1}},
+            "arms": [{"label": "dense", "model": "dense"}, {"label": "wider", "model": "dense",
+                                                            "settings": {"d_ff": 128}}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    space = {"task": "tinyshakespeare-char", "family": "dense", "budget": {"steps": 4}, "objectives": ["quality"],
+             "fixed": {k: v for k, v in (parse_override(p) for p in SMALL) if k not in ("d_ff", "num_experts")},
+             "sampler": {"name": "grid"},
+             "space": {"d_ff": [64, 128]}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    assert experiment_kind(str(tmp_path / "plan.yaml"))[0] == "plan"
+    assert experiment_kind("switch-tpe")[0] == "search"  # a shipped name
+    records = run_file(str(tmp_path / "plan.yaml"), storage=run_env["storage"], progress=False,
+                       announce=lambda msg: None)
+    assert sorted(r.extra["arm"] for r in records) == ["dense", "wider"] and all(r.status == "finished" for r in records)
+    result = run_file(str(tmp_path / "space.yaml"), storage=run_env["storage"], progress=False, log=lambda msg: None)
+    assert (result.completed, result.failed) == (2, 0)
+    finished = ResultsStore(run_env["storage"]).list(group=result.study_name)
+    assert sorted(r.config["model"]["d_ff"] for r in finished) == [64, 128]

@@ -86,6 +86,11 @@ class CorpusConfig:
     # Tagged text: each whitespace-separated token "word<sep>TAG" is read as "word" (cut at the
     # last separator, so "1/2/cd" -> "1/2"); tokens without the separator are kept as they are.
     tag_separator: Optional[str] = None
+    # Lines with nothing but whitespace. "keep" (default) reads them like any line: the word
+    # tokenizer gives each one an <eos>, which WikiText's 33,278-word vocabulary and token counts
+    # assume. "skip" drops them before tokenizing, so a corpus with blank separator lines does
+    # not train on runs of <eos> (or of newlines, for char and BPE).
+    blank_lines: Literal["keep", "skip"] = "keep"
 
     def __post_init__(self):
         # bench.config.from_dict only builds nested dataclasses for plain fields, not for list
@@ -254,7 +259,8 @@ class TaskConfig:
         elif tok.kind == "bpe":
             floor = len(SPECIAL_TOKENS) + (256 if tok.pre_tokenizer == "byte_level" else 1)
             if bpe_size < floor:
-                p.append(f"vocab_size={bpe_size} is not allowed for {tok.pre_tokenizer} BPE: must be >= {floor} "
+                key = "tokenizer.vocab_size" if tok.vocab_size is not None else "vocab_size"
+                p.append(f"{key}={bpe_size} is not allowed for {tok.pre_tokenizer} BPE: must be >= {floor} "
                          "(specials + base alphabet)")
             if tok.vocab_size is not None and self.vocab_size is not None and tok.vocab_size != self.vocab_size:
                 p.append(f"tokenizer.vocab_size={tok.vocab_size} is not allowed: must equal vocab_size={self.vocab_size} "
@@ -275,6 +281,10 @@ class TaskConfig:
             if not tok.joint:
                 p.append("tokenizer.joint=false is not allowed: the seq2seq models share one embedding "
                          "between source and target, so the vocabulary must be joint")
+            if self.corpus.blank_lines != "keep":
+                p.append(f"corpus.blank_lines={self.corpus.blank_lines!r} is not allowed for type='translation': "
+                         "dropping lines would misalign the parallel files (empty training pairs are left out "
+                         "anyway); expected 'keep'")
             if self.corpus.format not in LINE_FORMATS:
                 p.append(f"corpus.format={self.corpus.format!r} is not allowed for type='translation': "
                          f"expected one of {', '.join(map(repr, LINE_FORMATS))} (one sentence per line)")

@@ -31,11 +31,29 @@ def strip_tags(text: str, separator: str) -> str:
     return "\n".join(" ".join(w for w in map(word, line.split()) if w) for line in text.split("\n"))
 
 
-def read_document(task: TaskConfig, path: str | Path) -> str:
-    """One corpus file as the task reads it: decoded, and untagged when the corpus is tagged."""
-    text = read_text(path, task.corpus.format)
+def drop_blank_lines(text: str) -> str:
+    """``text`` without its lines of nothing but whitespace (the lines in which ``str.split``
+    finds no word); every other line is kept byte for byte, with its newline."""
+    lines = text.split("\n")
+    last = lines.pop()  # what follows the final newline: "" or an unterminated last line
+    return "".join(line + "\n" for line in lines if line.strip()) + (last if last.strip() else "")
+
+
+def prepare_text(task: TaskConfig, text: str) -> str:
+    """Decoded text as the task's tokenizer sees it: tags stripped (``corpus.tag_separator``),
+    then blank lines dropped (``corpus.blank_lines: skip``), in that order, so a line left with
+    only tags counts as blank."""
     sep = task.corpus.tag_separator
-    return strip_tags(text, sep) if sep else text
+    if sep:
+        text = strip_tags(text, sep)
+    if task.corpus.blank_lines == "skip":
+        text = drop_blank_lines(text)
+    return text
+
+
+def read_document(task: TaskConfig, path: str | Path) -> str:
+    """One corpus file as the task reads it (see ``prepare_text``)."""
+    return prepare_text(task, read_text(path, task.corpus.format))
 
 
 def split_lines(text: str) -> list[str]:
@@ -110,8 +128,14 @@ def lm_text(task: TaskConfig, corpus: Corpus, split: str) -> str:
     so no two run together), then the split's character range of that text."""
     spec = split_spec(task, split)
     docs = [read_document(task, corpus.path(d)) for d in split_documents(task, corpus)[split]]
-    text = "".join(t if t.endswith("\n") or i == len(docs) - 1 else t + "\n" for i, t in enumerate(docs))
+    text = "".join(_joinable(t, last=i == len(docs) - 1) for i, t in enumerate(docs))
     return text[_cut(len(text), spec)]
+
+
+def _joinable(doc: str, last: bool) -> str:
+    # An empty document has no line to end: a newline for it would be a blank line that is not
+    # in the data (an <eos> for the word tokenizer, even with blank_lines: skip).
+    return doc if last or not doc or doc.endswith("\n") else doc + "\n"
 
 
 def parallel_lines(task: TaskConfig, corpus: Corpus, split: str) -> tuple[list[str], list[str]]:

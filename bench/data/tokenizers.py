@@ -1,10 +1,13 @@
 """Tokenizers behind one small interface, built from a task's training split and cached on disk.
 
 - ``CharTokenizer``: the sorted set of characters of the training text (nanoGPT); no specials.
-- ``WordTokenizer``: whitespace words plus ``<eos>`` at every line end (PyTorch word LM example),
+- ``WordTokenizer``: whitespace words plus ``<eos>`` at every line end (PyTorch word LM example;
+  blank lines too, unless ``corpus.blank_lines: skip`` drops them from the text first),
   ``<unk>`` for words not seen in training, or left out by ``min_count`` / ``max_vocab``.
 - ``BPETokenizer``: HF ``tokenizers`` BPE (byte-level or metaspace pre-tokenizer) with
-  ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``; joint over source and target for translation.
+  ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``; joint over source and target for translation. An LM
+  split is encoded as one text: a newline is a byte like any other (no <eos>), and the ids of a
+  byte-level vocabulary decode to the split's exact text.
 
 Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` (detokenized text,
 specials dropped, ready for BLEU), ``vocab_size``, ``pad_id``/``bos_id``/``eos_id``/``unk_id``
@@ -161,7 +164,10 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pre_tokenizer: str = "byte_level",
-              min_frequency: int = 2) -> "BPETokenizer":
+              min_frequency: int = 2, prepend_scheme: str = "always") -> "BPETokenizer":
+        """``prepend_scheme`` (metaspace only): "always" marks every sentence's first word as
+        word-initial, as later words are; "never" keeps a text stream's spaces exactly, so it
+        decodes to itself even when it starts with a space ("always" would drop that space)."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         hf = HFTokenizer(models.BPE(unk_token="<unk>"))
@@ -172,8 +178,8 @@ class BPETokenizer(Tokenizer):
             hf.decoder = decoders.ByteLevel()
             extra["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
         else:
-            hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-            hf.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+            hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
+            hf.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=False, **extra)
         hf.train_from_iterator(texts, trainer=trainer)
@@ -233,6 +239,8 @@ def tokenizer_key(task: TaskConfig, corpus: Corpus) -> str:
             del settings[key]
     if task.tokenizer.kind == "bpe":
         settings["vocab_size"] = task.tokenizer.vocab_size or task.vocab_size
+        if _prepend_scheme(task) != "always":
+            settings["prepend_scheme"] = _prepend_scheme(task)
     spec = task.splits.train
     blob = {
         "version": FORMAT_VERSION,
@@ -243,6 +251,8 @@ def tokenizer_key(task: TaskConfig, corpus: Corpus) -> str:
     }
     if task.corpus.tag_separator:
         blob["tag_separator"] = task.corpus.tag_separator
+    if task.corpus.blank_lines != "keep":
+        blob["blank_lines"] = task.corpus.blank_lines
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -261,7 +271,13 @@ def train_tokenizer(task: TaskConfig, texts: list[str]) -> Tokenizer:
         return CharTokenizer.train(texts)
     if cfg.kind == "word":
         return WordTokenizer.train(texts, cfg.min_count, cfg.max_vocab)
-    return BPETokenizer.train(texts, cfg.vocab_size or task.vocab_size, cfg.pre_tokenizer, cfg.min_frequency)
+    return BPETokenizer.train(texts, cfg.vocab_size or task.vocab_size, cfg.pre_tokenizer, cfg.min_frequency,
+                              _prepend_scheme(task))
+
+
+def _prepend_scheme(task: TaskConfig) -> str:
+    # Metaspace BPE: translation reads sentences, an LM one stream whose spaces must all survive.
+    return "never" if task.type == "lm" and task.tokenizer.pre_tokenizer == "metaspace" else "always"
 
 
 def check_vocab_size(task: TaskConfig, tok: Tokenizer) -> None:
@@ -316,3 +332,19 @@ def derive_vocab_size(task: TaskConfig, data_dir: str | Path | None = None, *, c
     """
     tok = get_tokenizer(task, resolve_corpus(task, data_dir, cache=cache, allow_download=allow_download), cache)
     return task if task.vocab_size is not None else dataclasses.replace(task, vocab_size=tok.vocab_size)
+
+
+def check_resumed_vocab_size(task: TaskConfig, recorded: int, run_id: str, data_dir: str | Path | None = None, *,
+                             cache: str | Path | None = None, allow_download: bool | None = None) -> None:
+    """A resumed run continues a model built for ``recorded`` tokens: the task's data must still
+    give a tokenizer of that size. Raises DataError (data missing or corrupt) or VocabSizeError
+    (the corpus or tokenizer changed since the run started) before the run is touched."""
+    corpus = resolve_corpus(task, data_dir, cache=cache, allow_download=allow_download)
+    tok = get_tokenizer(task, corpus, cache, check=False)  # a declared vocab_size gets the message below too
+    if tok.vocab_size != recorded:
+        raise VocabSizeError(
+            [f"run {run_id} was built for a vocabulary of {recorded} tokens, but the {tok.kind} tokenizer built "
+             f"from the task's training split now has {tok.vocab_size}: the data (or the tokenizer settings) "
+             "changed since the run started. Put back the data it trained on to resume it, or start a new run"],
+            "resume",
+        )

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from bench.config import ConfigError, apply_overrides, from_dict, override_pairs, resolve_key
+from bench.config import ConfigError, apply_overrides, check, from_dict, override_pairs, resolve_key
 
 FAMILIES = ("dense", "switch", "moe", "moe-rnn", "lstm")
 TRANSFORMER_FAMILIES = ("dense", "switch", "moe")
@@ -27,8 +27,13 @@ class MoEConfig:
     d_expert: Optional[int] = None  # hidden width of each expert; None = the model's d_ff
     moe_every: int = 2  # transformer: every moe_every-th FFN is MoE (Switch paper: every other)
     expert_dropout: float = 0.0  # dropout inside each expert, separate from model dropout
+    # --- shared and fine-grained experts (DeepSeekMoE, Dai et al. 2024; Krajewski et al. 2024) ---
+    # Applied once, by model_config (``split_experts``): a resolved config's num_experts, top_k and
+    # d_expert are already the fine-grained ones; granularity stays as the user set it, a record.
+    granularity: int = 1  # G: each expert split into G of width d_expert/G; E x G experts, top-(k x G)
+    shared_experts: int = 0  # S: always-on experts of width d_expert, every token, added to the routed output
     # --- router --------------------------------------------------------------------------
-    router: Literal["switch", "topk", "noisy_topk"] = "switch"
+    router: Literal["switch", "topk", "noisy_topk", "hash", "expert_choice"] = "switch"
     renormalize: bool = False  # topk: renormalise the k chosen gates to sum to 1 (GShard)
     jitter_eps: float = 0.0  # switch: multiplicative input jitter U[1-eps, 1+eps]; paper 1e-2
     # --- capacity (Switch eq. 3) ----------------------------------------------------------
@@ -42,6 +47,38 @@ class MoEConfig:
     z_loss_weight: float = 1e-3  # ST-MoE router z-loss; 0 switches it off
     importance_weight: float = 0.0  # Shazeer 2017 eq. 6 w_importance
     load_weight: float = 0.0  # Shazeer 2017 eq. 11 w_load
+    # --- hash and expert-choice routers, aux-loss-free balancing (bench/models/routing.py) ----
+    # router=hash: Roller et al. 2021; router=expert_choice: Zhou et al. 2022 (not causal).
+    causal_router: Optional[Literal["switch", "topk", "noisy_topk", "hash"]] = None  # causal stacks (LM, decoder, LSTMs); None = router
+    allow_noncausal_routing: bool = False  # accept expert choice in a causal stack, which leaks the future
+    balance: Literal["aux_loss", "bias"] = "aux_loss"  # bias: Wang et al. 2024 selection-only bias, no balancing loss
+    bias_update_rate: float = 1e-3  # u in b_i += u * sign(mean load - load_i), after each optimizer step
+
+    def router_for(self, causal: bool) -> str:
+        """The router of an MoE layer in a causal stack (``causal``) or in an encoder."""
+        return self.causal_router if causal and self.causal_router else self.router
+
+    def router_problems(self) -> list[str]:
+        p = []
+        if self.causal_router == "switch" and self.top_k != 1:
+            p.append(f"top_k={self.top_k} is not allowed with causal_router='switch': switch routing is top-1")
+        if "hash" in (self.router, self.causal_router):
+            if self.top_k != 1:
+                p.append(f"top_k={self.top_k} is not allowed with router='hash': a hash layer sends each token to the "
+                         "one expert its id maps to (Roller et al. 2021); use top_k=1 (the switch family)")
+            if self.balance == "bias":
+                p.append("balance='bias' is not allowed with router='hash': the hash table is fixed, there are no "
+                         "router scores for a bias to steer")
+        if self.router == "expert_choice":
+            if self.capacity_factor is None or self.eval_capacity_factor is None:
+                p.append("router='expert_choice' needs capacity_factor and eval_capacity_factor (no dropless mode): "
+                         "each expert takes ceil(top_k x tokens / num_experts x capacity_factor) tokens")
+            if self.balance == "bias":
+                p.append("balance='bias' is not allowed with router='expert_choice': every expert takes the same "
+                         "number of tokens by construction, there is no load to balance")
+        if self.bias_update_rate <= 0:
+            p.append(f"bias_update_rate={self.bias_update_rate} is not allowed: must be > 0")
+        return p
 
     def problems(self) -> list[str]:
         p = []
@@ -59,6 +96,10 @@ class MoEConfig:
                 p.append(f"{name}={v} is not allowed: must be > 0, or null for dropless routing")
         if self.d_expert is not None and self.d_expert < 1:
             p.append(f"d_expert={self.d_expert} is not allowed: must be >= 1 or null (= d_ff)")
+        if self.granularity < 1:
+            p.append(f"granularity={self.granularity} is not allowed: must be >= 1 (1 = experts as configured)")
+        if self.shared_experts < 0:
+            p.append(f"shared_experts={self.shared_experts} is not allowed: must be >= 0")
         if self.group_size is not None and self.group_size < 1:
             p.append(f"group_size={self.group_size} is not allowed: must be >= 1 or null")
         if not 0 <= self.expert_dropout < 1:
@@ -74,6 +115,7 @@ class MoEConfig:
             p.append("drop_policy='probability' is not allowed with a capacity limit: it ranks a group's tokens by "
                      "gate, so later tokens would decide which earlier ones are dropped (a leak in causal models); "
                      "use drop_policy='position', or capacity_factor=null eval_capacity_factor=null (dropless)")
+        p.extend(self.router_problems())
         return p
 
 
@@ -122,6 +164,11 @@ class ModelConfig:
             p.append(f"d_model={self.d_model} is not allowed with n_heads={self.n_heads}: d_model must be divisible by n_heads")
         if self.family in RNN_FAMILIES and self.n_layers < 2:
             p.append(f"n_layers={self.n_layers} is not allowed for {self.family}: the MoE/FFN sits between LSTM layers, so >= 2")
+        if self.family in RNN_FAMILIES:  # hash/expert choice: transformer families only (not wired into the LSTMs)
+            for key in ("router", "causal_router"):
+                if getattr(self.moe, key) in ("hash", "expert_choice"):
+                    p.append(f"{key}={getattr(self.moe, key)!r} is not allowed for {self.family}: hash and expert-choice "
+                             "routing are built into the transformer families (switch, moe) only")
         if not 0 <= self.dropout < 1:
             p.append(f"dropout={self.dropout} is not allowed: must be in [0, 1)")
         if self.init_scale <= 0:
@@ -218,11 +265,61 @@ def model_config(
         base = from_dict(ModelConfig, dict(family="moe-rnn", **shapes["rnn"], moe=moe))
         early.update({k: v for k, v in late.items() if k != "d_ff"})  # routing shapes the lstm match
         base = apply(base, dict(early, **{k: v for k, v in task.items() if k not in early}))
+        base = split_experts(base, matched=False, problems=problems)  # before the lstm match: it counts them
+        late = {k: v for k, v in late.items() if k == "d_ff"}  # moe.* are in: applied again, they would undo the split
         cfg = match_lstm_to_moe_rnn(base) if family == "lstm" else base
     cfg = apply(cfg, late)
+    if family in ("switch", "moe"):
+        cfg = split_experts(cfg, matched="moe.d_expert" not in late, problems=problems,
+                            router_given="moe.router" in late)
+    cfg = routing_defaults(cfg, set(pairs), problems)
+    problems.extend(check(cfg))  # the split shapes, e.g. an explicit router='switch' with top_k > 1
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), context)
     return cfg
+
+
+BALANCING_WEIGHTS = ("load_balance_weight", "importance_weight", "load_weight")
+
+NONCAUSAL_ROUTING = (
+    "router='expert_choice' is not causal: each expert takes the top tokens of the whole routing group, "
+    "so whether a token gets an expert depends on later tokens of its sequence (a leak of the future in a "
+    "causal LM or decoder). Use it where the whole input is visible, the translation encoder "
+    "(router=expert_choice causal_router=switch routes the decoder by token choice), or accept the leak "
+    "explicitly with allow_noncausal_routing=true (the run's config then records it)")
+
+
+def routing_defaults(cfg: ModelConfig, given: set[str], problems: list[str]) -> ModelConfig:
+    """Settings that follow from the router and balancing choice (model_config applies them once;
+    ``given``: the keys the user set, e.g. ``moe.load_balance_weight``).
+
+    - balance='bias' (Wang et al. 2024) trains without a balancing loss: the balancing-loss
+      weights become 0 in the resolved config (so the record says what ran); a nonzero one set
+      explicitly is refused. The z-loss is not a balancing loss and stays.
+    - router='expert_choice': eval_capacity_factor defaults to capacity_factor, so evaluation gives
+      each expert the share of tokens it was trained with."""
+    m = cfg.moe
+    changes: dict[str, Any] = {}
+    if m.balance == "bias":
+        for name in BALANCING_WEIGHTS:
+            value = getattr(m, name)
+            if f"moe.{name}" in given and isinstance(value, (int, float)) and value:
+                problems.append(f"{name}={value} is not allowed with balance='bias': aux-loss-free balancing "
+                                "trains without a balancing loss (Wang et al. 2024); drop it, or use balance=aux_loss")
+            changes[name] = 0.0
+    if m.router == "expert_choice" and "moe.eval_capacity_factor" not in given:
+        changes["eval_capacity_factor"] = m.capacity_factor
+    return dataclasses.replace(cfg, moe=dataclasses.replace(m, **changes)) if changes else cfg
+
+
+def task_problems(cfg: ModelConfig, task_type: str) -> list[str]:
+    """Problems of a model config on a task type: expert choice in a causal stack (every layer of
+    an LM, the decoder of a translation model) leaks the future unless explicitly accepted."""
+    m = cfg.moe
+    if cfg.is_sparse and m.router_for(causal=True) == "expert_choice" and not m.allow_noncausal_routing:
+        where = "a causal LM" if task_type == "lm" else "the translation decoder"
+        return [f"{NONCAUSAL_ROUTING} (here: {where})"]
+    return []
 
 
 # FLOP matching (Switch paper: a sparse model is matched to a dense one by equal forward FLOPs;
@@ -243,14 +340,54 @@ def match_sparse_to_dense(dense: ModelConfig, family: str, num_experts: int, top
     return dataclasses.replace(dense, family=family, moe=moe)
 
 
+def split_experts(cfg: ModelConfig, matched: bool, problems: list[str], router_given: bool = False) -> ModelConfig:
+    """Fine-grained and shared experts: the one step that applies ``moe.granularity`` and sizes
+    ``moe.shared_experts`` (model_config calls it once; a resolved config is never split again).
+
+    Granularity G (Krajewski et al. 2024; DeepSeekMoE's fine-grained expert segmentation): E experts
+    of width W with top-k become E*G experts of width W/G with top-(k*G): the same expert FLOPs per
+    token; the router grows to E*G x d_model. W/G must be a whole number. S shared experts
+    (DeepSeekMoE's shared expert isolation) have the resolved width too. ``matched`` (switch/moe
+    experts sized from the dense d_ff, no explicit d_expert): the k*G routed and S shared experts a
+    token visits share the dense FFN's width, d_expert = d_ff / (k*G + S) exactly, so the model stays
+    FLOP-matched to dense (only the router is extra); with G = 1 and S = 0 nothing changes. A
+    default switch router becomes ``topk`` when k*G > 1 (the same softmax gates, not renormalised).
+    """
+    m = cfg.moe
+    G, S = m.granularity, m.shared_experts
+    if not cfg.is_sparse or G < 1 or S < 0 or (G == 1 and S == 0):  # bad values are reported by check
+        return cfg
+    top_k = m.top_k * G
+    if matched:
+        visited = top_k + S
+        if cfg.d_ff % visited:
+            problems.append(
+                f"granularity={G}, shared_experts={S} with top_k={m.top_k} do not divide the dense FFN: a token "
+                f"visits top_k x granularity + shared_experts = {m.top_k} x {G} + {S} = {visited} experts, and "
+                f"d_ff={cfg.d_ff} is not divisible by {visited}; choose values that divide it, or set d_expert "
+                "(the width before the split; the model is then not FLOP-matched to dense)")
+            return cfg
+        width = cfg.d_ff // visited
+    else:
+        if cfg.expert_width % G:
+            problems.append(f"granularity={G} does not divide the expert width d_expert={cfg.expert_width}: "
+                            f"each expert is split into {G} experts of equal width; choose a divisor of "
+                            f"{cfg.expert_width} or another d_expert")
+            return cfg
+        width = cfg.expert_width // G
+    router = "topk" if m.router == "switch" and top_k > 1 and not router_given else m.router
+    moe = dataclasses.replace(m, num_experts=m.num_experts * G, top_k=top_k, d_expert=width, router=router)
+    return dataclasses.replace(cfg, moe=moe)
+
+
 def match_lstm_to_moe_rnn(moe_rnn: ModelConfig) -> ModelConfig:
     """The ``lstm`` control for a ``moe-rnn``: a dense FFN of equal training-forward FLOPs.
 
-    k experts of width f cost k*4Cf, the router 2CE (+2CE noise projection), so the dense
-    width is k*f + E (noisy top-k) or k*f + E/2 (rounded up)."""
+    k routed and S shared experts of width f cost (k+S)*4Cf, the router 2CE (+2CE noise
+    projection), so the dense width is (k+S)*f + E (noisy top-k) or (k+S)*f + E/2 (rounded up)."""
     m = moe_rnn.moe
-    router_mats = 2 if m.router == "noisy_topk" else 1
-    d_ff = m.top_k * moe_rnn.expert_width + math.ceil(router_mats * m.num_experts / 2)
+    router_mats = 2 if m.router_for(causal=True) == "noisy_topk" else 1  # the LSTMs' MoE is a causal stack
+    d_ff = (m.top_k + m.shared_experts) * moe_rnn.expert_width + math.ceil(router_mats * m.num_experts / 2)
     return dataclasses.replace(moe_rnn, family="lstm", d_ff=d_ff,
                                moe=dataclasses.replace(m, d_expert=moe_rnn.expert_width))
 

@@ -2,6 +2,7 @@
 
     x (N, d) --Router--> Routing (expert, gate, slot, keep)
              --dispatch--> per-expert buffers --experts--> combine: y_t = sum_j gate_tj * E_j(x_t)
+             [+ sum_s Shared_s(x_t): shared experts, every token, when moe.shared_experts > 0]
 
 Tokens over capacity get y = 0 from the MoE; the block's residual connection carries them.
 Two kernels compute the experts, with identical results (tested against a per-token loop):
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from bench.models.config import MoEConfig
 from bench.models.experts import compute_dtype, grouped_expert_ffn, row_granule
-from bench.models.routing import Router, Routing
+from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 AUTO_PADDED_BELOW_ROWS = {"fp32": 16, "reduced": 64}  # see the module docstring
@@ -87,48 +88,84 @@ class MoELayer(nn.Module):
     """Router + expert bank. forward(x (..., d), mask) -> (y (..., d), MoEAux)."""
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, activation: str = "relu",
-                 init_scale: float = 0.1, causal: bool = False):
+                 init_scale: float = 0.1, causal: bool = False, vocab_size: int | None = None):
         super().__init__()
         self.cfg = cfg
         E = cfg.num_experts
         # causal: in a causal stack a token's routing and dropping depend on earlier tokens only.
-        self.router = Router(d_model, cfg, causal=causal)
+        # vocab_size: hash routing's token-id table (the layer is then called with token_ids).
+        self.router = Router(d_model, cfg, causal=causal, vocab_size=vocab_size)
         self.router.reset_parameters(init_scale)
         self.w1 = nn.Parameter(trunc_normal_(torch.empty(E, d_model, d_ff), d_model, init_scale))
         self.w2 = nn.Parameter(trunc_normal_(torch.empty(E, d_ff, d_model), d_ff, init_scale))
         self.activation = activation
         self.act = ACTIVATIONS[activation]
         self.expert_dropout = nn.Dropout(cfg.expert_dropout)
+        # Shared experts (DeepSeekMoE): S always-on experts of width d_ff, every routed token, added
+        # to the routed output. S experts side by side are one FFN of width S*d_ff (one matmul pair);
+        # each expert's second matmul keeps its own fan-in d_ff for the init.
+        self.shared = None
+        if cfg.shared_experts:
+            self.shared = FeedForward(d_model, cfg.shared_experts * d_ff, activation, cfg.expert_dropout, init_scale)
+            trunc_normal_(self.shared.w2.weight, d_ff, init_scale)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+    def forward(self, x: Tensor, mask: Tensor | None = None,
+                token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """x (..., T, d) or (N, d); mask (..., T) True = real token; token_ids (..., T): the input
+        ids at these positions (hash routing needs them; other routers ignore them)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
         rows = flat if mask is None else flat[mask.reshape(-1)]  # padding is not routed
         if rows.shape[0] == 0:  # nothing to route (an all-padding batch)
             return torch.zeros_like(x), MoEAux(x.new_zeros((), dtype=torch.float32), self._empty_stats())
-        routing = self.router(rows)
+        # quarter of the sequence each row sits in, for the dropped-by-position metric
+        seq_len = shape[-2] if x.dim() >= 3 else flat.shape[0]
+        bucket = torch.arange(flat.shape[0], device=x.device) % seq_len * NUM_POSITION_BUCKETS // seq_len  # (N,)
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        if mask is not None:
+            bucket = bucket[mask.reshape(-1)]
+            ids = None if ids is None else ids[mask.reshape(-1)]
+        routing = self.router(rows, token_ids=ids, position_bucket=bucket)
         y_rows, slots = self.combine(rows, routing)
+        if self.shared is not None:  # dropped tokens too: only the routed experts have a capacity
+            y_rows = y_rows + self.shared(rows).to(y_rows.dtype)
         if mask is None:
             y = y_rows
         else:
             y = flat.new_zeros(flat.shape, dtype=y_rows.dtype).index_put((mask.reshape(-1),), y_rows)
-        cfg = self.cfg
-        loss = (cfg.load_balance_weight * routing.losses["load_balance"]
-                + cfg.z_loss_weight * routing.losses["z_loss"]
-                + cfg.importance_weight * routing.losses["importance"]
-                + cfg.load_weight * routing.losses["load"])
+        loss = self.aux_loss(routing.losses, x)
         stats = {name: v.detach() for name, v in routing.losses.items()}
         stats.update(routing.metrics)
         stats["routed_tokens"] = torch.tensor(rows.shape[0])
         stats["slots_computed"] = torch.tensor(slots)  # expert rows actually multiplied
         return y.view(shape), MoEAux(loss, stats)
 
+    def aux_loss(self, losses: dict[str, Tensor], like: Tensor) -> Tensor:
+        """The weighted sum of the router's aux losses. Hash routing has none, expert choice only the
+        z-loss; with balance='bias' the balancing losses are reported but not trained on."""
+        cfg = self.cfg
+        weights = {"load_balance": cfg.load_balance_weight, "z_loss": cfg.z_loss_weight,
+                   "importance": cfg.importance_weight, "load": cfg.load_weight}
+        total = None
+        for name, weight in weights.items():  # the order of the sum as before: same float results
+            if name in losses and (cfg.balance != "bias" or name == "z_loss"):
+                term = weight * losses[name]
+                total = term if total is None else total + term
+        return like.new_zeros((), dtype=torch.float32) if total is None else total
+
+    def update_balance_bias(self) -> bool:
+        """Aux-loss-free balancing: one bias step from this step's loads (``Router.update_balance_bias``)."""
+        return self.router.update_balance_bias()
+
     def _empty_stats(self) -> dict[str, Tensor]:
         zero, counts = torch.tensor(0.0), torch.zeros(self.cfg.num_experts, dtype=torch.long)
+        E = torch.tensor(self.cfg.num_experts)
+        buckets = torch.zeros(NUM_POSITION_BUCKETS)
         return dict(load_balance=zero, z_loss=zero, importance=zero, load=zero, tokens_per_expert=counts,
                     kept_per_expert=counts, fraction_dropped=zero, router_entropy=zero,
-                    unused_experts=torch.tensor(self.cfg.num_experts), routed_tokens=torch.tensor(0),
-                    slots_computed=torch.tensor(0))
+                    unused_experts=E, dead_experts=E, max_load=zero, mean_load=zero, max_violation=zero,
+                    dropped_by_position=buckets, assignments_by_position=buckets,
+                    routed_tokens=torch.tensor(0), slots_computed=torch.tensor(0))
 
     def combine(self, x: Tensor, routing: Routing) -> tuple[Tensor, int]:
         """y_t = sum_j gate_tj * expert_{e_tj}(x_t) over kept assignments. x: (T, d)."""
@@ -181,3 +218,15 @@ class MoELayer(nn.Module):
         h = buf.view(E, num_groups * used, d)  # (E, G*C, d)
         h = torch.bmm(self.expert_dropout(self.act(torch.bmm(h, self.w1))), self.w2)
         return h.reshape(-1, d)[slot], buf.shape[0]
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The model's MoE layers in registration order (a seq2seq model: encoder, then decoder)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def update_balance_biases(model: nn.Module) -> int:
+    """Aux-loss-free balancing (balance='bias'): one bias update in every MoE layer, from the loads
+    of the training step just taken. The trainer calls it once after each optimizer step (never in
+    evaluation); returns how many layers changed their bias (0 for any other model)."""
+    return sum(layer.update_balance_bias() for layer in moe_layers(model))

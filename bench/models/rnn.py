@@ -72,7 +72,7 @@ def _embedding(cfg: ModelConfig) -> nn.Embedding:
 
 
 class RNNLM(nn.Module):
-    """forward(idx (B, T)) -> ModelOutput with logits (B, T, vocab)."""
+    """forward(idx (B, T)) -> ModelOutput: hidden (B, T, C), logits (B, T, vocab)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,9 +84,8 @@ class RNNLM(nn.Module):
 
     def forward(self, idx: Tensor) -> ModelOutput:
         x, aux, _ = self.stack(self.drop(self.embed(idx)))
-        logits = self.head(x)
-        aux_loss, stats = collect_aux([aux] if aux else [], logits)
-        return ModelOutput(logits, aux_loss, stats)
+        aux_loss, stats = collect_aux([aux] if aux else [], x)
+        return ModelOutput(x, self.head, aux_loss, stats)
 
 
 class RNNSeq2Seq(nn.Module):
@@ -113,17 +112,24 @@ class RNNSeq2Seq(nn.Module):
 
     def decode(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor, tgt_mask: Tensor | None = None,
                state: list | None = None):
+        """(logits (B, T, vocab), aux, final LSTM states)."""
+        hidden, aux, finals = self.decode_hidden(memory, src_mask, tgt_in, tgt_mask, state)
+        return self.head(hidden), aux, finals
+
+    def decode_hidden(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor,
+                      tgt_mask: Tensor | None = None, state: list | None = None):
+        """``decode`` before the vocab projection: the output layer's input (B, T, C)."""
         h, aux, finals = self.decoder(self.drop(self.embed(tgt_in)), tgt_mask, state)
         scores = torch.bmm(h, memory.transpose(1, 2))  # (B, T, S)
         if src_mask is not None:
             scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
         context = torch.bmm(scores.softmax(dim=-1), memory)  # (B, T, C)
         out = torch.tanh(self.attn_out(torch.cat([h, context], dim=-1)))
-        return self.head(self.drop(out)), [aux] if aux else [], finals
+        return self.drop(out), [aux] if aux else [], finals
 
     def forward(self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None) -> ModelOutput:
         memory, enc_aux, _ = self.encode(src, src_mask)
-        logits, dec_aux, _ = self.decode(memory, src_mask, tgt_in, tgt_mask)
-        aux_loss, stats = collect_aux(enc_aux + dec_aux, logits)
-        return ModelOutput(logits, aux_loss, stats)
+        hidden, dec_aux, _ = self.decode_hidden(memory, src_mask, tgt_in, tgt_mask)
+        aux_loss, stats = collect_aux(enc_aux + dec_aux, hidden)
+        return ModelOutput(hidden, self.head, aux_loss, stats)

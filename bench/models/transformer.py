@@ -19,9 +19,16 @@ from bench.models.moe import FeedForward, MoEAux, MoELayer, trunc_normal_
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (B, T, vocab)
+    hidden: Tensor  # (B, T, C): the output layer's input
+    head: nn.Linear  # the output layer (logits = head(hidden))
     aux_loss: Tensor  # weighted sum of every MoE layer's auxiliary losses (0 for dense models)
     moe_stats: list[dict[str, Tensor]] = field(default_factory=list)  # one dict per MoE layer
+
+    @property
+    def logits(self) -> Tensor:
+        """(B, T, vocab), computed at each access. The loss never asks for them: it projects the
+        hidden states in row chunks (bench.train.loss), since B x T x vocab floats can be gigabytes."""
+        return self.head(self.hidden)
 
 
 def collect_aux(auxes: list[MoEAux], like: Tensor) -> tuple[Tensor, list[dict[str, Tensor]]]:
@@ -113,15 +120,17 @@ class Block(nn.Module):
         self.cross = Attention(cfg, cross=True) if cross else None
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         if moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale, causal=causal)
+            self.ffn = MoELayer(cfg.d_model, cfg.expert_width, cfg.moe, cfg.activation, cfg.init_scale, causal=causal,
+                                vocab_size=cfg.vocab_size)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.init_scale)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, causal: bool, mask: Tensor | None = None, memory: Tensor | None = None,
-                memory_mask: Tensor | None = None,
-                cache: dict[str, dict[str, Tensor]] | None = None) -> tuple[Tensor, MoEAux | None]:
-        """``cache``: incremental decoding state of this block ({"self": ..., "cross": ...}, filled here)."""
+                memory_mask: Tensor | None = None, cache: dict[str, dict[str, Tensor]] | None = None,
+                token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+        """``cache``: incremental decoding state of this block ({"self": ..., "cross": ...}, filled here).
+        ``token_ids`` (B, T): the stack's input ids, for hash routing."""
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
@@ -132,7 +141,7 @@ class Block(nn.Module):
         h = self.ln_ffn(x)
         aux = None
         if isinstance(self.ffn, MoELayer):
-            h, aux = self.ffn(h, mask=mask)
+            h, aux = self.ffn(h, mask=mask, token_ids=token_ids)
         else:
             h = self.ffn(h)
         return x + self.drop(h), aux
@@ -168,7 +177,7 @@ def output_head(cfg: ModelConfig, emb: nn.Embedding) -> nn.Linear:
 
 
 class TransformerLM(nn.Module):
-    """Causal decoder-only LM. forward(idx (B, T)) -> ModelOutput with logits (B, T, vocab)."""
+    """Causal decoder-only LM. forward(idx (B, T)) -> ModelOutput: hidden (B, T, C), logits (B, T, vocab)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -182,12 +191,12 @@ class TransformerLM(nn.Module):
         x = self.embed(idx)
         auxes = []
         for block in self.blocks:
-            x, aux = block(x, causal=True)
+            x, aux = block(x, causal=True, token_ids=idx)
             if aux is not None:
                 auxes.append(aux)
-        logits = self.head(self.ln_f(x))
-        aux_loss, stats = collect_aux(auxes, logits)
-        return ModelOutput(logits, aux_loss, stats)
+        hidden = self.ln_f(x)
+        aux_loss, stats = collect_aux(auxes, hidden)
+        return ModelOutput(hidden, self.head, aux_loss, stats)
 
 
 class TransformerSeq2Seq(nn.Module):
@@ -209,7 +218,7 @@ class TransformerSeq2Seq(nn.Module):
         x = self.embed(src)
         auxes = []
         for block in self.encoder:
-            x, aux = block(x, causal=False, mask=src_mask)
+            x, aux = block(x, causal=False, mask=src_mask, token_ids=src)
             if aux is not None:
                 auxes.append(aux)
         return self.ln_enc(x), auxes
@@ -224,6 +233,15 @@ class TransformerSeq2Seq(nn.Module):
         ``[{} for _ in model.decoder]`` before the first call; each call then feeds only the new
         position(s) ``tgt_in`` and ``tgt_mask`` and extends the cache. Same logits as re-running
         the whole prefix, except that MoE capacity is then counted over the new tokens only."""
+        hidden, auxes = self.decode_hidden(memory, src_mask, tgt_in, tgt_mask, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.head(hidden), auxes
+
+    def decode_hidden(self, memory: Tensor, src_mask: Tensor | None, tgt_in: Tensor,
+                      tgt_mask: Tensor | None = None,
+                      cache: list[dict] | None = None) -> tuple[Tensor, list[MoEAux]]:
+        """The output layer's input (B, T, C): ``decode`` before the vocab projection."""
         offset = 0
         if cache is not None:
             if len(cache) != len(self.decoder):
@@ -234,16 +252,14 @@ class TransformerSeq2Seq(nn.Module):
         auxes = []
         for i, block in enumerate(self.decoder):
             x, aux = block(x, causal=True, mask=tgt_mask, memory=memory, memory_mask=src_mask,
-                           cache=None if cache is None else cache[i])
+                           cache=None if cache is None else cache[i], token_ids=tgt_in)
             if aux is not None:
                 auxes.append(aux)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.ln_f(x)), auxes
+        return self.ln_f(x), auxes
 
     def forward(self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None) -> ModelOutput:
         memory, enc_aux = self.encode(src, src_mask)
-        logits, dec_aux = self.decode(memory, src_mask, tgt_in, tgt_mask)
-        aux_loss, stats = collect_aux(enc_aux + dec_aux, logits)
-        return ModelOutput(logits, aux_loss, stats)
+        hidden, dec_aux = self.decode_hidden(memory, src_mask, tgt_in, tgt_mask)
+        aux_loss, stats = collect_aux(enc_aux + dec_aux, hidden)
+        return ModelOutput(hidden, self.head, aux_loss, stats)

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.plans import Plan, all_plans
-from bench.tracking.records import ResultsStore, RunRecord, is_throughput, reading_store, throughput_by_arm
+from bench.tracking.records import ResultsStore, RunRecord, is_throughput, reading_store
 
 VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
                 "inconclusive": "inconclusive", "no-data": "no data"}
@@ -58,13 +58,13 @@ def reproduction_records(store: ResultsStore, plans: dict[str, Plan]) -> dict[tu
     return out
 
 
-def throughput_records(store: ResultsStore) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(plan, tier) -> arm -> tokens/s of every quiet throughput measurement (``bench.throughput``)."""
+def throughput_records(store: ResultsStore) -> dict[tuple[str, str], list[RunRecord]]:
+    """(plan, tier) -> its quiet throughput measurements (``bench.throughput``)."""
     by_tier: dict[tuple[str, str], list[RunRecord]] = {}
     for r in store.list():
         if is_throughput(r):
             by_tier.setdefault((r.extra.get("reproduction"), run_tier(r)), []).append(r)
-    return {key: throughput_by_arm(records) for key, records in by_tier.items()}
+    return by_tier
 
 
 def _users_plans(store: ResultsStore, known: dict[str, Plan]) -> dict[str, Plan]:

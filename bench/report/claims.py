@@ -103,6 +103,22 @@ def arm_stats(records: list[RunRecord], order: list[str] | None = None) -> dict[
     return out
 
 
+def throughput_arms(records: list[RunRecord]) -> dict[str, ArmStats]:
+    """Quiet throughput measurements (``bench.throughput``) as arms whose seeds are the repeats:
+    one process times every arm in turn, repeat by repeat, so repeat i of two arms is a pair
+    measured under the same machine load. A later measurement of an (arm, repeat) replaces it."""
+    newest: dict[tuple[str, int], RunRecord] = {}
+    for r in sorted(records, key=lambda r: r.started_at):
+        if is_throughput(r) and r.status == "finished" and r.metrics.get("tokens_per_second"):
+            newest[(r.extra.get("arm"), r.seed)] = r
+    out: dict[str, ArmStats] = {}
+    for (arm, _), r in sorted(newest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        a = out.setdefault(arm, ArmStats(arm, []))
+        a.records.append(r)
+        a.values.setdefault("tokens_per_second", []).append(float(r.metrics["tokens_per_second"]))
+    return out
+
+
 def curve_points(record: RunRecord, x: str = "step") -> list[tuple[float, float]]:
     """(x, val loss) of a run's evaluation curve, sorted by x (all on the same evaluation data)."""
     return curve_xy(record.curve, x)
@@ -166,9 +182,24 @@ def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[i
     return {s: v / reference[s] for s, v in per_seed.items() if reference.get(s)}
 
 
-def evaluate_claim(claim: Claim, arms: dict[str, ArmStats]) -> ClaimResult:
-    """The claim's effect in the paper's direction over paired seeds, its interval and verdict."""
+def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str, ArmStats] | None = None
+                   ) -> ClaimResult:
+    """The claim's effect in the paper's direction over paired seeds, its interval and verdict.
+
+    Speed claims (``tokens_per_second``) are judged on ``speed_arms`` (``throughput_arms``: quiet
+    measurements paired by repeat), never on the training runs' own timings, which were taken at
+    different times under different machine loads; without a measurement the verdict is no-data.
+    """
     key = claim.metric
+    pairs = "paired seed(s)"
+    if key == "tokens_per_second":
+        measured = speed_arms or {}
+        if not all(label in measured for label in claim.arms() if label):
+            return ClaimResult(claim, stats.Effect(None, None, None, 0), "no-data",
+                               "tokens/s of training runs are timed under whatever else the machine was doing; "
+                               "measure the arms together on a quiet machine with `moe-bench reproduce PLAN --tier "
+                               "TIER --throughput`")
+        arms, pairs = measured, "interleaved repeat(s) of a quiet throughput measurement"
     if claim.kind == "trend":
         values = {}
         for label, x in claim.x.items():
@@ -196,7 +227,7 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats]) -> ClaimResult:
     verdict = stats.verdict(effect, delta, "not-worse" if claim.kind == "not-worse" else "better")
     if effect.n_seeds:
         evidence += (f"; effect in the paper's direction {_num(effect.estimate, '+')}, 95% CI "
-                     f"[{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}] over {effect.n_seeds} paired seed(s); "
+                     f"[{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}] over {effect.n_seeds} {pairs}; "
                      f"delta {delta:g}")
         if effect.detectable is not None:
             evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
@@ -223,4 +254,4 @@ def plan_arm_order(plan: Plan) -> list[str]:
 
 
 __all__ = ["ArmStats", "ClaimResult", "arm_stats", "add_paired_metrics", "evaluate_claim", "record_values", "fmt",
-           "curve_points", "RELATIVE_METRICS"]
+           "curve_points", "throughput_arms", "RELATIVE_METRICS"]

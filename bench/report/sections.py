@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.plans import PLANS_DIR, Plan
-from bench.report.claims import (ArmStats, ClaimResult, add_paired_metrics, arm_stats, evaluate_claim, fmt)
+from bench.report.claims import (ArmStats, ClaimResult, add_paired_metrics, arm_stats, evaluate_claim, fmt,
+                                 throughput_arms)
 from bench.report.stats import interp
-from bench.tracking.records import RunRecord
+from bench.tracking.records import RunRecord, throughput_by_arm
 
 
 @dataclass
@@ -27,16 +28,18 @@ class Section:
 
 
 def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Path | None,
-                  budget: float | None = None, throughput: dict[str, list[float]] | None = None) -> Section:
+                  budget: float | None = None, throughput: list[RunRecord] | None = None) -> Section:
     """``records`` must share one budget (``budget``, default the tier's): arms are compared as matched.
-    ``throughput``: arm -> tokens/s measured together in one quiet process (``bench.throughput``)."""
+    ``throughput``: the tier's quiet throughput measurements (``bench.throughput``)."""
     arms = arm_stats(records, [a.label for a in plan.arms])
-    speed = {arm: statistics.median(v) for arm, v in (throughput or {}).items() if v}
+    by_arm = throughput_by_arm(throughput or [])
+    speed = {arm: statistics.median(v) for arm, v in by_arm.items() if v}
     add_paired_metrics(arms, plan.baseline, speed or None)
     section = Section(plan, tier, arms, budget)
     if any(c.metric == "loss_at_equal_time" for c in plan.claims):
-        section.notes.append(_equal_time_note(plan, speed, throughput or {}))
-    section.claims = [evaluate_claim(c, arms) for c in plan.claims
+        section.notes.append(_equal_time_note(plan, speed, by_arm))
+    speed_arms = throughput_arms(throughput or [])
+    section.claims = [evaluate_claim(c, arms, speed_arms) for c in plan.claims
                       if any(label in arms for label in c.arms() if label)]
     section.notes.append(_budget_note(section))
     for note in (_gap_trend_note(section), _speed_note(section), _bleu_settled_note(section)):

@@ -1,5 +1,5 @@
-"""Optuna sweeps: study specs (``spec``), the trial loop (``runner``) and study reports (``show``)."""
-from bench.sweep.runner import SweepResult, run_sweep
+"""Search spaces: study specs (``spec``), the study in the results database (``study``) and study
+reports (``show``). ``bench.runner.search`` runs them."""
 from bench.sweep.spec import SweepSpec, load_spec, parse_spec
 
-__all__ = ["SweepSpec", "SweepResult", "load_spec", "parse_spec", "run_sweep"]
+__all__ = ["SweepSpec", "load_spec", "parse_spec"]

@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bench.config import ConfigError
-from bench.sweep.runner import SPEC_ATTR, _retried_numbers, optuna_storage
+from bench.sweep.study import SPEC_ATTR, optuna_storage, retried_numbers
 from bench.tracking.records import ResultsStore
 
 
@@ -43,7 +43,7 @@ def _fmt(v: Any) -> str:
 def study_summary(study: optuna.Study) -> dict[str, Any]:
     """Everything `--show` prints, as plain data (also what `--show --json` emits)."""
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = retried_numbers(trials)
     objectives = study.user_attrs.get("objectives") or [f"value{i}" for i in range(len(study.directions))]
     rows = []
     for t in trials:

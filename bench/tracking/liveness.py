@@ -15,14 +15,26 @@ LOCK_NAME = "RUNNING.pid"
 UNFINISHED = ("running", "interrupted")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def live_owner(run_dir: Path) -> int | None:
     """The pid training this run right now, or None (no lock, or its process is gone)."""
     try:
         pid = int((Path(run_dir) / LOCK_NAME).read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if pid_alive(pid) else None
 
 
 def resumable_checkpoint(record: RunRecord) -> Path | None:

@@ -136,8 +136,11 @@ class RunRecord:
     - ``metrics``: val_loss, quality, quality_per_active_param, perplexity, bits_per_char, bleu,
       chrf, test_* ...
     - ``timings``: wall_seconds, train_seconds, tokens_per_second
-    - ``expert_stats``: one dict per MoE layer: tokens_per_expert (list), fraction_dropped,
-      router_entropy, aux losses
+    - ``expert_stats``: one dict per MoE layer, from the last training step: tokens_per_expert
+      (list), fraction_dropped, dropped_by_position (list, per quarter of the sequence),
+      router_entropy, topk_margin, max_violation (MaxVio), dead_experts, aux losses; and "eval":
+      the run's last evaluation over all its batches (max_violation, dead_experts,
+      fraction_dropped, dropped_pos, router_entropy, topk_margin, assignment_stability)
     - ``paths``: checkpoint_dir, csv_file, wandb_dir
     - ``wandb``: mode, run_id
     - ``curve``: one dict per intermediate evaluation: step, tokens, flops, seconds (training

@@ -257,11 +257,12 @@ def summarize_moe_stats(stats: list[dict]) -> list[dict]:
 
 
 class ExpertStats(pl.Callback):
-    """Every ``every`` steps: per MoE layer fraction dropped, router entropy, aux and z losses,
-    and the expert load (fraction of assignments per expert; a histogram in W&B)."""
+    """Every ``every`` steps: per MoE layer fraction dropped (overall and per quarter of the
+    sequence, ``dropped_posN``), router entropy, top-k margin, MaxVio, dead experts, aux and z
+    losses, and the expert load (fraction of assignments per expert; a histogram in W&B)."""
 
     SCALARS = ("fraction_dropped", "router_entropy", "load_balance", "z_loss", "importance", "load",
-               "unused_experts")
+               "unused_experts", "dead_experts", "max_violation", "topk_margin")
 
     def __init__(self, every: int = 10):
         self.every = every
@@ -276,6 +277,8 @@ class ExpertStats(pl.Callback):
                     metrics[f"moe/layer{i}/{name}"] = float(layer[name])
             load = layer["tokens_per_expert"].float()
             metrics[f"moe/layer{i}/max_load_over_mean"] = float(load.max() / load.mean().clamp_min(1e-9))
+            for j, value in enumerate(layer.get("dropped_by_position", torch.empty(0)).tolist()):
+                metrics[f"moe/layer{i}/dropped_pos{j}"] = float(value)
         # Straight to the loggers at the step they were measured: values logged with self.log in
         # a callback were written again in the next step's row, as if measured there too.
         if trainer.is_global_zero:
@@ -303,6 +306,157 @@ class ExpertStats(pl.Callback):
                 logger.experiment.log(hists, commit=False)
             except Exception:  # logging never kills training
                 pass
+
+
+class BalanceBias(pl.Callback):
+    """Aux-loss-free balancing (``moe.balance=bias``, Wang et al. 2024): after each optimizer step,
+    every MoE layer moves its selection bias by u * sign(mean load - load_i), from the loads of
+    that step (``bench.models.moe.update_balance_biases``). Never in evaluation; a no-op for other
+    models. The bias is a model buffer, so checkpoints carry it and a resumed run continues it."""
+
+    def __init__(self):
+        self._step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from bench.models.moe import update_balance_biases
+
+        if trainer.global_step != self._step:  # once per optimizer step
+            self._step = trainer.global_step
+            update_balance_biases(pl_module.model)
+
+
+class RoutingHealth(pl.Callback):
+    """Routing health of every evaluation, per MoE layer, from the layers' own statistics over
+    all evaluated batches: MaxVio, dead experts (no token kept in the whole evaluation), fraction
+    dropped overall and per quarter of the sequence, router entropy and top-k margin (token-
+    weighted means); and assignment stability: the share of the tokens of a fixed batch (the first
+    validation batch, the same at every evaluation) whose first-choice expert is the one it had at
+    the previous evaluation. Logged as ``moe_eval/layerN/...`` at each evaluation during training;
+    the last evaluation's values (the run's final one) go into the record, ``expert_stats[N]["eval"]``
+    (``merge_into``)."""
+
+    def __init__(self):
+        self._hooks: list = []
+        self._acc: list[dict] = []
+        self._top1: list | None = None  # first-choice experts of the fixed batch, being captured
+        self.previous: list | None = None  # ... at the previous evaluation
+        self.stability: list[float] | None = None
+        self.summary: list[dict] = []
+
+    # --- collection -------------------------------------------------------------------------
+    def on_validation_start(self, trainer, pl_module) -> None:
+        from bench.models.moe import moe_layers
+
+        self._remove_hooks()
+        if trainer.sanity_checking:
+            return
+        layers = moe_layers(pl_module.model)
+        self._acc = [{} for _ in layers]
+        for i, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_hook(self._collector(i)))
+            self._hooks.append(layer.router.register_forward_hook(self._capturer(i)))
+
+    def _collector(self, i: int):
+        def hook(module, inputs, output) -> None:
+            stats, acc = output[1].stats, self._acc[i]
+            n = float(stats["routed_tokens"])
+            for key in ("tokens_per_expert", "kept_per_expert", "assignments_by_position"):
+                if key in stats:
+                    acc[key] = acc.get(key, 0) + stats[key].detach().double().cpu()
+            if "dropped_by_position" in stats and "assignments_by_position" in stats:
+                dropped = (stats["dropped_by_position"] * stats["assignments_by_position"]).detach().double().cpu()
+                acc["dropped"] = acc.get("dropped", 0) + dropped
+            for key in ("router_entropy", "topk_margin"):
+                if key in stats:
+                    acc[key] = acc.get(key, 0.0) + float(stats[key]) * n
+                    acc[key + "_tokens"] = acc.get(key + "_tokens", 0.0) + n
+        return hook
+
+    def _capturer(self, i: int):
+        def hook(module, inputs, routing) -> None:
+            if self._top1 is not None:
+                self._top1[i] = routing.expert_index[:, 0].detach().cpu()
+        return hook
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and trainer.state.fn == "fit" and self._acc:
+            self._top1 = [None] * len(self._acc)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._top1 is not None:
+            current, self._top1 = self._top1, None
+            if all(t is not None for t in current):
+                prev = self.previous
+                if prev is not None and len(prev) == len(current) and all(
+                        p.shape == c.shape for p, c in zip(prev, current)):
+                    self.stability = [float((p == c).float().mean()) for p, c in zip(prev, current)]
+                self.previous = current
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._remove_hooks()  # before other callbacks decode (CurveBLEU): not part of the evaluation
+        if trainer.sanity_checking or not self._acc or not any(self._acc):
+            return
+        self.summary = [self._summarise(acc) for acc in self._acc]
+        if self.stability is not None and len(self.stability) == len(self.summary):  # the latest, from training
+            for row, value in zip(self.summary, self.stability):
+                row["assignment_stability"] = value
+        if trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        metrics = {}
+        for i, row in enumerate(self.summary):
+            for key, value in row.items():
+                if isinstance(value, list):
+                    for j, v in enumerate(value):
+                        metrics[f"moe_eval/layer{i}/{key}{j}"] = v
+                elif key != "tokens_per_expert":
+                    metrics[f"moe_eval/layer{i}/{key}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @staticmethod
+    def _summarise(acc: dict) -> dict:
+        row: dict = {}
+        if "tokens_per_expert" in acc:
+            load = acc["tokens_per_expert"]
+            mean = float(load.mean())
+            row["tokens_per_expert"] = [int(v) for v in load.tolist()]
+            row["max_violation"] = (float(load.max()) - mean) / max(mean, 1e-9)  # Wang et al. 2024 MaxVio
+        if "kept_per_expert" in acc:
+            row["dead_experts"] = int((acc["kept_per_expert"] == 0).sum())
+        if "dropped" in acc:
+            total = acc["assignments_by_position"]
+            row["fraction_dropped"] = float(acc["dropped"].sum() / total.sum().clamp_min(1))
+            row["dropped_pos"] = [float(d / max(float(t), 1.0)) for d, t in zip(acc["dropped"].tolist(), total.tolist())]
+        for key in ("router_entropy", "topk_margin"):
+            if acc.get(key + "_tokens"):
+                row[key] = acc[key] / acc[key + "_tokens"]
+        return row
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._top1 = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    # --- record and resume ------------------------------------------------------------------
+    def merge_into(self, expert_stats: list[dict]) -> list[dict]:
+        """``expert_stats`` (one dict per MoE layer, from the last training step) with the last
+        evaluation's health under "eval"."""
+        if len(self.summary) == len(expert_stats):
+            for layer, row in zip(expert_stats, self.summary):
+                layer["eval"] = dict(row)
+        return expert_stats
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous, "stability": self.stability, "summary": self.summary}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = state.get("previous")
+        self.stability = state.get("stability")
+        self.summary = list(state.get("summary") or [])
 
 
 class RNGState(pl.Callback):

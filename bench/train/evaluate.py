@@ -2,7 +2,7 @@
 
     evaluate_run(run_id)                      -> the run's final evaluation again (same numbers)
     evaluate_run(run_id, split="test")        -> one of its splits
-    evaluate_run(run_id, text="my.txt")       -> LM loss / perplexity / bits per token on any text
+    evaluate_run(run_id, text="my.txt")       -> LM loss / perplexity / bits per token (and char) on any text
     evaluate_run(run_id, src=..., ref=...)    -> translation BLEU / chrF on any file pair
     translate_file(run_id, src)               -> one hypothesis per source line
 
@@ -12,6 +12,7 @@ the run's own final evaluation used (``final_evaluation`` / ``evaluate_loader`` 
 bench/train/run.py) under the recorded run config (evaluation batch size, precision, beam size,
 length limit), so `evaluate RUN_ID` reproduces the record's final metrics by construction.
 Every result is appended to ``record.extra["evaluations"]``; the run's own metrics never change.
+The metrics the run's task lists (its YAML's ``metrics:``) come first (bench/train/task_metrics.py).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ from bench.models.config import ModelConfig
 from bench.tracking.liveness import live_owner
 from bench.tracking.records import ResultsStore, RunRecord, runs_dir, utc_now_iso
 from bench.train.config import RunConfig
-from bench.train.module import LMModule, TranslationModule
+from bench.train.module import LMModule, TranslationModule, eval_batch_size
 from bench.train.run import (MODEL_FILE, _precision, _recorded_task, decode, evaluate_loader, final_evaluation,
                              stored_record)
+from bench.train.task_metrics import add_bits_per_char, listed_first
 
 SPLITS = ("val", "test")
 
@@ -49,11 +51,17 @@ SPLITS = ("val", "test")
 class LoadedRun:
     record: RunRecord
     task: TaskConfig
+    cfg: ModelConfig
     rc: RunConfig
     module: pl.LightningModule
     active_params: int
     run_dir: Path
     data_dir: str | None
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Sequences per evaluation batch, as the run's own evaluation had them."""
+        return eval_batch_size(self.rc.train.eval_batch_size, self.cfg, self.task)
 
 
 def load_run(run_id: str, storage: str | None, context: str, beam_size: int | None = None) -> LoadedRun:
@@ -76,7 +84,7 @@ def load_run(run_id: str, storage: str | None, context: str, beam_size: int | No
     model.load_state_dict(_weights(record, run_dir, context))
     cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)  # as _execute computes it
     module = (LMModule if task.type == "lm" else TranslationModule)(model, rc.optim, cost.active_params)
-    return LoadedRun(record, task, rc, module, cost.active_params, run_dir,
+    return LoadedRun(record, task, cfg, rc, module, cost.active_params, run_dir,
                      record.config.get("data_dir"))
 
 
@@ -100,7 +108,12 @@ def _weights(record: RunRecord, run_dir: Path, context: str) -> dict[str, torch.
 
 
 def _trainer(run: LoadedRun) -> pl.Trainer:
-    """A trainer for evaluation only, with the run's precision (the same numbers as its final evaluation)."""
+    """A trainer for evaluation only, with the run's precision (the same numbers as its final evaluation).
+
+    One device, whatever the run trained on (``accelerator="auto"``, as training): a run's own
+    final evaluation does not shard its loaders either (``use_distributed_sampler=False``), so
+    with several devices each scored the whole split and the ranks' means agree; one device gives
+    the same numbers without starting a process group or scoring everything N times."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return pl.Trainer(accelerator="auto", devices=1, precision=_precision(run.rc.train.precision), logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -126,18 +139,20 @@ def read_text(path: str | Path, what: str, context: str) -> str:
     return text
 
 
-def _pair_loader(tok, src: list[str], tgt: list[str], task: TaskConfig, rc: RunConfig) -> DataLoader:
+def _pair_loader(tok, src: list[str], tgt: list[str], run: LoadedRun) -> DataLoader:
     # As TranslationDataModule's evaluation loaders: same encoding, truncation, batch size and order.
+    task = run.task
     ds = PairDataset(*encode_pairs(tok, src, tgt, task.src_len, task.tgt_len))
-    return DataLoader(ds, batch_size=rc.train.eval_batch_size, shuffle=False,
+    return DataLoader(ds, batch_size=run.eval_batch_size, shuffle=False,
                       collate_fn=partial(collate_pairs, pad_id=tok.pad_id))
 
 
-def _block_loader(ids: list[int], task: TaskConfig, rc: RunConfig) -> DataLoader:
+def _block_loader(ids: list[int], run: LoadedRun) -> DataLoader:
     # As LMDataModule's evaluation loaders: non-overlapping blocks of seq_len, every token after
     # the first predicted once, the incomplete tail block dropped.
-    ds = BlockDataset(np.asarray(ids, dtype=np.int64), task.seq_len)
-    return DataLoader(ds, batch_size=rc.train.eval_batch_size, sampler=range(0, len(ds), task.seq_len))
+    seq_len = run.task.seq_len
+    ds = BlockDataset(np.asarray(ids, dtype=np.int64), seq_len)
+    return DataLoader(ds, batch_size=run.eval_batch_size, sampler=range(0, len(ds), seq_len))
 
 
 def _tokenizer(run: LoadedRun):
@@ -178,11 +193,10 @@ def evaluate_run(run_id: str, storage: str | None = None, split: str | None = No
         if len(ids) < task.seq_len + 1:
             raise ConfigError([f"--text file {text} has {len(ids)} tokens, fewer than one block of seq_len + 1 = "
                                f"{task.seq_len + 1}"], ctx)
-        loader = _block_loader(ids, task, rc)
+        loader = _block_loader(ids, run)
         metrics = evaluate_loader(_trainer(run), run.module, loader, "val", task, rc, run.active_params)
         metrics["tokens"] = len(loader.sampler) * task.seq_len  # tokens scored
-        if task.tokenizer.kind == "char":
-            metrics["bits_per_char"] = metrics["bits_per_token"]
+        add_bits_per_char(metrics, task, "", len(ids), len(body))
         source: dict[str, Any] = {"text": str(Path(text).resolve())}
     elif src:
         sources, refs = read_lines(src, "--src", ctx), read_lines(ref, "--ref", ctx)
@@ -191,7 +205,7 @@ def evaluate_run(run_id: str, storage: str | None = None, split: str | None = No
                                "by line"], ctx)
         tok = _tokenizer(run)
         hyp_file = run.run_dir / f"eval-{Path(src).name}.hyp.txt"
-        metrics = evaluate_loader(_trainer(run), run.module, _pair_loader(tok, sources, refs, task, rc), "val",
+        metrics = evaluate_loader(_trainer(run), run.module, _pair_loader(tok, sources, refs, run), "val",
                                   task, rc, run.active_params, tok, refs, hyp_file)
         metrics["sentences"] = len(sources)
         source = {"src": str(Path(src).resolve()), "ref": str(Path(ref).resolve())}
@@ -199,7 +213,7 @@ def evaluate_run(run_id: str, storage: str | None = None, split: str | None = No
     else:  # the run's own final evaluation, with its own data module settings
         dm = build_datamodule(task, data_dir=run.data_dir, batch_size=rc.train.batch_size, seed=run.record.seed,
                               num_workers=rc.train.num_workers)
-        dm.eval_batch_size = rc.train.eval_batch_size
+        dm.eval_batch_size = run.eval_batch_size
         splits = [split] if split else None
         metrics = final_evaluation(_trainer(run), run.module, dm, task, rc, run.active_params, splits=splits,
                                    hyp_prefix="eval-")
@@ -210,7 +224,7 @@ def evaluate_run(run_id: str, storage: str | None = None, split: str | None = No
                                    for s in (splits or ["val", "test"]) if task.has_split(s)]
     if task.type == "translation":
         source["beam_size"] = rc.train.beam_size
-    entry = {"source": source, "metrics": metrics, "at": utc_now_iso(), **entry}
+    entry = {"source": source, "metrics": listed_first(task, metrics), "at": utc_now_iso(), **entry}
     _append_evaluation(run_id, storage, entry)
     return {"run_id": run_id, **entry}
 
@@ -232,7 +246,7 @@ def translate_file(run_id: str, src: str, out: str | None = None, beam_size: int
                           ctx)
     sources = read_lines(src, "--src", ctx)
     tok = _tokenizer(run)
-    hyps = decode(run.module.model, _pair_loader(tok, sources, [""] * len(sources), run.task, run.rc), tok,
+    hyps = decode(run.module.model, _pair_loader(tok, sources, [""] * len(sources), run), tok,
                   run.task, run.rc)
     if out:
         Path(out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

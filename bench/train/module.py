@@ -1,8 +1,9 @@
 """Thin LightningModules: any moe-bench model, one shared step for train/val/test.
 
-The model stays plain torch (it never imports Lightning); this module adds the loss
-(cross-entropy + the model's weighted auxiliary losses), AdamW with warmup and decay, and the
-``train/...``, ``val/...`` metric names every logger and the budget callback rely on.
+The model stays plain torch (it never imports Lightning); this module adds the loss (the output
+layer's cross-entropy in row chunks, bench.train.loss, + the model's weighted auxiliary losses),
+AdamW with warmup and decay, and the ``train/...``, ``val/...`` metric names every logger and
+the budget callback rely on.
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import math
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.data.tasks import TaskConfig
 from bench.metrics import bits_per_token, perplexity, quality_lm, quality_per_active_param
+from bench.models.config import ModelConfig
 from bench.train.config import OptimConfig
+from bench.train.loss import IGNORE_INDEX, output_cross_entropy
 
 
 def lr_lambda(step: int, progress: float, cfg: OptimConfig) -> float:
@@ -29,10 +32,32 @@ def lr_lambda(step: int, progress: float, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-class BenchModule(pl.LightningModule):
-    """Shared logic; subclasses say how a batch becomes (logits, targets, aux)."""
+# Evaluation memory has two parts. The output layer's logits (tokens x vocab) are bounded per
+# chunk by bench.train.loss.LOGITS_CHUNK_BYTES, whatever the batch; what grows with the batch is
+# the layers' activations (tokens x width). An evaluation batch holds at most
+# train.eval_batch_size sequences, and fewer when their activations would pass this bound.
+EVAL_ACTIVATION_BYTES = 2 * 2**30
 
-    ignore_index = -100
+
+def eval_batch_size(requested: int, cfg: ModelConfig, task: TaskConfig,
+                    budget_bytes: int = EVAL_ACTIVATION_BYTES) -> int:
+    """Sequences per evaluation batch: ``requested`` (train.eval_batch_size), or fewer so that the
+    batch's tokens (seq_len, or src_len + tgt_len) x fp32 activations of one layer fit ``budget_bytes``.
+
+    One layer's activations per token are taken as 8 x d_model (residual, norm, q/k/v, attention
+    output, LSTM gates) plus twice the FFN width (before and after the activation function; for
+    sparse models the top_k experts a token visits): a coarse upper estimate, layers are freed
+    one after the other under no_grad. The shipped presets and tasks stay at the default 64."""
+    tokens = task.seq_len if task.type == "lm" else task.src_len + task.tgt_len
+    ffn = cfg.moe.top_k * cfg.expert_width if cfg.is_sparse else cfg.d_ff
+    per_token = 4 * (8 * cfg.d_model + 2 * ffn)
+    return max(1, min(requested, budget_bytes // (per_token * tokens)))
+
+
+class BenchModule(pl.LightningModule):
+    """Shared logic; subclasses say how a batch becomes (model output, targets)."""
+
+    ignore_index = IGNORE_INDEX
     quality_from_loss = True  # LM: quality = exp(-loss); translation: BLEU/100 after decoding
 
     def __init__(self, model: nn.Module, optim: OptimConfig, active_params: int):
@@ -60,9 +85,7 @@ class BenchModule(pl.LightningModule):
     # --- shared step ------------------------------------------------------------------------
     def _step(self, batch, stage: str):
         out, targets = self.forward_batch(batch)
-        logits = out.logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=self.ignore_index)
+        ce = output_cross_entropy(out.hidden, out.head, targets, self.ignore_index)
         loss = ce + out.aux_loss
         if stage == "train" and not torch.isfinite(loss):
             # Fail fast and clearly (a sweep records the trial as failed and goes on).

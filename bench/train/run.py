@@ -27,18 +27,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bench.config import ConfigError, from_dict, to_dict
 from bench.data.datamodules import build_datamodule
-from bench.data.tokenizers import derive_vocab_size
+from bench.data.tokenizers import check_resumed_vocab_size, derive_vocab_size
 from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
-from bench.models.config import ModelConfig
+from bench.models.config import ModelConfig, task_problems
 from bench.runtime import tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
                                    ProgressLine, RNGState, summarize_moe_stats)
+from bench.train.callbacks import BalanceBias, RoutingHealth
 from bench.train.config import RunConfig, run_config, split_overrides
-from bench.train.module import LMModule, TranslationModule
+from bench.train.module import LMModule, TranslationModule, eval_batch_size
+from bench.train.task_metrics import add_bits_per_char, lm_split_size
 
 
 # Lightning 2.6 calls a torch 2.13-deprecated pytree API once per fit: noise for every user.
@@ -75,6 +77,10 @@ def resolve_configs(task: TaskConfig, family: str, preset: str, overrides: list[
     cfg = rc = None
     try:
         cfg = model_config(family, preset, model_over, vocab_size=task.vocab_size, max_seq_len=task.max_seq_len)
+        if cfg.vocab_size < task.vocab_size:  # larger only pads the embedding; smaller cannot embed every id
+            problems.append(f"vocab_size={cfg.vocab_size} is not allowed: the model must cover the task's "
+                            f"{task.vocab_size} tokens (drop `--set vocab_size`, or set it >= {task.vocab_size})")
+        problems += task_problems(cfg, task.type)  # e.g. expert choice in a causal LM
     except ConfigError as e:
         problems += e.problems
     try:
@@ -91,12 +97,18 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
           data_dir: str | None = None, group: str | None = None, name: str | None = None,
           progress: bool = True, extra_callbacks: list[pl.Callback] | None = None,
           run_id: str | None = None, tags: dict[str, Any] | None = None,
-          keep_checkpoints: bool = False) -> RunRecord:
+          keep_checkpoints: bool = False, init_from=None) -> RunRecord:
     """Train one model under a compute budget and return its (stored) run record.
 
     A run that finishes (or is pruned) deletes its checkpoint unless ``keep_checkpoints``: the
     record holds everything reports need, and checkpoints of sparse models are large (a tiny
-    Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect."""
+    Switch model's is 123 MB). Interrupted and failed runs keep theirs, to resume or inspect.
+
+    ``init_from``: weights from another run, prepared by ``bench.train.upcycling.from_dense_run(RUN_ID)``
+    (sparse upcycling: a finished dense run initialises this switch/moe model); called with the
+    resolved (cfg, rc, task), it checks them and returns the record's ``init_from`` entry (which
+    holds that run's training FLOPs: a FLOPs budget counts them too) and the function that loads the
+    weights into the built model."""
     task_file = _task_file(task)
     task = task if isinstance(task, TaskConfig) else load_task(task)
     if task.vocab_size is not None:  # bad settings are reported before any work on the data
@@ -108,14 +120,25 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
     for warning in schedule_warnings(task, cfg, rc):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+    init = None
+    if init_from is not None:  # the source is checked before any record or run folder exists
+        source, init = init_from(cfg, rc, task)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
-    config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir}
+    # The data's vocabulary size (the model's may be larger): --resume checks the data still gives it.
+    config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir, "data_vocab_size": task.vocab_size}
     if task_file:
         config["task_file"] = task_file  # a task given by path: --resume finds it again (and checks it)
+    if init is not None:
+        config["init_from"] = source  # the dense run and its training FLOPs (the budget counts them)
     record = RunRecord(run_id=run_id, name=name or run_id, group=group, task=task.name, family=family,
                        preset=preset, seed=seed, git_commit=git_commit(), config=config, extra=dict(tags or {}))
     return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None,
-                    keep_checkpoints=keep_checkpoints)
+                    keep_checkpoints=keep_checkpoints, init=init)
+
+
+def inherited_train_flops(record: RunRecord) -> float:
+    """Training FLOPs of the dense run an upcycled run started from (0 for any other run)."""
+    return float((record.config.get("init_from") or {}).get("train_flops") or 0.0)
 
 
 def _task_file(task: str | TaskConfig) -> dict[str, str] | None:
@@ -193,7 +216,7 @@ def _check_before_work(seed: int) -> None:
 
 
 def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = None, progress: bool = True,
-               keep_checkpoints: bool = False) -> RunRecord:
+               keep_checkpoints: bool = False, extra_callbacks: list[pl.Callback] | None = None) -> RunRecord:
     """Continue a killed or interrupted run from its last checkpoint with its recorded config."""
     record = stored_record(run_id, storage, "resume")
     if record.status == "finished":
@@ -215,9 +238,12 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     if record.status == "running" and owner is not None:
         raise ConfigError([f"run {run_id} is still running (process {owner}): resuming it now would make two "
                            "processes write one run; wait for it, or stop it first"], "resume")
+    data_dir = data_dir or record.config.get("data_dir")
+    # An edited corpus would feed the checkpoint ids it was not built for: stop before the record changes.
+    check_resumed_vocab_size(task, record.config.get("data_vocab_size", cfg.vocab_size), run_id, data_dir)
     record.status, record.error, record.finished_at = "running", None, None
-    return _execute(record, task, cfg, rc, storage, data_dir or record.config.get("data_dir"), progress,
-                    None, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
+    return _execute(record, task, cfg, rc, storage, data_dir, progress,
+                    extra_callbacks, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
 
 
 def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
@@ -236,7 +262,7 @@ def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
 
 def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,
              data_dir: str | None, progress: bool, extra_callbacks, ckpt_path: str | None,
-             keep_checkpoints: bool = False) -> RunRecord:
+             keep_checkpoints: bool = False, init=None) -> RunRecord:
     tune_cpu_allocator()
     pl.seed_everything(record.seed, workers=True, verbose=False)
     store = ResultsStore(storage)
@@ -255,11 +281,14 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         # where the seeded sampler makes a resumed run see exactly the same batches.
         dm_kwargs["samples_per_epoch"] = tr.eval_every * tr.batch_size
     dm = build_datamodule(task, **dm_kwargs)
-    dm.eval_batch_size = tr.eval_batch_size
+    dm.eval_batch_size = eval_batch_size(tr.eval_batch_size, cfg, task)
     model = build_model(cfg, task.type)
+    if init is not None:  # sparse upcycling: the dense run's weights (a resumed run loads its checkpoint)
+        init(model)
     cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)
     tracker = ComputeTracker(cfg, task.type)
-    budget = BudgetStop(rc.budget.kind, rc.budget.value, tracker)
+    inherited = inherited_train_flops(record)  # an upcycled run's FLOPs budget counts its dense run's
+    budget = BudgetStop(rc.budget.kind, rc.budget.value - (inherited if rc.budget.kind == "flops" else 0), tracker)
     module_cls = LMModule if task.type == "lm" else TranslationModule
     module = module_cls(model, rc.optim, cost.active_params)
 
@@ -290,6 +319,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
+    health = RoutingHealth()  # routing health of every evaluation, into the record's expert_stats
+    callbacks += [BalanceBias(), health]  # BalanceBias: the aux-loss-free bias step (balance=bias)
     if task.type == "translation" and tr.curve_bleu_batches:
         callbacks.insert(callbacks.index(curve) + 1,
                          CurveBLEU(curve, dm, tr.curve_bleu_batches, tr.max_decode_len or task.tgt_len))
@@ -341,11 +372,13 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.steps = int(budget.spent["steps"])
         record.tokens_seen = int(budget.spent["tokens"])
         record.train_flops = float(budget.spent["flops"])
+        if inherited:  # this run's training FLOPs above; with its dense run's here
+            record.extra["total_train_flops"] = inherited + record.train_flops
         wall = earlier_wall + time.perf_counter() - start
         (run_dir / LOCK_NAME).unlink(missing_ok=True)
         record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
                           "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9)}
-        record.expert_stats = summarize_moe_stats(module.last_moe_stats)
+        record.expert_stats = health.merge_into(summarize_moe_stats(module.last_moe_stats))
         record.curve = list(curve.points)
         record.finish(status, error)
         if status in ("finished", "pruned") and not keep_checkpoints:
@@ -397,9 +430,8 @@ def final_evaluation(trainer: pl.Trainer, module, dm, task: TaskConfig, rc: RunC
     if task.type == "lm":
         if "val" in splits:
             metrics["unigram_baseline_val_loss"] = float(dm.unigram_baseline_loss("val"))
-        if task.tokenizer.kind == "char":
-            for split in splits:
-                metrics[f"{split}_bits_per_char"] = metrics[f"{split}_bits_per_token"]
+        for split in splits:
+            add_bits_per_char(metrics, task, f"{split}_", *lm_split_size(dm, split))
     return _headline(metrics)
 
 

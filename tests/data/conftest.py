@@ -45,6 +45,29 @@ def offline_private_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture
+def train_cli(tmp_path, monkeypatch, capsys):
+    """``train_cli(*args) -> (exit code, stdout, stderr)`` of ``moe-bench train *args`` on a store,
+    run folders and offline W&B under tmp_path (``train_cli.storage`` is the store's URL)."""
+    from bench.cli import main
+
+    monkeypatch.setenv("MOE_BENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    storage = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # only this command's output
+        rc = main(["train", *map(str, args), "--storage", storage])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    run.storage = storage
+    return run
+
+
 class _Server:
     def __init__(self, root: Path):
         self.root = root

@@ -3,7 +3,9 @@ split, tag stripping and a capped word vocabulary (a small synthetic corpus made
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 
@@ -239,3 +241,53 @@ def test_flops_and_plans_size_the_model_from_the_data_as_train_does(data_root, t
     assert json.loads(capsys.readouterr().out)["config"]["vocab_size"] == VOCAB
     cfg, _ = resolve_configs(load_task(task_file), "dense", "tiny", [], None)  # what plans and sweeps compare
     assert cfg.vocab_size == VOCAB
+
+
+def test_a_model_vocabulary_smaller_than_the_data_is_refused_before_work(data_root, task_file, train_cli, tmp_path):
+    from bench.train.run import resolve_configs
+
+    task = load_task(task_file)
+    cfg, _ = resolve_configs(task, "dense", "tiny", [f"vocab_size={VOCAB + 6}"], None, str(data_root))
+    assert cfg.vocab_size == VOCAB + 6  # a larger output layer only pads: allowed
+    rc, _, err = train_cli("--task", task_file, "--model", "dense", "--budget-steps", 2, "--data-dir", data_root,
+                           "--set", "vocab_size=5")
+    assert rc == 2 and "Traceback" not in err
+    assert f"vocab_size=5 is not allowed: the model must cover the task's {VOCAB} tokens" in err
+    assert not (tmp_path / "runs").exists()
+
+
+class _InterruptAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_rechecks_a_derived_vocabulary_against_the_data(data_root, task_file, train_cli):
+    from bench.tracking.records import ResultsStore
+    from bench.train.run import train
+
+    settings = ["d_model=32", "n_layers=2", "n_heads=2", "d_ff=64", "batch_size=4", "eval_every=2",
+                "eval_batches=1", "warmup_steps=1", "precision=32"]
+    cut = train(str(task_file), "dense", "tiny", overrides=settings, budget={"kind": "steps", "value": 4},
+                storage=train_cli.storage, data_dir=str(data_root), progress=False, extra_callbacks=[_InterruptAt(3)])
+    assert cut.status == "interrupted" and cut.config["data_vocab_size"] == VOCAB
+    run_dir = Path(cut.paths["run_dir"])
+    files = sorted(run_dir.rglob("*"))
+    # A training document gains a word seen twice: the derived vocabulary has one more token.
+    doc = data_root / "mini-brown" / "c02"
+    original = doc.read_text()
+    doc.write_text(original + "\tzebra/nn zebra/nn ./.\n")
+    rc, _, err = train_cli("--resume", cut.run_id)
+    assert rc == 2 and "Traceback" not in err
+    assert (f"run {cut.run_id} was built for a vocabulary of {VOCAB} tokens, but the word tokenizer built from the "
+            f"task's training split now has {VOCAB + 1}") in err
+    stored = ResultsStore(train_cli.storage).get(cut.run_id)
+    assert (stored.status, stored.steps, stored.curve) == ("interrupted", cut.steps, cut.curve)
+    assert sorted(run_dir.rglob("*")) == files  # no lock, no new log folder
+    doc.write_text(original)  # the data it trained on: it resumes
+    rc, _, err = train_cli("--resume", cut.run_id)
+    assert rc == 0, err
+    assert ResultsStore(train_cli.storage).get(cut.run_id).status == "finished"

@@ -50,6 +50,33 @@ def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
     assert arms["a"].n == 1 and arms["a"].values["val_loss"] == [2.0]
 
 
+def _measured(arm, repeat, tps, when="2026-01-01T00:00:00+00:00"):
+    r = rec(arm, repeat, 0.0)
+    r.run_id, r.started_at = f"tp-{arm}-{repeat}-{when}", when
+    r.metrics, r.extra = {"tokens_per_second": tps}, {"reproduction": "switch-vs-dense", "arm": arm, "kind": "throughput"}
+    return r
+
+
+def test_speed_claims_use_quiet_throughput_measurements_paired_by_repeat_never_the_runs_timings():
+    from bench.plans import Claim
+    from bench.report.claims import throughput_arms
+
+    # the training runs' own timings say top-1 is 2x faster: taken under different loads, ignored
+    arms = arm_stats([rec("top1", s, 2.0, tps=2000.0) for s in range(3)] + [rec("top2", s, 2.0, tps=1000.0)
+                                                                            for s in range(3)])
+    claim = Claim(text="top-1 trains faster", a="top1", b="top2", metric="tokens_per_second", direction="higher")
+    unmeasured = evaluate_claim(claim, arms)
+    assert unmeasured.verdict == "no-data" and "--throughput" in unmeasured.evidence
+    # repeat i of both arms was timed back to back: ratios 1.10, 1.05, 1.12 -> relative effect +0.09
+    quiet = [_measured("top1", i, t) for i, t in enumerate((1100.0, 1050.0, 1120.0))]
+    quiet += [_measured("top2", i, 1000.0) for i in range(3)]
+    quiet.append(_measured("top2", 0, 5000.0, when="2025-01-01T00:00:00+00:00"))  # older: replaced by the newer
+    result = evaluate_claim(claim, arms, throughput_arms(quiet))
+    assert result.effect.n_seeds == 3 and result.effect.estimate == pytest.approx((0.10 + 0.05 + 0.12) / 3)
+    assert result.effect.per_seed == pytest.approx({0: 0.10, 1: 0.05, 2: 0.12})
+    assert result.verdict == "reproduced" and "interleaved repeat(s) of a quiet throughput measurement" in result.evidence
+
+
 def test_trend_claims_are_per_seed_slopes_on_log2_x():
     from bench.plans import Claim
 
@@ -97,7 +124,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert headline["estimate"] == pytest.approx(0.22) and headline["ci_low"] == pytest.approx(0.22)
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
-    assert "Not in this store yet: `capacity`, `moe-rnn`, `switch-experts`, `translation`" in text
+    assert "Not in this store yet: `capacity`, `granularity`, `moe-rnn`, `switch-experts`, `translation`" in text
     budget = load_plan("switch-vs-dense").tiers["tiny"].budget_flops
     assert "95% CI" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text

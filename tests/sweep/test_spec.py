@@ -102,7 +102,7 @@ def test_unknown_spec_names_the_shipped_ones():
 def test_schema_race_errors_are_retried_and_others_are_not():
     from sqlalchemy import exc as sa_exc
 
-    from bench.sweep.runner import _is_schema_race
+    from bench.sweep.study import _is_schema_race
 
     assert _is_schema_race(sa_exc.OperationalError("CREATE TABLE trial_heartbeats", {},
                                                    Exception("table trial_heartbeats already exists")))
@@ -117,7 +117,7 @@ def test_four_workers_opening_a_fresh_sqlite_study_store_together_all_succeed(tm
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     start = time.time() + 3  # all four create Optuna's tables at the same moment
-    code = ("import sys, time; from bench.sweep.runner import optuna_storage; "
+    code = ("import sys, time; from bench.sweep.study import optuna_storage; "
             "time.sleep(max(0, float(sys.argv[2]) - time.time())); optuna_storage(sys.argv[1]); print('ok')")
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]

@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 
 from bench.config import ConfigError
 from bench.data.sources import DataError
-from bench.sweep import load_spec, run_sweep
-from bench.sweep.runner import open_study, trial_counts
+from bench.runner import run_sweep
+from bench.sweep import load_spec
+from bench.sweep.study import open_study, trial_counts
 from bench.sweep.show import format_study, load_existing_study, study_summary
 from bench.tracking.records import ResultsStore
 
@@ -166,11 +168,11 @@ def _sweep_cmd(path, storage):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_sweep_then_same_command_finishes_without_duplicates(run_env, write_spec):
+def test_kill_9_mid_sweep_then_same_command_continues_the_killed_trial(run_env, write_spec):
     path = write_spec("killed", sampler="grid", budget={"steps": 60}, space={"num_experts": [1, 2, 4]})
     storage = run_env["storage"]
     proc = subprocess.Popen(_sweep_cmd(path, storage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed = time.time() + 240, False
+    deadline, killed = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
         try:
@@ -179,23 +181,29 @@ def test_kill_9_mid_sweep_then_same_command_finishes_without_duplicates(run_env,
             continue  # the study does not exist yet
         running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("run_id")]
         record = ResultsStore(storage).get(running[0].user_attrs["run_id"]) if running else None
-        # Kill mid-training: a trial finished, and the next one's run has started writing its record.
-        if any(t.state.name == "COMPLETE" for t in trials) and record is not None:
+        # Kill mid-training: a trial finished, and the next one's run has written its first checkpoint.
+        ckpt = record and Path(record.paths.get("checkpoint_dir") or "") / "last.ckpt"
+        if any(t.state.name == "COMPLETE" for t in trials) and ckpt and ckpt.is_file():
             os.kill(proc.pid, signal.SIGKILL)
-            killed = True
+            killed = running[0]
             break
     proc.wait(timeout=30)
-    assert killed, "the sweep finished before it could be killed mid-trial"
+    assert killed is not None, "the sweep finished before it could be killed mid-trial"
 
     done = subprocess.run(_sweep_cmd(path, storage), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "re-queued with the same parameters" in done.stderr
+    assert f"continuing run {killed.user_attrs['run_id']} from its last checkpoint" in done.stderr
     study = load_existing_study("killed", storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.params["num_experts"] for t in complete) == [1, 2, 4]  # all three, none twice
     assert trial_counts(study).complete == 3
-    statuses = sorted(r.status for r in records_of(storage, "killed"))
-    assert statuses == ["finished", "finished", "finished", "interrupted"]
+    again = [t for t in complete if t.params == killed.params]
+    assert again[0].number != killed.number and again[0].user_attrs["run_id"] == killed.user_attrs["run_id"]
+    records = records_of(storage, "killed")  # the killed run was continued, not started over
+    assert sorted(r.status for r in records) == ["finished", "finished", "finished"]
+    continued = ResultsStore(storage).get(killed.user_attrs["run_id"])
+    assert continued.steps == 60 and again[0].value == pytest.approx(continued.metrics["quality"])
 
 
 def _two_workers(path, storage, spec_name):

@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import main
+from bench.data.tasks import METRICS, load_task
+from bench.models import model_config
 from bench.tracking.records import ResultsStore
+from bench.train.module import EVAL_ACTIVATION_BYTES, eval_batch_size
 from bench.train.run import train
+from bench.train.task_metrics import listed_first, reports_bits_per_char
 from tests.train.conftest import SMALL
 
 LM_TASK, MT_TASK = "tinyshakespeare-char", "multi30k-de-en"
@@ -63,7 +67,11 @@ def test_lm_evaluate_reproduces_the_run_and_scores_a_text_file(run_env, capsys, 
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
     assert len(blocks) == 3 and loss == pytest.approx(float(expected), rel=1e-5)
     assert math.isfinite(loss) and loss < math.log(65)
-    assert result["metrics"]["bits_per_char"] == pytest.approx(loss / math.log(2))
+    assert result["metrics"]["bits_per_char"] == result["metrics"]["bits_per_token"]  # char: one token per character
+    assert result["metrics"]["bits_per_token"] == pytest.approx(loss / math.log(2))
+    assert "test_loss" not in record.metrics  # the task has no test split
+    assert record.metrics["val_bits_per_char"] == record.metrics["val_bits_per_token"]
+    assert {f"val_{m}" for m in METRICS["lm"]} <= set(record.metrics)  # all an LM task may list
 
     stored = ResultsStore(run_env["storage"]).get(record.run_id)
     assert stored.metrics == record.metrics  # the run's own numbers never change
@@ -122,6 +130,7 @@ def test_translation_evaluate_reproduces_the_run_scores_a_file_pair_and_translat
     assert rc == 0 and result["source"] == {"split": "final", "beam_size": 2}
     m = result["metrics"]
     for split in ("val", "test"):
+        assert {f"{split}_{name}" for name in METRICS["translation"]} <= set(record.metrics)  # all it may list
         assert m[f"{split}_loss"] == pytest.approx(record.metrics[f"{split}_loss"], abs=1e-6)
         assert m[f"{split}_bleu"] == record.metrics[f"{split}_bleu"]
         assert m[f"{split}_chrf"] == record.metrics[f"{split}_chrf"]
@@ -178,3 +187,122 @@ def test_clean_removes_models_only_with_models(run_env, capsys):
     assert "remove" in capsys.readouterr().out and model.is_file()
     assert main(args + ["--models", "--yes"]) == 0
     assert not model.exists() and Path(record.paths["csv_file"]).is_file()
+
+
+# --- a word-level LM that lists bits_per_char -----------------------------------------------------
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "quickly"]
+
+
+def _word_text(n_lines: int, seed: int, extra: str = "") -> str:
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_lines):
+        n = int(torch.randint(3, 9, (1,), generator=g))
+        lines.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)))
+    return "\n".join(lines) + extra + "\n"
+
+
+@pytest.fixture
+def word_task(tmp_path):
+    corpus = tmp_path / "data" / "words"
+    corpus.mkdir(parents=True)
+    texts = {"train.txt": _word_text(200, 0), "val.txt": _word_text(40, 1, " zebra"),  # zebra: <unk>
+             "test.txt": _word_text(40, 2)}
+    for name, text in texts.items():
+        (corpus / name).write_text(text, encoding="utf-8")
+    task = {"name": "words", "type": "lm", "corpus": {"dir": "words", "files": [{"name": n} for n in texts]},
+            "splits": {s: {"file": f"{s}.txt"} for s in ("train", "val", "test")},
+            "tokenizer": {"kind": "word"}, "seq_len": 8, "metrics": ["bits_per_char", "loss", "perplexity"]}
+    path = tmp_path / "words.yaml"
+    path.write_text(json.dumps(task), encoding="utf-8")  # JSON is YAML
+    return path, tmp_path / "data", texts
+
+
+def test_word_lm_reports_the_bits_per_char_its_task_lists(run_env, capsys, tmp_path, word_task, monkeypatch):
+    import bench.train.loss
+    from bench.data.tokenizers import WordTokenizer
+
+    path, data_dir, texts = word_task
+    with monkeypatch.context() as patch:
+        # Logits in chunks of 5 rows (a batch has 4 x 8): training and final evaluation take the chunked paths
+        patch.setattr(bench.train.loss, "LOGITS_CHUNK_BYTES", 5 * 4 * (len(WORDS) + 2))
+        assert bench.train.loss.chunk_rows(len(WORDS) + 2) == 5
+        chunked, real = [], bench.train.loss._chunked
+        patch.setattr(bench.train.loss, "_chunked", lambda *a, **kw: chunked.append(kw["with_grad"]) or real(*a, **kw))
+        record = train(str(path), "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 3},
+                       storage=run_env["storage"], progress=False, data_dir=str(data_dir))
+    assert chunked.count(True) == 3 and False in chunked  # 3 training steps; evaluation batches
+    assert record.status == "finished" and record.config["model"]["vocab_size"] == len(WORDS) + 2
+    assert bench.train.loss.chunk_rows(len(WORDS) + 2) > 64 * 8  # `evaluate` below: whole batches, same numbers
+    tok = WordTokenizer.train([texts["train.txt"]])
+    for split in ("val", "test"):
+        text = texts[f"{split}.txt"]
+        tokens, chars = len(tok.encode(text)), len(text)  # words + one <eos> per line; every character
+        assert 3 * tokens < chars
+        m = record.metrics
+        # by hand: total nats (mean loss x tokens of the split) over characters x ln 2 (the reported
+        # bits per token is the logged fp32 value, so equal to ~1e-7)
+        assert m[f"{split}_bits_per_char"] == pytest.approx(m[f"{split}_loss"] * tokens / (chars * math.log(2)),
+                                                            rel=1e-6)
+        assert m[f"{split}_bits_per_char"] == m[f"{split}_bits_per_token"] * (tokens / chars)
+        assert m[f"{split}_bits_per_char"] < m[f"{split}_bits_per_token"] / 3
+        assert {f"{split}_{name}" for name in METRICS["lm"]} <= set(m)
+
+    rc, result = _evaluate(run_env, capsys, record.run_id)
+    assert rc == 0
+    assert list(result["metrics"])[:4] == ["val_bits_per_char", "test_bits_per_char", "val_loss", "test_loss"]
+    for split in ("val", "test"):
+        assert result["metrics"][f"{split}_bits_per_char"] == pytest.approx(record.metrics[f"{split}_bits_per_char"],
+                                                                            abs=1e-6)
+    new = tmp_path / "new.txt"
+    new.write_text(_word_text(30, 3), encoding="utf-8")
+    rc, result = _evaluate(run_env, capsys, record.run_id, "--text", str(new))
+    body = new.read_text(encoding="utf-8")
+    m = result["metrics"]
+    assert rc == 0 and list(m)[:3] == ["bits_per_char", "loss", "perplexity"]
+    assert m["bits_per_char"] == pytest.approx(m["loss"] * len(tok.encode(body)) / (len(body) * math.log(2)),
+                                               rel=1e-6)
+
+
+def test_which_tasks_report_bits_per_char_and_the_listed_metrics_come_first():
+    char, words, mt = load_task(LM_TASK), load_task("wikitext2"), load_task(MT_TASK)
+    assert "bits_per_char" not in words.metrics and words.tokenizer.kind == "word"
+    assert reports_bits_per_char(char)  # a char task always did: it is bits_per_token
+    assert not reports_bits_per_char(words) and not reports_bits_per_char(mt)
+    words.metrics = ["loss", "bits_per_char"]
+    assert reports_bits_per_char(words)
+    metrics = {"val_loss": 1.0, "val_bits_per_token": 2.0, "test_loss": 3.0, "unigram_baseline_val_loss": 4.0,
+               "val_bits_per_char": 5.0, "quality": 6.0}
+    assert list(listed_first(words, metrics)) == ["val_loss", "test_loss", "val_bits_per_char", "val_bits_per_token",
+                                                  "unigram_baseline_val_loss", "quality"]
+
+
+def test_eval_batch_size_is_bounded_by_activation_memory():
+    task = load_task(LM_TASK)  # seq_len 256
+    cfg = model_config("dense", "tiny", {"d_model": 32, "d_ff": 64}, vocab_size=65, max_seq_len=256)
+    per_sequence = 256 * 4 * (8 * 32 + 2 * 64)  # tokens x fp32 x (8 d_model + 2 d_ff) = 393,216 bytes
+    assert eval_batch_size(64, cfg, task) == 64  # EVAL_ACTIVATION_BYTES holds 5461 such sequences
+    assert EVAL_ACTIVATION_BYTES // per_sequence == 5461
+    assert eval_batch_size(64, cfg, task, budget_bytes=10 * per_sequence + 1) == 10
+    assert eval_batch_size(64, cfg, task, budget_bytes=1) == 1
+    moe = model_config("moe", "tiny", {"d_model": 32, "d_ff": 64, "d_expert": 64, "num_experts": 4}, vocab_size=65,
+                       max_seq_len=256)
+    assert moe.moe.top_k == 2  # a token visits 2 experts of width 64: 4 x (256 + 256) bytes per token
+    assert eval_batch_size(64, moe, task, budget_bytes=10 * 256 * 4 * (8 * 32 + 2 * 2 * 64)) == 10
+    mt = load_task(MT_TASK)  # a translation batch holds src_len + tgt_len = 128 tokens per sentence
+    assert eval_batch_size(64, cfg, mt, budget_bytes=10 * 128 * 4 * (8 * 32 + 2 * 64)) == 10
+
+
+def test_shipped_presets_and_tasks_keep_the_recorded_eval_batch_size():
+    """Runs recorded before the bound evaluated 64 sequences per batch; `evaluate` must batch them alike
+    (capacity-limited MoE evaluation depends on the batch)."""
+    from bench.data.tasks import available_tasks
+    from bench.models.config import FAMILIES, PRESETS
+
+    for name in available_tasks():
+        task = load_task(name)
+        for preset in PRESETS:
+            for family in FAMILIES:
+                cfg = model_config(family, preset, vocab_size=task.vocab_size or 50_000, max_seq_len=task.max_seq_len)
+                assert eval_batch_size(64, cfg, task) == 64, (name, preset, family)

@@ -1,4 +1,5 @@
-"""Runs a plan's arms: every (arm, seed) pair of one tier, resumable, one failure policy.
+"""Runs a plan's arms: every (arm, seed) pair of one tier, resumable, with the runners' one
+failure policy (``bench.runner.failures``).
 
     moe-bench reproduce NAME|PLAN.yaml [--tier T] [--seeds N] [--arm LABEL ...] [--storage URL]
 
@@ -9,7 +10,8 @@ with ``reproduction``, ``arm``, ``tier`` and ``budget_flops``. Re-running skips 
 finished with exactly the planned config and continues a killed or interrupted run from its last
 checkpoint, so a killed plan goes on where it stopped; a changed definition is re-run, never mixed
 in. A pair another process is training is left to it, so two processes can share one plan. A
-failed run is recorded and the others go on.
+failed run is recorded and the others go on; a fatal error (bad config, missing data, unreachable
+storage) stops the plan.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
+from bench.runner.failures import CONTINUE_HINT, is_fatal, one_line
 from bench.tracking.liveness import UNFINISHED, live_owner, resumable_checkpoint
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id, throughput_by_arm
 
@@ -233,16 +236,16 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
                                seed=run.seed, storage=storage, data_dir=data_dir, group=group,
                                name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
                                tags=run_tags, keep_checkpoints=keep_checkpoints)
-        except Exception as e:  # recorded as failed by train(); the other arms still run
+        except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
             failed = store.get(run_id)
-            if failed is None:
+            if failed is None or is_fatal(e):
                 raise
-            announce(f"  {run.arm.label} (seed {run.seed}) failed: {type(e).__name__}: {e}")
+            announce(f"  {run.arm.label} (seed {run.seed}) failed: {one_line(e)}; the other runs go on")
             if include_failed:
                 records.append(failed)
             continue
         if record.status == "interrupted":
-            announce("interrupted: run the same command again to continue (finished runs are kept)")
+            announce(f"interrupted: {CONTINUE_HINT}")
             raise KeyboardInterrupt
         records.append(record)
     return records

@@ -1,7 +1,9 @@
-"""Run an Optuna study where every trial is a real `moe-bench train` run.
+"""Runs a search space: an Optuna study where every trial is a real `moe-bench train` run.
 
-The study lives in the same database as the run records (SQLite by default; PostgreSQL lets
-workers on several machines share one study). The guarantees, and how they are kept:
+    moe-bench sweep NAME|STUDY.yaml [--n-trials N] [--study NAME] [--storage URL]
+
+The study lives in the same database as the run records (``bench.sweep.study``). Failures follow
+the runners' one policy (``bench.runner.failures``); what it means for trials:
 
 - **Exactly n_trials.** Before training, a trial counts the trials numbered before it that
   finished, failed, or are running or queued; if n_trials are already accounted for, it is
@@ -10,41 +12,35 @@ workers on several machines share one study). The guarantees, and how they are k
 - **Killed workers.** A trial left "running" by a dead worker on this host (its pid is gone)
   is marked failed/interrupted at the next start and re-queued with the same parameters;
   workers on other hosts are found by Optuna's heartbeat (stale after ``GRACE_PERIOD_S``).
-  Its run record becomes "interrupted". A Ctrl-C'd trial is re-queued the same way.
+  Its run record becomes "interrupted". A Ctrl-C'd trial is re-queued the same way. The
+  re-queued trial continues the interrupted run from its last checkpoint (same run id), as a
+  plan's arms do; a run that stopped before its first checkpoint starts again.
 - **No duplicate grid points.** Grid trials that race onto a point an earlier trial holds are
   marked ``duplicate`` (never trained).
-- **Failures.** An exception in training (NaN loss, out of memory, bad data) marks the trial
-  failed with the reason; the sweep goes on.
+- **Failures.** A fatal error (bad config, missing data, unreachable storage) stops the sweep and
+  re-queues its trial; any other exception in training (NaN loss, out of memory) marks the trial
+  failed with the reason and the sweep goes on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import socket
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
-from sqlalchemy import exc as sa_exc
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from bench.config import ConfigError
+from bench.runner.failures import CONTINUE_HINT, is_fatal, one_line
 from bench.sweep.spec import OBJECTIVES, SweepSpec
-from bench.data.sources import DataError
-from bench.tracking.records import ResultsStore, StorageError, new_run_id
-
-FATAL_ERRORS = (ConfigError, DataError, StorageError)  # would fail every trial: stop and say so
-HEARTBEAT_INTERVAL_S = 30
-GRACE_PERIOD_S = 180  # a trial on another host with no heartbeat for this long is stale
-MAX_RETRIES = 3  # re-queues of one interrupted trial
-SQLITE_TIMEOUT_S = 120
-SPEC_ATTR = "moe_bench_spec"
+from bench.sweep.study import (counts_toward_budget, make_sampler, open_study, retried_numbers, retry_callback,
+                              trial_counts)
+from bench.tracking.liveness import pid_alive, resumable_checkpoint
+from bench.tracking.records import ResultsStore, RunRecord, new_run_id
 
 
 class SweepAborted(BaseException):
@@ -72,161 +68,17 @@ class SweepResult:
     trials_this_worker: list[int] = field(default_factory=list)
 
 
-# -- storage and study -------------------------------------------------------------------------
-def optuna_storage(url: str) -> RDBStorage:
-    """Optuna's RDB storage on the results-store URL, with heartbeats and retry of stale trials."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several worker processes share one file: wait for locks instead of failing at once.
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna (since 2.x)
-                warnings.simplefilter("ignore")
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                                  grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=_retry_callback())
-        except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError) as e:
-            # Workers started together on a fresh database race to create Optuna's tables
-            # (PostgreSQL: IntegrityError; SQLite: "table ... already exists"); the loser finds them
-            # on a retry. Other errors (a wrong URL, no server) are not races: re-raise at once.
-            if attempt == 4 or not _is_schema_race(e):
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _is_schema_race(error: Exception) -> bool:
-    text = str(error).lower()
-    return isinstance(error, sa_exc.IntegrityError) or "already exists" in text or "database is locked" in text
-
-
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return RetryHeartbeatStaleTrialCallback(MAX_RETRIES)
-
-
-def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
-    opts = {k: v for k, v in spec.sampler.items() if k != "name"}
-    name = spec.sampler["name"]
-    if name == "grid":
-        # The seed also shuffles the grid's point numbering: every worker must use spec.seed.
-        return optuna.samplers.GridSampler(spec.grid(), seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **opts)
-    # constant_liar: parallel workers see each other's running trials and spread out.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **{"n_startup_trials": 5, **opts})
-
-
-def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    opts = {k: v for k, v in spec.pruner.items() if k != "name"}
-    name = spec.pruner["name"]
-    if name == "median":
-        return optuna.pruners.MedianPruner(**{"n_startup_trials": 2, "n_warmup_steps": 1, **opts})
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "reduction_factor": 3, **opts})
-    return optuna.pruners.NopPruner()
-
-
-def open_study(spec: SweepSpec, storage_url: str, study_name: str, seed: int | None = None) -> optuna.Study:
-    """Create the study, or load it after checking it was made with the same settings."""
-    storage = optuna_storage(storage_url)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    sampler_seed = spec.seed if seed is None else seed
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=make_sampler(spec, sampler_seed),
-                                pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
-    fingerprint = json.loads(json.dumps(spec.fingerprint()))
-    if study_name not in existing:
-        study.set_user_attr(SPEC_ATTR, fingerprint)
-        study.set_user_attr("objectives", [o.metric for o in spec.objectives])
-        # optuna-dashboard and Optuna's plots label the objectives with these ("Objective 0" without)
-        study.set_metric_names([o.metric for o in spec.objectives])
-        return study
-    stored = study.user_attrs.get(SPEC_ATTR)
-    if stored is None:
-        raise ConfigError([f"study {study_name!r} already exists in {storage_url} but was not made by "
-                           "moe-bench sweep; pass --study NEW_NAME"], "sweep")
-    if stored != fingerprint:
-        diff = [f"{k}: study has {stored.get(k)!r}, now {fingerprint.get(k)!r}"
-                for k in sorted(set(stored) | set(fingerprint)) if stored.get(k) != fingerprint.get(k)]
-        raise ConfigError([f"study {study_name!r} in {storage_url} was created with other settings; continuing it "
-                           "would mix incomparable trials. Differences:", *diff,
-                           "pass --study NEW_NAME for a new study, or restore the original settings"], "sweep")
-    if study.metric_names is None:  # a study made before the names were set
-        study.set_metric_names([o.metric for o in spec.objectives])
-    return study
-
-
-# -- bookkeeping over the study's trials -------------------------------------------------------
-def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    done = set()
-    for t in trials:
-        done.update(t.system_attrs.get("retry_history", []))
-    return done
-
-
-def _skipped(t: FrozenTrial) -> bool:
-    return bool(t.user_attrs.get("surplus") or t.user_attrs.get("duplicate"))
-
-
-def counts_toward_budget(t: FrozenTrial, retried: set[int]) -> bool:
-    """Trials that use up one of n_trials: finished, genuinely failed, running or queued."""
-    if t.state == TrialState.FAIL:
-        return not _skipped(t) and t.number not in retried
-    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-
-
-@dataclass
-class TrialCounts:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned + self.failed
-
-
-def trial_counts(study: optuna.Study) -> TrialCounts:
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    c = TrialCounts()
-    for t in trials:
-        if not counts_toward_budget(t, retried):
-            continue
-        name = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[t.state]
-        setattr(c, name, getattr(c, name) + 1)
-    return c
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def recover_interrupted_trials(study: optuna.Study, storage_url: str, log: Callable[[str], None] = print) -> list[int]:
     """Mark trials of dead local workers (and Ctrl-C'd ones) interrupted; re-queue their params."""
     host = socket.gethostname()
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    retry = _retry_callback()
+    retried = retried_numbers(trials)
+    retry = retry_callback()
     store = ResultsStore(storage_url)
     recovered = []
     for t in trials:
         dead_local = (t.state == TrialState.RUNNING and t.user_attrs.get("host") == host
-                      and isinstance(t.user_attrs.get("pid"), int) and not _pid_alive(t.user_attrs["pid"]))
+                      and isinstance(t.user_attrs.get("pid"), int) and not pid_alive(t.user_attrs["pid"]))
         stopped = t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried
         if not (dead_local or stopped):
             continue
@@ -251,6 +103,19 @@ def recover_interrupted_trials(study: optuna.Study, storage_url: str, log: Calla
     return recovered
 
 
+def interrupted_run(study: optuna.Study, trial: optuna.Trial, store: ResultsStore) -> RunRecord | None:
+    """The run of the attempt this re-queued trial repeats, when it can continue from a checkpoint."""
+    # Optuna's retry callback keeps the numbers of the earlier attempts here (retried_numbers reads it too).
+    history = study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    if not history:
+        return None
+    attempts = {t.number: t for t in study.get_trials(deepcopy=False)}
+    last = attempts.get(history[-1])
+    run_id = last.user_attrs.get("run_id") if last is not None else None
+    record = store.get(run_id) if run_id else None
+    return record if record is not None and resumable_checkpoint(record) is not None else None
+
+
 def _note_interrupted(trial: optuna.Trial, reason: str) -> None:
     """Annotate a running trial as interrupted (not its own failure), so it is re-queued."""
     trial.set_user_attr("interrupted", True)
@@ -269,7 +134,7 @@ def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
 def _check_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int, grid: bool) -> None:
     """Raise SkippedTrial if this trial would exceed n_trials or repeat a held grid point."""
     trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = retried_numbers(trials)
     earlier = [t for t in trials if t.number < trial.number and counts_toward_budget(t, retried)]
     if len(earlier) >= n_trials:
         study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
@@ -285,7 +150,7 @@ def _grid_done(study: optuna.Study, spec: SweepSpec) -> bool:
     if spec.sampler["name"] != "grid":
         return False
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = retried_numbers(trials)
     held = {t.system_attrs.get("grid_id") for t in trials if counts_toward_budget(t, retried)
             and t.state != TrialState.WAITING}
     queued = any(t.state == TrialState.WAITING for t in trials)
@@ -310,7 +175,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, study_name: str | Non
     from tqdm.auto import tqdm
 
     from optuna_integration import PyTorchLightningPruningCallback
-    from bench.train.run import train
+    from bench.train.run import resume_run, train
 
     bar = None
 
@@ -342,34 +207,39 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, study_name: str | Non
         _check_slot(study, trial, n_trials, grid)
         params = {p.name: p.suggest(trial) for p in spec.all_params}
         family, preset, overrides = spec.trial_settings(params)
-        run_id = new_run_id(f"{study_name}-t{trial.number}")
+        earlier = interrupted_run(study, trial, store)
+        run_id = earlier.run_id if earlier is not None else new_run_id(f"{study_name}-t{trial.number}")
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("family", family)
         trial.set_user_attr("preset", preset)
         mine.append(trial.number)
         shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "no searched params"
-        log(f"trial {trial.number}: {family}/{preset} {shown}")
+        log(f"trial {trial.number}: {family}/{preset} {shown}"
+            + (f" (continuing run {run_id} from its last checkpoint)" if earlier is not None else ""))
         monitor = spec.pruning_monitor()
         callbacks = [PyTorchLightningPruningCallback(trial, monitor)] if monitor else []
         start = time.perf_counter()
         try:
-            record = train(spec.task, family, preset, overrides, budget=spec.budget, seed=spec.seed, storage=url,
-                           data_dir=data_dir, group=study_name, name=f"{study_name}#{trial.number}",
-                           progress=trial_progress, extra_callbacks=callbacks, run_id=run_id,
-                           tags={"study": study_name, "trial": trial.number})
+            if earlier is not None:
+                record = resume_run(run_id, storage=url, data_dir=data_dir, progress=trial_progress,
+                                    extra_callbacks=callbacks)
+            else:
+                record = train(spec.task, family, preset, overrides, budget=spec.budget, seed=spec.seed, storage=url,
+                               data_dir=data_dir, group=study_name, name=f"{study_name}#{trial.number}",
+                               progress=trial_progress, extra_callbacks=callbacks, run_id=run_id,
+                               tags={"study": study_name, "trial": trial.number})
         except optuna.TrialPruned:
             log(f"trial {trial.number}: pruned after {time.perf_counter() - start:.0f} s")
             raise
-        except FATAL_ERRORS as e:
-            _note_interrupted(trial, f"{type(e).__name__}: {e}")
-            raise SweepAborted(e) from e
         except KeyboardInterrupt:
             _note_interrupted(trial, "stopped by Ctrl-C")
             raise
         except Exception as e:
+            if is_fatal(e):
+                _note_interrupted(trial, one_line(e))
+                raise SweepAborted(e) from e
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
-            log(f"trial {trial.number}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "the sweep goes on")
+            log(f"trial {trial.number}: FAILED ({one_line(e)}); the sweep goes on")
             raise
         if record.status == "interrupted":  # Lightning caught Ctrl-C / SIGTERM and stopped cleanly
             _note_interrupted(trial, "stopped by Ctrl-C or SIGTERM")
@@ -408,7 +278,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, study_name: str | Non
             recover_interrupted_trials(study, url, log)
         if isinstance(e, SweepAborted):
             raise e.error from None
-        log(f"sweep interrupted; run the same command again to continue study {study_name!r}")
+        log(f"sweep interrupted: {CONTINUE_HINT} (study {study_name!r})")
         raise
     finally:
         bar.close()
