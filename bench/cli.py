@@ -300,7 +300,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.spec:
         raise ConfigError(["give a study spec (a YAML file or a shipped name such as switch-experts), "
                            "or --show STUDY"], "sweep")
-    from bench.runner import run_sweep
+    from bench.runner.search import run_sweep
     from bench.sweep import load_spec
     from bench.sweep.show import format_study, load_existing_study, study_summary
 

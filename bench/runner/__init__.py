@@ -10,7 +10,6 @@ from typing import Any
 
 from bench.config import ConfigError
 from bench.runner.arms import compare, comparison_plan, run_plan
-from bench.runner.search import SweepResult, run_sweep
 
 
 def experiment_kind(path_or_name: str) -> tuple[str, Path]:
@@ -35,15 +34,17 @@ def experiment_kind(path_or_name: str) -> tuple[str, Path]:
 
 
 def run_file(path_or_name: str, storage: str | None = None, data_dir: str | None = None,
-             progress: bool = True, **options: Any) -> list | SweepResult:
+             progress: bool = True, **options: Any):
     """Run an experiment file: a plan's arms (``run_plan`` options: tier, seeds, arms, ...) or a
-    search space's trials (``run_sweep`` options: study_name, ...). Resumable either way."""
+    search space's trials (``run_sweep`` options: study_name, ...); returns the plan's records or
+    the ``SweepResult``. Resumable either way."""
     kind, path = experiment_kind(path_or_name)
     if kind == "plan":
         return run_plan(str(path), storage=storage, data_dir=data_dir, progress=progress, **options)
+    from bench.runner.search import run_sweep  # Optuna loads only for a search
     from bench.sweep import load_spec
 
     return run_sweep(load_spec(str(path)), storage=storage, data_dir=data_dir, progress=progress, **options)
 
 
-__all__ = ["SweepResult", "compare", "comparison_plan", "experiment_kind", "run_file", "run_plan", "run_sweep"]
+__all__ = ["compare", "comparison_plan", "experiment_kind", "run_file", "run_plan"]

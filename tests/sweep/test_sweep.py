@@ -15,7 +15,7 @@ import pytest
 
 from bench.config import ConfigError
 from bench.data.sources import DataError
-from bench.runner import run_sweep
+from bench.runner.search import run_sweep
 from bench.sweep import load_spec
 from bench.sweep.study import open_study, trial_counts
 from bench.sweep.show import format_study, load_existing_study, study_summary
