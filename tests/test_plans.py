@@ -252,6 +252,7 @@ def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, t
 def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, tmp_path):
     from bench.report import throughput_records
     from bench.throughput import measure_throughput
+    from bench.tracking.records import throughput_by_arm
 
     plan = parse_plan({"name": "speed", "title": "speed", "task": "tinyshakespeare-char", "baseline": "dense",
                        "settings": dict(parse_override(p) for p in SMALL),
@@ -263,7 +264,7 @@ def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, 
     assert all(r.metrics["tokens_per_second"] > 0 and r.extra["kind"] == "throughput" for r in records)
     assert records[1].extra["dropless"] is True and records[0].extra["dropless"] is False
     store = ResultsStore(run_env["storage"])
-    speeds = throughput_records(store)[("speed", "tiny")]
+    speeds = throughput_by_arm(throughput_records(store)[("speed", "tiny")])
     assert sorted(speeds) == ["dense", "switch"] and len(speeds["dense"]) == 2
     # a throughput measurement is never mistaken for a finished training run of its arm
     assert all(r.done is None for r in plan_runs(plan, "tiny", store))
