@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from bench.config import ConfigError
-from bench.data.sources import Corpus, atomic_write_bytes, cache_dir, resolve_corpus
+from bench.data.sources import Corpus, DataError, atomic_write_bytes, cache_dir, resolve_corpus
 from bench.data.tasks import SPECIAL_TOKENS, WORD_SPECIALS, TaskConfig
 from bench.data.text import lm_text, parallel_lines, split_documents, split_lines
 
@@ -334,12 +334,33 @@ def derive_vocab_size(task: TaskConfig, data_dir: str | Path | None = None, *, c
     return task if task.vocab_size is not None else dataclasses.replace(task, vocab_size=tok.vocab_size)
 
 
-def check_resumed_vocab_size(task: TaskConfig, recorded: int, run_id: str, data_dir: str | Path | None = None, *,
-                             cache: str | Path | None = None, allow_download: bool | None = None) -> None:
-    """A resumed run continues a model built for ``recorded`` tokens: the task's data must still
-    give a tokenizer of that size. Raises DataError (data missing or corrupt) or VocabSizeError
-    (the corpus or tokenizer changed since the run started) before the run is touched."""
+def data_fingerprint(task: TaskConfig, data_dir: str | Path | None = None, *, cache: str | Path | None = None,
+                     allow_download: bool | None = None) -> dict[str, str]:
+    """{file: sha256} of every corpus file the task reads, sorted by name (kept in a run's record so
+    ``--resume`` can tell that the data changed even when the vocabulary size did not)."""
     corpus = resolve_corpus(task, data_dir, cache=cache, allow_download=allow_download)
+    return dict(sorted(corpus.sha256.items()))
+
+
+def check_resumed_vocab_size(task: TaskConfig, recorded: int, run_id: str, data_dir: str | Path | None = None, *,
+                             recorded_sha256: dict[str, str] | None = None, cache: str | Path | None = None,
+                             allow_download: bool | None = None) -> None:
+    """A resumed run continues a model built for ``recorded`` tokens on the data it started with:
+    the task's files must still have the sha256s it recorded (``recorded_sha256``; records made
+    before it was kept have none) and give a tokenizer of that size. Raises DataError (data missing,
+    corrupt or changed) or VocabSizeError (the tokenizer changed) before the run is touched."""
+    corpus = resolve_corpus(task, data_dir, cache=cache, allow_download=allow_download)
+    if recorded_sha256 is not None:
+        now = dict(corpus.sha256)
+        changed = sorted(f for f in set(now) | set(recorded_sha256) if now.get(f) != recorded_sha256.get(f))
+        if changed:
+            def state(f: str) -> str:
+                if f not in recorded_sha256:
+                    return f"{f} (new)"
+                return f"{f} (gone)" if f not in now else f"{f} (sha256 {recorded_sha256[f][:12]} -> {now[f][:12]})"
+            shown = ", ".join(state(f) for f in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise DataError(f"run {run_id} trained on other data: the task's files changed since it started: "
+                            f"{shown}. Put back the data it trained on to resume it, or start a new run")
     tok = get_tokenizer(task, corpus, cache, check=False)  # a declared vocab_size gets the message below too
     if tok.vocab_size != recorded:
         raise VocabSizeError(

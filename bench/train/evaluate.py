@@ -31,7 +31,7 @@ from bench.config import ConfigError, from_dict
 from bench.data.datamodules import BlockDataset, PairDataset, build_datamodule, collate_pairs, encode_pairs
 from bench.data.sources import resolve_corpus
 from bench.data.tasks import TaskConfig
-from bench.data.text import split_lines
+from bench.data.text import prepare_text, split_lines
 from bench.data.tokenizers import get_tokenizer
 from bench.flops import model_cost
 from bench.models import build_model
@@ -185,7 +185,12 @@ def evaluate_run(run_id: str, storage: str | None = None, split: str | None = No
         raise ConfigError([f"task {task.name} has no {split} split"], ctx)
     entry: dict[str, Any] = {}
     if text:
-        body = read_text(text, "--text", ctx)
+        # Tags and blank lines go the way the task's corpus reads them, so a file in the corpus's own
+        # format scores like its splits do.
+        body = prepare_text(task, read_text(text, "--text", ctx))
+        if not body.strip():
+            raise ConfigError([f"--text file {text} has no text left once prepared like task {task.name} "
+                               "(tags stripped, blank lines skipped)"], ctx)
         try:
             ids = _tokenizer(run).encode(body)
         except ValueError as e:  # a char vocabulary has no <unk>

@@ -123,3 +123,6 @@ def test_train_a_bpe_lm_task_through_the_cli(shared_data, train_cli):
     assert record.config["model"]["vocab_size"] == record.config["data_vocab_size"] == 2048
     # Near-uniform after 2 steps: the loss of guessing among 2,048 tokens, ln 2048 = 7.62.
     assert 6.5 < record.metrics["val_loss"] < 8.5
+    # The task lists bits_per_char: the val split's bits over its characters (43,575 tokens, 111,540 chars).
+    m = record.metrics
+    assert m["val_bits_per_char"] == pytest.approx(m["val_bits_per_token"] * 43_575 / 111_540, rel=1e-9)

@@ -265,7 +265,7 @@ class _InterruptAt(pl.Callback):
             raise KeyboardInterrupt
 
 
-def test_resume_rechecks_a_derived_vocabulary_against_the_data(data_root, task_file, train_cli):
+def test_resume_rechecks_the_data_and_its_derived_vocabulary(data_root, task_file, train_cli):
     from bench.tracking.records import ResultsStore
     from bench.train.run import train
 
@@ -274,11 +274,25 @@ def test_resume_rechecks_a_derived_vocabulary_against_the_data(data_root, task_f
     cut = train(str(task_file), "dense", "tiny", overrides=settings, budget={"kind": "steps", "value": 4},
                 storage=train_cli.storage, data_dir=str(data_root), progress=False, extra_callbacks=[_InterruptAt(3)])
     assert cut.status == "interrupted" and cut.config["data_vocab_size"] == VOCAB
+    assert sorted(cut.config["data_sha256"]) == DOCS  # the files it read (c*; not README)
     run_dir = Path(cut.paths["run_dir"])
     files = sorted(run_dir.rglob("*"))
-    # A training document gains a word seen twice: the derived vocabulary has one more token.
+    store = ResultsStore(train_cli.storage)
     doc = data_root / "mini-brown" / "c02"
     original = doc.read_text()
+    # A word seen once more becomes one more <unk>: same vocabulary size, other data.
+    doc.write_text(original + "\tdoc99/np ./.\n")
+    rc, _, err = train_cli("--resume", cut.run_id)
+    assert rc == 2 and "Traceback" not in err
+    was = cut.config["data_sha256"]["c02"][:12]
+    assert (f"run {cut.run_id} trained on other data: the task's files changed since it started: c02 "
+            f"(sha256 {was} -> ") in err and "Put back the data it trained on" in err
+    assert store.get(cut.run_id).status == "interrupted" and sorted(run_dir.rglob("*")) == files
+    # A record made before the fingerprint was kept: the vocabulary size is still checked.
+    old = store.get(cut.run_id)
+    del old.config["data_sha256"]
+    store.save(old)
+    # A training document gains a word seen twice: the derived vocabulary has one more token.
     doc.write_text(original + "\tzebra/nn zebra/nn ./.\n")
     rc, _, err = train_cli("--resume", cut.run_id)
     assert rc == 2 and "Traceback" not in err

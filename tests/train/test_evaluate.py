@@ -265,6 +265,32 @@ def test_word_lm_reports_the_bits_per_char_its_task_lists(run_env, capsys, tmp_p
                                                rel=1e-6)
 
 
+def test_text_is_prepared_like_the_tasks_corpus(run_env, capsys, tmp_path, word_task):
+    """A tagged corpus with blank lines skipped: `evaluate --text` of a file in the corpus's own
+    format (word/TAG, blank lines) scores exactly like the same words without tags or blank lines."""
+    path, data_dir, texts = word_task
+    task = json.loads(path.read_text(encoding="utf-8"))
+    task["corpus"].update(tag_separator="/", blank_lines="skip")
+    for name, text in texts.items():  # the corpus itself in the tagged format
+        tagged = "\n\n".join(" ".join(f"{w}/nn" for w in line.split()) for line in text.splitlines())
+        (data_dir / "words" / name).write_text(tagged + "\n", encoding="utf-8")
+    path.write_text(json.dumps(task), encoding="utf-8")
+    record = train(str(path), "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 2},
+                   storage=run_env["storage"], progress=False, data_dir=str(data_dir))
+    assert record.status == "finished" and record.config["model"]["vocab_size"] == len(WORDS) + 2  # no "cat/nn"
+    plain = _word_text(30, 3)
+    tagged = "\n\n".join(" ".join(f"{w}/nn" for w in line.split()) for line in plain.splitlines()) + "\n"
+    (tmp_path / "plain.txt").write_text(plain, encoding="utf-8")
+    (tmp_path / "tagged.txt").write_text(tagged, encoding="utf-8")
+    rc_plain, want = _evaluate(run_env, capsys, record.run_id, "--text", str(tmp_path / "plain.txt"))
+    rc_tagged, got = _evaluate(run_env, capsys, record.run_id, "--text", str(tmp_path / "tagged.txt"))
+    assert rc_plain == rc_tagged == 0
+    assert got["metrics"] == want["metrics"]  # same tokens, same characters
+    (tmp_path / "tags-only.txt").write_text("/nn /at\n\n", encoding="utf-8")
+    rc, err = _evaluate(run_env, capsys, record.run_id, "--text", str(tmp_path / "tags-only.txt"))
+    assert rc == 2 and "has no text left once prepared like task words" in err
+
+
 def test_which_tasks_report_bits_per_char_and_the_listed_metrics_come_first():
     char, words, mt = load_task(LM_TASK), load_task("wikitext2"), load_task(MT_TASK)
     assert "bits_per_char" not in words.metrics and words.tokenizer.kind == "word"
