@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.config import MoEConfig
+from bench.models.expert_parallel import dispatch_to_experts
 from bench.models.experts import compute_dtype, grouped_expert_ffn, row_granule
 from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing
 
@@ -104,6 +105,8 @@ class MoELayer(nn.Module):
         # Shared experts (DeepSeekMoE): S always-on experts of width d_ff, every routed token, added
         # to the routed output. S experts side by side are one FFN of width S*d_ff (one matmul pair);
         # each expert's second matmul keeps its own fan-in d_ff for the init.
+        self.expert_shard = None  # expert parallelism: this rank's part of the experts (shard_experts)
+        self._register_load_state_dict_pre_hook(self._load_expert_shard)
         self.shared = None
         if cfg.shared_experts:
             self.shared = FeedForward(d_model, cfg.shared_experts * d_ff, activation, cfg.expert_dropout, init_scale)
@@ -116,6 +119,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
         rows = flat if mask is None else flat[mask.reshape(-1)]  # padding is not routed
+        if rows.shape[0] == 0 and self.expert_shard is not None:  # still joins the other ranks' exchange
+            return self._empty_expert_parallel(x)
         if rows.shape[0] == 0:  # nothing to route (an all-padding batch)
             return torch.zeros_like(x), MoEAux(x.new_zeros((), dtype=torch.float32), self._empty_stats())
         # quarter of the sequence each row sits in, for the dropped-by-position metric
@@ -174,7 +179,13 @@ class MoELayer(nn.Module):
         token = torch.arange(T, device=x.device).repeat_interleave(k)[keep]  # (A,) kept assignments
         expert = routing.expert_index.reshape(-1)[keep]
         gate = routing.gates.reshape(-1)[keep]
-        if self.kernel_for(token.numel(), compute_dtype(x)) == "sorted":
+        if self.expert_shard is not None:  # expert parallel: the experts' ranks compute them
+            order = torch.argsort(expert, stable=True)
+            token, expert, gate = token[order], expert[order], gate[order]
+            out = dispatch_to_experts(x.index_select(0, token), expert, self.cfg.num_experts, self.expert_shard,
+                                      self._run_experts)
+            slots = token.numel()
+        elif self.kernel_for(token.numel(), compute_dtype(x)) == "sorted":
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
             out, slots = self._sorted_experts(x.index_select(0, token), expert)
@@ -195,14 +206,47 @@ class MoELayer(nn.Module):
     def _sorted_experts(self, rows: Tensor, expert: Tensor) -> tuple[Tensor, int]:
         """rows (A, d) sorted by ``expert``: each expert runs on its contiguous block."""
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
+        return self._run_experts(rows, counts), rows.shape[0]
+
+    def _run_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
+        """The experts this module holds (all, or its shard) on rows sorted by expert, counts[e] each."""
         if self.training and self.cfg.expert_dropout > 0:  # plain autograd path, with dropout
             w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)  # unbind: one stacked grad, not E
             outs = [torch.matmul(self.expert_dropout(self.act(torch.matmul(chunk, w1s[e]))), w2s[e])
                     for e, chunk in enumerate(rows.split(counts)) if counts[e]]
-            out = torch.cat(outs) if outs else rows.new_zeros(0, self.w2.shape[-1])
-        else:
-            out = grouped_expert_ffn(rows, self.w1, self.w2, counts, self.activation)
-        return out, rows.shape[0]
+            return torch.cat(outs) if outs else rows.new_zeros(0, self.w2.shape[-1])
+        return grouped_expert_ffn(rows, self.w1, self.w2, counts, self.activation)
+
+    # --- expert parallelism (bench/models/expert_parallel.py) ---------------------------------
+    def shard_experts(self, shard) -> None:
+        """Keep only this rank's experts (in place: the Parameters stay the same objects)."""
+        E = self.cfg.num_experts
+        if E % shard.size:
+            raise ValueError(f"expert_parallel={shard.size} must divide the {E} experts of every MoE layer")
+        with torch.no_grad():
+            for name in ("w1", "w2"):
+                p = getattr(self, name)
+                p.data = p.data[shard.local(E)].clone()
+        self.expert_shard = shard
+
+    def _load_expert_shard(self, state_dict, prefix, *args) -> None:
+        """Checkpoints hold every expert: a sharded layer loads its slice of them."""
+        if self.expert_shard is None:
+            return
+        for name in ("w1", "w2"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape[0] == self.cfg.num_experts != getattr(self, name).shape[0]:
+                state_dict[prefix + name] = t[self.expert_shard.local(self.cfg.num_experts)]
+
+    def _empty_expert_parallel(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        """No token to route on this rank: send nothing, compute what the others send, stay in the graph
+        (the backward's all-to-all needs this rank too)."""
+        d = x.shape[-1]
+        none = x.new_zeros(0, d)
+        out = dispatch_to_experts(none, torch.zeros(0, dtype=torch.long, device=x.device), self.cfg.num_experts,
+                                  self.expert_shard, self._run_experts)
+        y = torch.zeros_like(x) + 0 * out.sum()
+        return y, MoEAux(x.new_zeros((), dtype=torch.float32) + 0 * out.sum().float(), self._empty_stats())
 
     def _padded_experts(self, x: Tensor, token: Tensor, expert: Tensor, position: Tensor,
                         group: Tensor, num_groups: int) -> tuple[Tensor, int]:

@@ -50,9 +50,15 @@ class TrainConfig:
     precision: Literal["auto", "32", "bf16-mixed"] = "auto"  # auto: bf16-mixed where supported
     eval_every: int = 100  # optimizer steps between evaluations and checkpoints
     eval_batches: int = 10  # batches per intermediate evaluation (the final one uses all)
-    eval_batch_size: int = 64  # evaluation only: any size gives the same metrics
-    devices: int = 1
+    # evaluation only: any size gives the same metrics; an upper bound, lowered for models whose
+    # activations would not fit (bench.train.module.eval_batch_size)
+    eval_batch_size: int = 64
+    devices: int = 1  # processes per node (Lightning's devices)
+    num_nodes: int = 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    # expert parallelism: each MoE layer's experts sharded over groups of this many processes
+    # (bench/train/expert_parallel.py); 1 = every process holds every expert
+    expert_parallel: int = 1
     num_workers: int = 0
     beam_size: int = 1  # translation: final BLEU decoding; 1 = greedy, >1 = beam search (slower)
     max_decode_len: int = 0  # translation: 0 = the task's tgt_len
@@ -61,12 +67,21 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         p = []
-        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "devices", "beam_size"):
+        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "devices", "num_nodes",
+                     "expert_parallel", "beam_size"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 1")
         for name in ("num_workers", "max_decode_len", "decode_batches", "curve_bleu_batches"):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} is not allowed: must be >= 0")
+        if self.expert_parallel > 1:
+            world = self.devices * self.num_nodes
+            if self.strategy not in ("ddp", "ddp_spawn"):
+                p.append(f"expert_parallel={self.expert_parallel} needs strategy=ddp or ddp_spawn (got "
+                         f"strategy={self.strategy})")
+            if world % self.expert_parallel:
+                p.append(f"expert_parallel={self.expert_parallel} is not allowed: it must divide the "
+                         f"{world} processes (devices={self.devices} x num_nodes={self.num_nodes})")
         return p
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from bench.data.tasks import TaskConfig
 from bench.metrics import bits_per_token, perplexity, quality_lm, quality_per_active_param
 from bench.models.config import ModelConfig
+from bench.models.expert_parallel import clip_grad_norm
 from bench.train.config import OptimConfig
 from bench.train.loss import IGNORE_INDEX, output_cross_entropy
 
@@ -138,8 +139,8 @@ class BenchModule(pl.LightningModule):
         precision plugin refuses to clip for fused optimizers, which may unscale fp16 gradients
         inside their step. We train in fp32 or bf16 only, never with an fp16 GradScaler, so the
         gradients here are the true ones."""
-        if gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+        if gradient_clip_val:  # with expert parallelism: the norm over every rank's expert shards
+            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val, self.model)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bench.config import ConfigError, from_dict, to_dict
 from bench.data.datamodules import build_datamodule
-from bench.data.tokenizers import check_resumed_vocab_size, derive_vocab_size
+from bench.data.tokenizers import check_resumed_vocab_size, data_fingerprint, derive_vocab_size
 from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
@@ -87,9 +87,32 @@ def resolve_configs(task: TaskConfig, family: str, preset: str, overrides: list[
         rc = run_config(run_over)
     except ConfigError as e:
         problems += e.problems
+    if cfg is not None and rc is not None:
+        problems += expert_parallel_problems(cfg, rc.train.expert_parallel)
     if problems:
         raise ConfigError(problems, f"{family} run config")
     return cfg, rc
+
+
+def expert_parallel_problems(cfg: ModelConfig, expert_parallel: int) -> list[str]:
+    """Expert parallelism needs experts to shard: a sparse model whose expert count it divides."""
+    if expert_parallel <= 1:
+        return []
+    if not cfg.is_sparse:
+        return [f"expert_parallel={expert_parallel} is not allowed: a {cfg.family} model has no experts to shard"]
+    if cfg.moe.num_experts % expert_parallel:
+        return [f"expert_parallel={expert_parallel} is not allowed: it must divide the {cfg.moe.num_experts} "
+                "experts of every MoE layer"]
+    return []
+
+
+def _strategy(tr):
+    """Lightning's strategy for ``train.strategy``; expert parallelism is DDP with sharded experts."""
+    if tr.expert_parallel <= 1:
+        return tr.strategy
+    from bench.train.expert_parallel import ExpertParallelStrategy
+
+    return ExpertParallelStrategy(tr.expert_parallel, start_method="spawn" if tr.strategy == "ddp_spawn" else "popen")
 
 
 def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: list[str] | dict | None = None,
@@ -125,7 +148,8 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
         source, init = init_from(cfg, rc, task)
     run_id = run_id or new_run_id(f"{task.name}-{family}")
     # The data's vocabulary size (the model's may be larger): --resume checks the data still gives it.
-    config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir, "data_vocab_size": task.vocab_size}
+    config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir, "data_vocab_size": task.vocab_size,
+              "data_sha256": data_fingerprint(task, data_dir)}  # --resume checks the files are unchanged
     if task_file:
         config["task_file"] = task_file  # a task given by path: --resume finds it again (and checks it)
     if init is not None:
@@ -240,7 +264,8 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
                            "processes write one run; wait for it, or stop it first"], "resume")
     data_dir = data_dir or record.config.get("data_dir")
     # An edited corpus would feed the checkpoint ids it was not built for: stop before the record changes.
-    check_resumed_vocab_size(task, record.config.get("data_vocab_size", cfg.vocab_size), run_id, data_dir)
+    check_resumed_vocab_size(task, record.config.get("data_vocab_size", cfg.vocab_size), run_id, data_dir,
+                             recorded_sha256=record.config.get("data_sha256"))
     record.status, record.error, record.finished_at = "running", None, None
     return _execute(record, task, cfg, rc, storage, data_dir, progress,
                     extra_callbacks, ckpt_path=str(ckpt), keep_checkpoints=keep_checkpoints)
@@ -335,7 +360,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     callbacks += extra_callbacks or []
     trainer = pl.Trainer(
-        accelerator="auto", devices=tr.devices, strategy=tr.strategy, precision=_precision(tr.precision),
+        accelerator="auto", devices=tr.devices, num_nodes=tr.num_nodes, strategy=_strategy(tr),
+        precision=_precision(tr.precision),
         max_epochs=-1, max_steps=int(rc.budget.value) if rc.budget.kind == "steps" else -1,
         limit_train_batches=tr.eval_every if task.type == "translation" else None,
         limit_val_batches=tr.eval_batches, num_sanity_val_steps=0, check_val_every_n_epoch=1,
