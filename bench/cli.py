@@ -83,7 +83,19 @@ def cmd_flops(args: argparse.Namespace) -> int:
     total = cost.forward_flops_per_token
     parts = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in cost.forward_breakdown.items())
     print(f"  forward FLOPs by part: {parts}")
+    if cfg.is_sparse:  # expert parallelism's all-to-all traffic (bench/flops.py: Cost.all_to_all_values_per_token)
+        v = cost.all_to_all_values_per_token
+        print(f"  expert-parallel all-to-all: {v:,.0f} values / {per} / training step = {_fmt_bytes(2 * v)} in bf16, "
+              f"{_fmt_bytes(4 * v)} in fp32 (dispatch + return, forward + backward; at most: dropped tokens stay "
+              "home, and with EP size M about (M-1)/M of it leaves the rank)")
     return 0
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
 
 
 def cmd_perf(args: argparse.Namespace) -> int:

@@ -43,6 +43,18 @@ class Cost:
     seq_len: int
     src_len: int | None = None
     forward_breakdown: dict[str, float] = field(default_factory=dict)
+    # Expert parallelism: values (of d_model-wide rows) one token's routed assignments put through
+    # all-to-all per training step, over every MoE layer it passes: out to the experts and back
+    # (2 x k x d_model) in the forward, and the same in the backward. An upper bound: dropped
+    # assignments are not sent, and a rank keeps the share routed to its own experts ((M-1)/M leaves
+    # it under balanced routing). bench/models/expert_parallel.py sends them in the compute dtype.
+    all_to_all_values_per_token: float = 0.0
+
+    def all_to_all_bytes_per_step(self, tokens_per_rank: int, bytes_per_value: int, expert_parallel: int) -> dict:
+        """All-to-all bytes one rank sends per training step: the volume, and the part that
+        leaves the rank under balanced routing."""
+        volume = self.all_to_all_values_per_token * tokens_per_rank * bytes_per_value
+        return {"volume": volume, "off_rank": volume * (expert_parallel - 1) / expert_parallel}
 
     @property
     def train_flops_per_token(self) -> float:
@@ -183,12 +195,15 @@ def model_cost(cfg: ModelConfig, seq_len: int, task_type: str = "lm", src_len: i
     seq2seq = task_type == "translation"
     fn = _rnn if cfg.is_rnn else _transformer
     fl, ex, total, active, embed = fn(cfg, seq_len, src_len, seq2seq)
+    # routed assignments per token over all MoE layers = expert FLOPs / one expert's (4 x C x W)
+    assignments = fl.get("experts", 0.0) / (4 * cfg.d_model * cfg.expert_width) if cfg.is_sparse else 0.0
     return Cost(
         total_params=int(total), active_params=int(active), embedding_params=int(embed),
         forward_flops_per_token=float(sum(fl.values())),
         executed_forward_flops_per_token=float(sum(ex.values())),
         seq_len=seq_len, src_len=(src_len or seq_len) if seq2seq else None,
         forward_breakdown=fl,
+        all_to_all_values_per_token=4 * assignments * cfg.d_model,
     )
 
 

@@ -20,18 +20,19 @@ from bench.models.expert_parallel import (ExpertShard, clip_grad_norm, full_opti
 from bench.models.moe import MoELayer
 
 D, F, E, STEPS, LR = 16, 32, 4, 3, 0.05
-MODES = {  # name: (capacity_factor, top_k, router, zero router: every token to the same experts)
-    "dropless top-1": (None, 1, "switch", False),
-    "capacity top-1": (1.0, 1, "switch", False),
-    "capacity top-2": (1.25, 2, "topk", False),
-    "one shard idle": (None, 2, "topk", True),  # at the first step
+MODES = {  # name: (capacity_factor, top_k, router, zero router: every token to the same experts, kernel)
+    "dropless top-1": (None, 1, "switch", False, "sorted"),
+    "capacity top-1": (1.0, 1, "switch", False, "sorted"),
+    "capacity top-2": (1.25, 2, "topk", False, "sorted"),
+    "one shard idle": (None, 2, "topk", True, "sorted"),  # at the first step
+    "grouped GEMM": (1.0, 2, "topk", False, "grouped_mm"),  # torch._grouped_mm on each rank's shard
 }
 
 
 def _layer(mode: str) -> MoELayer:
-    cf, k, router, idle = MODES[mode]
+    cf, k, router, idle, kernel = MODES[mode]
     torch.manual_seed(0)
-    layer = MoELayer(D, F, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, router=router, dispatch="sorted"))
+    layer = MoELayer(D, F, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, router=router, dispatch=kernel))
     if idle:  # equal logits: every token picks the same two experts (top-2 ties), which sit on one rank
         for p in layer.router.parameters():
             torch.nn.init.zeros_(p)

@@ -162,3 +162,19 @@ def test_cli_flops_mentions_capacity_padding_only_with_a_capacity(family, padded
     out = capsys.readouterr().out
     assert ("with capacity padding" in out) == padded
     assert ("dropless" in out) == (family == "moe-rnn")
+
+
+@pytest.mark.parametrize("family, preset, task, want", [
+    # 4 x (MoE layers a token passes) x k x d_model: out and back, forward and backward
+    ("switch", "tiny", "lm", 4 * 2 * 1 * 256),  # 4 layers, every 2nd MoE, top-1
+    ("moe", "tiny", "lm", 4 * 2 * 2 * 256),  # top-2
+    ("moe-rnn", "tiny", "lm", 4 * 1 * 4 * 256),  # one MoE between the LSTMs, k = 4
+    ("switch", "tiny", "translation", 4 * (2 * 40 / 20 + 2) * 1 * 256),  # encoder layers run by src_len/tgt_len
+    ("dense", "tiny", "lm", 0),
+])
+def test_all_to_all_volume_per_token(family, preset, task, want):
+    cfg = model_config(family, preset, vocab_size=100, max_seq_len=64)
+    cost = model_cost(cfg, 20, task, src_len=40 if task == "translation" else None)
+    assert cost.all_to_all_values_per_token == pytest.approx(want)
+    sent = cost.all_to_all_bytes_per_step(tokens_per_rank=1000, bytes_per_value=2, expert_parallel=4)
+    assert sent == pytest.approx({"volume": want * 1000 * 2, "off_rank": want * 1000 * 2 * 3 / 4})

@@ -41,7 +41,7 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = 2.0  # evaluation; None = dropless
     group_size: Optional[int] = None  # tokens per routing group; None = the whole micro-batch
     drop_policy: Literal["position", "probability"] = "position"
-    dispatch: Literal["auto", "sorted", "padded"] = "auto"  # expert compute kernel (see moe.py)
+    dispatch: Literal["auto", "sorted", "padded", "grouped_mm"] = "auto"  # expert compute kernel (see moe.py)
     # --- auxiliary loss weights -----------------------------------------------------------
     load_balance_weight: float = 1e-2  # Switch eq. 4 alpha
     z_loss_weight: float = 1e-3  # ST-MoE router z-loss; 0 switches it off

@@ -109,3 +109,25 @@ def grouped_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], act
     if granule is None:
         granule = row_granule(dtype, x.device)
     return GroupedExpertFFN.apply(x.contiguous(), w1, w2, counts, activation, granule)
+
+
+def has_grouped_mm() -> bool:
+    """torch provides a grouped GEMM (``torch._grouped_mm``; CUDA kernels on sm90+, a CPU fallback)."""
+    return hasattr(torch, "_grouped_mm")
+
+
+def prefers_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where ``auto`` picks the grouped GEMM: bf16 on an NVIDIA GPU of compute capability >= 9.0
+    (Hopper: H100/H200), the case its CUDA kernel is written for. On CPUs the per-expert loop
+    above stays faster (see docs/performance.md)."""
+    return (has_grouped_mm() and device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def grouped_mm_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], act) -> Tensor:
+    """The same FFN with torch's grouped GEMM: rows sorted by expert, ``offs`` the end row of each
+    expert's block (an expert without rows has an empty block). Autograd through torch's op."""
+    dtype = compute_dtype(x)
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    h = torch._grouped_mm(x.to(dtype).contiguous(), w1.to(dtype), offs=offs)
+    return torch._grouped_mm(act(h), w2.to(dtype), offs=offs)

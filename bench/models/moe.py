@@ -5,12 +5,14 @@
              [+ sum_s Shared_s(x_t): shared experts, every token, when moe.shared_experts > 0]
 
 Tokens over capacity get y = 0 from the MoE; the block's residual connection carries them.
-Two kernels compute the experts, with identical results (tested against a per-token loop):
+Three kernels compute the experts, with identical results (tested against a per-token loop):
 - ``sorted``: sort assignments by expert and run each expert on its contiguous rows with one
   custom autograd node (``experts.py``); computes no padding.
 - ``padded``: scatter into an (E, slots, d) buffer and run two batched matmuls (static shapes,
   what TPU/GShard implementations do; the buffer is trimmed to the fullest expert's load).
-- ``auto`` (default): ``sorted`` unless experts average fewer rows than ``auto_padded_below_rows``
+- ``grouped_mm``: the ``sorted`` layout through torch's grouped GEMM (``torch._grouped_mm``, one
+  kernel for every expert; fast on Hopper GPUs in bf16, correct but not faster on a CPU).
+- ``auto`` (default): ``grouped_mm`` on a CUDA device of capability >= 9.0 in bf16; otherwise ``sorted`` unless experts average fewer rows than ``auto_padded_below_rows``
   of the compute dtype (16 in fp32, 64 in bf16, where oneDNN's batched matmul wins and small
   per-expert matmuls pay a kernel build per shape). The timings behind these thresholds are in
   ``docs/performance.md``.
@@ -26,7 +28,8 @@ from torch import Tensor, nn
 
 from bench.models.config import MoEConfig
 from bench.models.expert_parallel import dispatch_to_experts
-from bench.models.experts import compute_dtype, grouped_expert_ffn, row_granule
+from bench.models.experts import (compute_dtype, grouped_expert_ffn, grouped_mm_expert_ffn, prefers_grouped_mm,
+                                  row_granule)
 from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -182,13 +185,15 @@ class MoELayer(nn.Module):
         if self.expert_shard is not None:  # expert parallel: the experts' ranks compute them
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
+            kernel = "grouped_mm" if self.kernel_for(token.numel(), compute_dtype(x), x.device) == "grouped_mm" \
+                else "sorted"  # the padded kernel's static buffers have no use once rows are exchanged
             out = dispatch_to_experts(x.index_select(0, token), expert, self.cfg.num_experts, self.expert_shard,
-                                      self._run_experts)
+                                      lambda rows, counts: self._run_experts(rows, counts, kernel))
             slots = token.numel()
-        elif self.kernel_for(token.numel(), compute_dtype(x)) == "sorted":
+        elif (kernel := self.kernel_for(token.numel(), compute_dtype(x), x.device)) in ("sorted", "grouped_mm"):
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
-            out, slots = self._sorted_experts(x.index_select(0, token), expert)
+            out, slots = self._sorted_experts(x.index_select(0, token), expert, kernel)
         else:
             position = routing.position.reshape(-1)[keep]
             group = token // routing.group_size
@@ -197,19 +202,24 @@ class MoELayer(nn.Module):
         weighted = out * gate.unsqueeze(-1).to(out.dtype)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, weighted), slots
 
-    def kernel_for(self, assignments: int, dtype: torch.dtype) -> str:
-        """The configured kernel; for ``auto``, padded only when experts average few rows."""
+    def kernel_for(self, assignments: int, dtype: torch.dtype, device: torch.device | None = None) -> str:
+        """The configured kernel; for ``auto``: torch's grouped GEMM on Hopper GPUs in bf16, else
+        padded only when experts average few rows."""
         if self.cfg.dispatch != "auto":
             return self.cfg.dispatch
+        if device is not None and prefers_grouped_mm(device, dtype):
+            return "grouped_mm"
         return "padded" if assignments < auto_padded_below_rows(dtype) * self.cfg.num_experts else "sorted"
 
-    def _sorted_experts(self, rows: Tensor, expert: Tensor) -> tuple[Tensor, int]:
+    def _sorted_experts(self, rows: Tensor, expert: Tensor, kernel: str = "sorted") -> tuple[Tensor, int]:
         """rows (A, d) sorted by ``expert``: each expert runs on its contiguous block."""
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
-        return self._run_experts(rows, counts), rows.shape[0]
+        return self._run_experts(rows, counts, kernel), rows.shape[0]
 
-    def _run_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
+    def _run_experts(self, rows: Tensor, counts: list[int], kernel: str = "sorted") -> Tensor:
         """The experts this module holds (all, or its shard) on rows sorted by expert, counts[e] each."""
+        if kernel == "grouped_mm":
+            return grouped_mm_expert_ffn(rows, self.w1, self.w2, counts, lambda h: self.expert_dropout(self.act(h)))
         if self.training and self.cfg.expert_dropout > 0:  # plain autograd path, with dropout
             w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)  # unbind: one stacked grad, not E
             outs = [torch.matmul(self.expert_dropout(self.act(torch.matmul(chunk, w1s[e]))), w2s[e])

@@ -322,6 +322,11 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                      "total_no_embed": cost.total_params_no_embed, "active_no_embed": cost.active_params_no_embed}
     record.flops = {"forward_per_token": cost.forward_flops_per_token, "train_per_token": cost.train_flops_per_token,
                     "executed_train_per_token": 3 * cost.executed_forward_flops_per_token}
+    if tr.expert_parallel > 1:  # what expert parallelism sends per step and rank (bench/flops.py)
+        value_bytes = 2 if "bf16" in _precision(tr.precision) else 4
+        sent = cost.all_to_all_bytes_per_step(tr.batch_size * task.target_len, value_bytes, tr.expert_parallel)
+        record.flops["all_to_all_bytes_per_step_per_rank"] = sent["volume"]
+        record.flops["all_to_all_bytes_off_rank_per_step_per_rank"] = sent["off_rank"]
     ckpt_dir = run_dir / "checkpoints"
 
     # A resumed run logs to a new CSV file: CSVLogger would overwrite the earlier one.

@@ -29,6 +29,11 @@ def test_expert_parallel_trains_like_ddp_and_checkpoints_every_expert(run_env):
     # Same data, same routing, same updates: the final evaluation (all val tokens) agrees to float rounding.
     assert ep.metrics["val_loss"] == pytest.approx(ddp.metrics["val_loss"], abs=1e-5)
     assert ep.tokens_seen == ddp.tokens_seen == 6 * 4 * 256 * 2
+    # all-to-all per step and rank: 4 x 1 MoE layer x top-1 x d_model 32 values per token, 4 x 256
+    # tokens per rank, fp32; half of it leaves the rank (EP size 2)
+    assert ep.flops["all_to_all_bytes_per_step_per_rank"] == 4 * 1 * 1 * 32 * 4 * 256 * 4
+    assert ep.flops["all_to_all_bytes_off_rank_per_step_per_rank"] == 4 * 32 * 4 * 256 * 4 / 2
+    assert "all_to_all_bytes_per_step_per_rank" not in ddp.flops
     # The checkpoint holds all 4 experts of each MoE layer (and their Adam moments), so it loads
     # into a model without expert parallelism.
     ckpt = torch.load(Path(ep.paths["checkpoint_dir"]) / "last.ckpt", map_location="cpu", weights_only=False)
