@@ -98,7 +98,41 @@ def _fmt_bytes(n: float) -> str:
         n /= 1000
 
 
+def cmd_perf_device(args: argparse.Namespace) -> int:
+    """`moe-bench perf --device DEVICE`: layer and training speed, MFU, on an accelerator (or CPU)."""
+    import torch
+
+    from bench.perf_device import (device_layer_benchmark, device_training_benchmark, format_device_layer_table,
+                                   format_device_training_table)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"--device {args.device}: this torch build sees no CUDA device "
+                           f"(torch {torch.__version__}, cuda {torch.version.cuda}); use --device cpu"], "perf")
+    if args.only not in (None, "layer", "training"):
+        raise ConfigError([f"--only {args.only}: --device runs the layer and training parts only"], "perf")
+    progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
+    result = {}
+    if args.only in (None, "layer"):
+        result["layer"] = device_layer_benchmark(device, args.layer_preset, tuple(args.tokens or (8192, 65536)),
+                                                 tuple(args.experts), args.precision, args.repeats, progress)
+    if args.only in (None, "training"):
+        result["training"] = device_training_benchmark(
+            device, tuple(args.presets), batch=args.batch, seq=args.seq_len, vocab=args.vocab,
+            steps=args.train_steps, warmup=args.warmup_steps, precision=args.precision, compile=args.compile,
+            peak_tflops=args.peak_tflops, progress=progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n\n".join(fmt(result[k]) for k, fmt in (("layer", format_device_layer_table),
+                                                         ("training", format_device_training_table)) if k in result))
+    return 0
+
+
 def cmd_perf(args: argparse.Namespace) -> int:
+    if args.device:
+        return cmd_perf_device(args)
+    args.tokens = args.tokens or [2048, 8192]
     from bench.perf import (decoding_benchmark, evaluation_benchmark, format_decoding_table, format_evaluation_table,
                             format_layer_table, format_training_table, layer_benchmark, training_benchmark)
 
@@ -579,12 +613,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perf", help="benchmarks: MoE layer vs dense FFN and HF peer, training and decoding speed, "
                                     "large-vocabulary loss memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="token batch sizes")
+    p.add_argument("--tokens", type=int, nargs="+", help="token batch sizes (default 2048 8192; with --device "
+                                                          "8192 65536)")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="expert counts")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the best is reported")
     p.add_argument("--no-peer", action="store_true", help="skip the HuggingFace peer")
     p.add_argument("--only", choices=["layer", "training", "decoding", "evaluation"], help="run one part only")
     p.add_argument("--train-steps", type=int, default=12, help="timed steps per training-throughput row")
+    g = p.add_argument_group("accelerator benchmark (--device): layer and training speed, MFU")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ...: run the device benchmark there (bench/perf_device.py)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast precision (default bf16)")
+    g.add_argument("--layer-preset", choices=["tiny", "small", "base"], default="base",
+                   help="d_model/d_ff of the layer part (default base: 768/3072)")
+    g.add_argument("--presets", nargs="+", choices=["tiny", "small", "base"], default=["small", "base"],
+                   help="model presets of the training part (default small base)")
+    g.add_argument("--batch", type=int, default=32, help="training sequences per step (default 32)")
+    g.add_argument("--seq-len", type=int, default=1024, help="training sequence length (default 1024)")
+    g.add_argument("--vocab", type=int, default=32000, help="synthetic vocabulary size (default 32000)")
+    g.add_argument("--warmup-steps", type=int, default=10, help="untimed training steps first (default 10)")
+    g.add_argument("--compile", action="store_true", help="also time the plain loop under torch.compile")
+    g.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: data sheet of known GPUs)")
     p.set_defaults(func=cmd_perf)
     return parser
 

@@ -37,3 +37,15 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         _applied = False
     return _applied
+
+
+def device_name(device) -> str:
+    """What a record or benchmark says it ran on: the GPU's name, or the CPU and its threads."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -16,7 +16,7 @@ LAYER = {
     "models": 1, "data": 1, "tracking": 1,
     "flops": 2, "decoding": 2, "plans": 2,  # use model configs and models
     "train": 3,
-    "sweep": 4, "perf": 4, "report": 4,
+    "sweep": 4, "perf": 4, "perf_device": 4, "report": 4,
     "runner": 5,  # runs plans (arms) and search spaces (sweep specs and studies)
     "dashboard": 5,  # shows what the report computes, with bench.report's statistics
     "throughput": 5,  # times a plan's arms with perf's training step

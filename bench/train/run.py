@@ -32,7 +32,7 @@ from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig, task_problems
-from bench.runtime import tune_cpu_allocator
+from bench.runtime import device_name, tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
@@ -408,7 +408,10 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         wall = earlier_wall + time.perf_counter() - start
         (run_dir / LOCK_NAME).unlink(missing_ok=True)
         record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
-                          "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9)}
+                          "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
+                          # what the speed was measured on (GPU tiers name their device)
+                          "device": device_name(trainer.strategy.root_device), "processes": trainer.world_size,
+                          "precision": str(trainer.precision)}
         record.expert_stats = health.merge_into(summarize_moe_stats(module.last_moe_stats))
         record.curve = list(curve.points)
         record.finish(status, error)
