@@ -38,7 +38,7 @@ PLANS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 # "no-effect"). Loss in nats per token; BLEU points; ratios as fractions.
 DEFAULT_DELTA = {"val_loss": 0.01, "loss_at_equal_time": 0.01, "val_bleu": 0.5, "test_bleu": 0.5,
                  "val_chrf": 0.5, "step_speedup": 0.05, "tokens_per_second": 0.05,  # relative: a / b - 1
-                 "fraction_dropped": 0.01, "max_over_mean_load": 0.1}
+                 "fraction_dropped": 0.01, "max_over_mean_load": 0.1, "max_violation": 0.05}
 
 
 @dataclass
@@ -53,12 +53,21 @@ class Arm:
     budget: Literal["flops", "baseline_tokens", "equal_time"] = "flops"
     tier_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # tier -> settings, applied last
     paper: str = ""  # what the paper reports for this arm (the report's "paper" column)
+    # Sparse upcycling and dense continuation: start from the finished run of this (earlier) arm
+    # with the same seed (`train --init-from`); the tier's FLOP budget then counts that run's too.
+    init_from: Optional[str] = None
+    budget_fraction: float = 1.0  # budget "flops": this share of the tier's budget (a first stage)
 
     def problems(self) -> list[str]:
         from bench.models.config import FAMILIES
 
-        return [] if self.model in FAMILIES else [
+        p = [] if self.model in FAMILIES else [
             f"model={self.model!r} is not allowed: expected one of {', '.join(FAMILIES)}"]
+        if not 0 < self.budget_fraction <= 1:
+            p.append(f"budget_fraction={self.budget_fraction} is not allowed: expected a share in (0, 1]")
+        if self.budget_fraction != 1 and self.budget != "flops":
+            p.append(f"budget_fraction applies to budget 'flops' only, not budget={self.budget!r}")
+        return p
 
 
 @dataclass
@@ -166,9 +175,20 @@ class Plan:
                 p.append(f"tiers.{name}.arms must include the baseline {self.baseline!r}")
         for c in self.claims:
             p += [f"claim {c.text!r}: {a!r} is not an arm" for a in c.arms() if a and a not in known]
-        for a in self.arms:
+        for i, a in enumerate(self.arms):
             p += [f"arm {a.label!r}: tier_settings names unknown tier {t!r}" for t in a.tier_settings
                   if t not in self.tiers]
+            if a.init_from is not None:
+                earlier = {x.label: x for x in self.arms[:i]}
+                if a.init_from not in earlier:
+                    p.append(f"arm {a.label!r}: init_from={a.init_from!r} must name an arm listed before it "
+                             f"(its runs start from that arm's finished run of the same seed)")
+                elif earlier[a.init_from].budget_fraction >= 1 and a.budget == "flops" and a.budget_fraction >= 1:
+                    p.append(f"arm {a.label!r}: its budget counts {a.init_from!r}'s FLOPs, which already spend "
+                             f"the whole budget; give {a.init_from!r} a budget_fraction below 1")
+                for name, tier in self.tiers.items():
+                    if tier.arms is not None and a.label in tier.arms and a.init_from not in tier.arms:
+                        p.append(f"tiers.{name}.arms has {a.label!r} but not {a.init_from!r}, which it starts from")
         if not self.tiers:
             p.append("tiers: a plan needs at least one tier")
         return p

@@ -17,7 +17,8 @@ from tests.train.conftest import SMALL
 
 def test_shipped_plans_cover_the_papers_arms():
     plans = all_plans()
-    assert sorted(plans) == ["capacity", "granularity", "moe-rnn", "switch-experts", "switch-vs-dense", "translation"]
+    assert sorted(plans) == ["balancing", "capacity", "expert-choice", "granularity", "moe-rnn", "shared-experts",
+                             "switch-experts", "switch-vs-dense", "translation", "upcycling"]
     svd = plans["switch-vs-dense"]
     assert [a.label for a in svd.arms] == ["dense", "dense-wide", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0",
                                            "switch cf=1.25 equal-time", "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
@@ -26,7 +27,7 @@ def test_shipped_plans_cover_the_papers_arms():
     assert [a.settings["capacity_factor"] for a in plans["capacity"].arms] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
     assert {a.model for a in plans["moe-rnn"].arms} == {"lstm", "moe-rnn"}
     assert {a.model for a in plans["translation"].arms} == {"dense", "switch", "moe-rnn", "lstm"}
-    with pytest.raises(ConfigError, match="plan 'nope' is not known; shipped plans: capacity, granularity, moe-rnn"):
+    with pytest.raises(ConfigError, match="plan 'nope' is not known; shipped plans: balancing, capacity, expert-choice, granularity"):
         load_plan("nope")
 
 
@@ -64,6 +65,66 @@ def test_granularity_arms_split_the_experts_at_equal_active_flops(tier):
         # equal active FLOPs: only the router (2 x d_model x E*G per MoE layer) differs from dense
         router = cost.forward_breakdown["router"]
         assert cost.forward_flops_per_token - dense.forward_flops_per_token == pytest.approx(router)
+
+
+def _resolved(plan, tier: str):
+    """label -> (ModelConfig, Cost) of every arm of ``plan``'s ``tier``, as the runner resolves them."""
+    from bench.config import from_dict
+    from bench.models.config import ModelConfig
+
+    task = load_task(plan.task)
+    out = {}
+    for arm in plan.tier_arms(tier):
+        cfg = from_dict(ModelConfig, planned_config(plan, arm, tier, arm_budget(plan, arm, tier))["model"])
+        src = task.src_len if task.type == "translation" else None
+        out[arm.label] = cfg, model_cost(cfg, task.tgt_len if src else task.seq_len, task.type, src)
+    return out
+
+
+@pytest.mark.parametrize("tier", ["tiny", "ref"])
+def test_balancing_arms_differ_only_in_how_they_balance(tier):
+    arms = _resolved(load_plan("balancing"), tier)
+    weights = {label: (cfg.moe.balance, cfg.moe.load_balance_weight) for label, (cfg, _) in arms.items()}
+    assert weights == {"aux 1e-4": ("aux_loss", 1e-4), "aux 1e-3": ("aux_loss", 1e-3), "aux 1e-2": ("aux_loss", 1e-2),
+                       "aux 1e-1": ("aux_loss", 1e-1), "bias": ("bias", 0.0)}  # bias: no balancing loss
+    assert {(cfg.moe.router, cfg.moe.top_k, cfg.moe.num_experts) for cfg, _ in arms.values()} == {("topk", 2, 8)}
+    assert len({cost.train_flops_per_token for _, cost in arms.values()}) == 1
+
+
+@pytest.mark.parametrize("tier", ["tiny", "ref"])
+def test_shared_experts_arms_activate_four_width_256_experts_at_the_dense_flops(tier):
+    arms = _resolved(load_plan("shared-experts"), tier)
+    fine, shared = arms["fine G=4"][0].moe, arms["shared + fine"][0].moe
+    width = arms["dense"][0].d_ff // 4
+    assert (fine.num_experts, fine.top_k, fine.d_expert, fine.shared_experts) == (32, 4, width, 0)
+    assert (shared.num_experts, shared.top_k, shared.d_expert, shared.shared_experts) == (24, 3, width, 1)
+    dense = arms["dense"][1]
+    for label in ("switch", "moe top-2", "fine G=4", "shared + fine"):  # only the router adds FLOPs
+        cost = arms[label][1]
+        assert cost.forward_flops_per_token - dense.forward_flops_per_token == pytest.approx(
+            cost.forward_breakdown["router"]), label
+
+
+@pytest.mark.parametrize("tier", ["tiny", "ref"])
+def test_expert_choice_routes_the_encoder_only_at_the_switch_flops(tier):
+    arms = _resolved(load_plan("expert-choice"), tier)
+    ec, top1 = arms["expert choice"], arms["switch"]
+    assert ec[0].moe.router_for(causal=False) == "expert_choice" and ec[0].moe.router_for(causal=True) == "switch"
+    assert ec[0].moe.capacity_factor == 1.0 and top1[0].moe.router == "switch"
+    assert ec[1].forward_flops_per_token == top1[1].forward_flops_per_token  # EC at cf 1: one expert row per token
+
+
+@pytest.mark.parametrize("tier", ["tiny", "ref"])
+def test_upcycling_arms_can_start_from_the_half_budget_dense_run(tier):
+    from bench.models.upcycle import upcycle_problems
+
+    plan = load_plan("upcycling")
+    arms = _resolved(plan, tier)
+    first = arms["dense half"][0]
+    assert arm_budget(plan, plan.arm("dense half"), tier)["value"] == plan.tiers[tier].budget_flops / 2
+    for label in ("dense continued", "upcycled"):
+        assert plan.arm(label).init_from == "dense half" and upcycle_problems(first, arms[label][0]) == []
+    assert arms["upcycled"][1].train_flops_per_token == arms["switch"][1].train_flops_per_token
 
 
 def to_dict_moe(cfg):
@@ -421,3 +482,54 @@ def test_run_file_runs_a_users_plan_and_a_search_space_through_the_one_runner(ru
     assert (result.completed, result.failed) == (2, 0)
     finished = ResultsStore(run_env["storage"]).list(group=result.study_name)
     assert sorted(r.config["model"]["d_ff"] for r in finished) == [64, 128]
+
+
+def test_an_upcycling_plan_starts_each_seed_from_its_own_first_stage(run_env):
+    """init_from arms start from the same seed's finished run of the named arm; budget_fraction
+    gives that first stage a share of the budget; the total budget counts both stages."""
+    budget = 6e9
+    plan = parse_plan({"name": "upc", "title": "upc", "task": "tinyshakespeare-char", "baseline": "dense half",
+                       "settings": dict(parse_override(p) for p in SMALL),
+                       "tiers": {"tiny": {"budget_flops": budget, "seeds": 1}},
+                       "arms": [{"label": "dense half", "model": "dense", "budget_fraction": 0.5},
+                                {"label": "dense continued", "model": "dense", "init_from": "dense half"},
+                                {"label": "upcycled", "model": "switch", "init_from": "dense half",
+                                 "settings": {"d_expert": 64}}]}, "upc.yaml")
+    store = ResultsStore(run_env["storage"])
+    said = []
+    # the second stage alone, before its source exists: skipped with the reason, nothing trained
+    assert run_plan(plan, "tiny", storage=run_env["storage"], arms=["upcycled"], progress=False,
+                    announce=said.append) == []
+    assert any("skipping upcycled (seed 0): it starts from 'dense half' (seed 0), which has no finished run" in m
+               for m in said)
+    records = {r.extra["arm"]: r for r in run_plan(plan, "tiny", storage=run_env["storage"], progress=False,
+                                                   announce=said.append)}
+    first = records["dense half"]
+    assert first.budget == {"kind": "flops", "value": budget / 2} and first.train_flops >= budget / 2
+    for label in ("dense continued", "upcycled"):
+        r = records[label]
+        assert r.config["init_from"]["run_id"] == first.run_id
+        assert r.extra["total_train_flops"] == pytest.approx(first.train_flops + r.train_flops)
+        assert budget <= r.extra["total_train_flops"] < budget * 1.1  # both stages within the budget's last step
+    assert records["upcycled"].family == "switch" and records["dense continued"].family == "dense"
+    # nothing left to do on a second call: every pair finished with its planned config
+    assert all(r.done is not None for r in plan_runs(plan, "tiny", store))
+
+
+def test_init_from_must_name_an_earlier_arm_with_budget_left():
+    base = {"name": "x", "title": "x", "task": "tinyshakespeare-char", "baseline": "d",
+            "tiers": {"tiny": {"budget_flops": 1e12}, "short": {"budget_flops": 1e12, "arms": ["d", "u"]}}}
+    with pytest.raises(ConfigError) as err:
+        parse_plan({**base, "arms": [{"label": "d", "model": "dense"},
+                                     {"label": "u", "model": "switch", "init_from": "d"},
+                                     {"label": "v", "model": "switch", "init_from": "w"},
+                                     {"label": "w", "model": "dense", "budget_fraction": 1.5}]}, "x.yaml")
+    text = str(err.value)
+    for expected in ("arm 'u': its budget counts 'd''s FLOPs, which already spend the whole budget",
+                     "arm 'v': init_from='w' must name an arm listed before it",
+                     "budget_fraction=1.5 is not allowed: expected a share in (0, 1]"):
+        assert expected in text, expected
+    with pytest.raises(ConfigError, match="tiers.short.arms has 'u' but not 'h', which it starts from"):
+        parse_plan({**base, "tiers": {"short": {"budget_flops": 1e12, "arms": ["d", "u"]}},
+                    "arms": [{"label": "d", "model": "dense"}, {"label": "h", "model": "dense", "budget_fraction": 0.5},
+                             {"label": "u", "model": "switch", "init_from": "h"}]}, "x.yaml")

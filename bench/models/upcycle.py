@@ -13,7 +13,8 @@ outputs, the activation being elementwise) and expert j holds slice j mod G: eve
 E times. Shared experts hold slices too (shared expert s: slice s mod G); with G = 1 each is a
 whole copy. Only without them and with G = 1 is the model the dense one at step 0 (top-k gates
 renormalised to sum to 1, dropless: y = sum_j g_j FFN(x) = FFN(x); a top-1 switch gives p * FFN(x)).
-Plain torch, no Lightning.
+A dense target (``model=dense``) gets every tensor: a continuation of the dense run with a fresh
+optimizer, the baseline the upcycling plan compares with. Plain torch, no Lightning.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def upcycle_problems(dense: ModelConfig, cfg: ModelConfig) -> list[str]:
     p = []
     if dense.family != "dense":
         p.append(f"the source is a {dense.family} model: upcycling starts from a dense one")
-    if cfg.family not in ("switch", "moe"):
-        p.append(f"model={cfg.family!r}: upcycling initialises switch or moe Transformers")
+    if cfg.family not in ("switch", "moe", "dense"):
+        p.append(f"model={cfg.family!r}: upcycling initialises switch or moe Transformers (or dense: a continuation)")
     for name in SAME_SHAPE:
         a, b = getattr(dense, name), getattr(cfg, name)
         if a != b:

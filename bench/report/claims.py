@@ -76,6 +76,8 @@ def record_values(r: RunRecord) -> dict[str, float]:
         "steps": r.steps, "tokens": r.tokens_seen, "train_flops": r.train_flops,
         "fraction_dropped": _mean_layers(r.expert_stats, lambda s: s.get("fraction_dropped")),
         "max_over_mean_load": _mean_layers(r.expert_stats, _max_over_mean),
+        # MaxVio (Wang et al. 2024) over the run's last whole evaluation, mean over MoE layers
+        "max_violation": _mean_layers(r.expert_stats, lambda s: (s.get("eval") or {}).get("max_violation")),
     }
     if m.get("val_loss") is not None:
         out["val_perplexity"] = perplexity(min(m["val_loss"], 50.0))

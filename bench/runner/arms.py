@@ -36,8 +36,14 @@ def arm_budget(plan: Plan, arm: Arm, tier: str, flops: float | None = None,
                extra: dict[str, Any] | None = None, store: ResultsStore | None = None) -> dict[str, Any]:
     """The training budget of one arm (see ``Arm.budget``); ``flops`` replaces the tier's budget."""
     spec = plan.tier(tier).budget_spec()
-    if arm.budget == "flops":  # the tier's budget (FLOPs for every shipped plan)
-        return {"kind": "flops", "value": float(flops)} if flops else spec
+    if arm.budget == "flops":  # the tier's budget (FLOPs for every shipped plan), or a share of it
+        budget = {"kind": "flops", "value": float(flops)} if flops else dict(spec)
+        if arm.budget_fraction != 1:
+            if budget["kind"] != "flops":
+                raise ConfigError([f"arm {arm.label!r} has budget_fraction, which takes a share of a FLOP budget; "
+                                   f"tier {tier!r} has a {budget['kind']} budget"], "plan")
+            budget["value"] = float(budget["value"] * arm.budget_fraction)
+        return budget
     if spec["kind"] != "flops" and not flops:
         raise ConfigError([f"arm {arm.label!r} has budget {arm.budget!r}, which derives from a FLOP budget; tier "
                            f"{tier!r} has a {spec['kind']} budget"], "plan")
@@ -227,6 +233,16 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
                 run_tags["tier"] = tier
             if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
                 run_tags["plan_file"] = plan.source
+        init_from = None
+        if run.resume is None and run.arm.init_from is not None:
+            source = source_run(plan, tier, run.arm, run.seed, store, group, budget_flops, extra)
+            if source is None:
+                announce(f"  skipping {run.arm.label} (seed {run.seed}): it starts from {run.arm.init_from!r} "
+                         f"(seed {run.seed}), which has no finished run; run that arm first")
+                continue
+            from bench.train.upcycling import from_dense_run
+
+            init_from = from_dense_run(source.run_id, storage)
         try:
             if run.resume is not None:
                 record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
@@ -235,7 +251,7 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
                 record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
                                seed=run.seed, storage=storage, data_dir=data_dir, group=group,
                                name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
-                               tags=run_tags, keep_checkpoints=keep_checkpoints)
+                               tags=run_tags, keep_checkpoints=keep_checkpoints, init_from=init_from)
         except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
             failed = store.get(run_id)
             if failed is None or is_fatal(e):
@@ -249,6 +265,16 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
             raise KeyboardInterrupt
         records.append(record)
     return records
+
+
+def source_run(plan: Plan, tier: str, arm: Arm, seed: int, store: ResultsStore, group: str,
+               flops: float | None = None, extra: dict[str, Any] | None = None) -> RunRecord | None:
+    """The finished run of ``arm.init_from`` with this seed and its planned config (newest first)."""
+    src = plan.arm(arm.init_from)
+    wanted = planned_config(plan, src, tier, arm_budget(plan, src, tier, flops, extra, store), extra)
+    found = [r for r in store.list(group=group) if r.extra.get("arm") == src.label and r.seed == seed
+             and r.status == "finished" and not is_throughput(r) and same_config(r.config, wanted)]
+    return max(found, key=lambda r: r.started_at) if found else None
 
 
 # -- `moe-bench compare`: a plan built from its arguments -----------------------------------------
@@ -276,4 +302,4 @@ def compare(task: str, families: list[str], preset: str = "tiny", budget: dict[s
 
 
 __all__ = ["compare", "comparison_plan", "PlannedRun", "PlannedRuns", "NeedsThroughput", "plan_runs", "run_plan", "arm_budget", "planned_config",
-           "same_config", "throughput_medians"]
+           "same_config", "source_run", "throughput_medians"]

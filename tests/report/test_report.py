@@ -96,6 +96,14 @@ def test_record_values_load_imbalance_and_dropped_tokens():
     v = record_values(rec("s", 0, 2.0, load=(6, 1, 1, 0), dropped=0.25))
     assert v["max_over_mean_load"] == pytest.approx(3.0)  # 6 / (8 / 4)
     assert v["fraction_dropped"] == 0.25 and v["val_perplexity"] == pytest.approx(2.718281828 ** 2.0)
+    assert "max_violation" not in v  # no evaluation health in this record
+
+
+def test_record_values_max_violation_is_the_last_evaluations_mean_over_layers():
+    r = rec("s", 0, 2.0)
+    r.expert_stats = [{"tokens_per_expert": [1, 1], "eval": {"max_violation": 0.5}},
+                      {"tokens_per_expert": [1, 1], "eval": {"max_violation": 0.25}}]
+    assert record_values(r)["max_violation"] == pytest.approx(0.375)
 
 
 def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
@@ -124,7 +132,8 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert headline["estimate"] == pytest.approx(0.22) and headline["ci_low"] == pytest.approx(0.22)
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
-    assert "Not in this store yet: `capacity`, `granularity`, `moe-rnn`, `switch-experts`, `translation`" in text
+    assert ("Not in this store yet: `balancing`, `capacity`, `expert-choice`, `granularity`, `moe-rnn`, "
+            "`shared-experts`, `switch-experts`, `translation`, `upcycling`") in text
     budget = load_plan("switch-vs-dense").tiers["tiny"].budget_flops
     assert "95% CI" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
