@@ -62,3 +62,22 @@ def test_bf16_switch_training_run_on_cuda_from_the_cli(run_env):
     assert record.status == "finished" and record.steps == 6
     assert record.timings["device"] == torch.cuda.get_device_name() and record.timings["precision"] == "bf16-mixed"
     assert 0 < record.metrics["val_loss"] < 10
+
+
+@pytest.mark.parametrize("router,top_k", [("switch", 1), ("topk", 2)])
+def test_dropless_grouped_mm_layer_step_never_waits_for_the_gpu(router, top_k):
+    """Forward + backward of a dropless grouped-GEMM layer issues no host synchronisation: counts
+    stay on the device (no bincount, no boolean selection, no .tolist())."""
+    layer = MoELayer(D, FF, MoEConfig(num_experts=E, capacity_factor=None, router=router, top_k=top_k,
+                                      renormalize=top_k > 1, dispatch="grouped_mm")).cuda().train()
+    x = torch.randn(4, 32, D, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        layer(x)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, aux = layer(x)
+        (y.float().square().mean() + aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -393,3 +393,14 @@ def test_top1_ties_break_as_topk_does():
     logits[:, 3] = logits[:, 5] = 2.0  # every row ties between experts 3 and 5
     idx, gates, probs = softmax_topk_gating(logits, k=1)
     torch.testing.assert_close(idx, probs.topk(1, dim=-1).indices, rtol=0, atol=0)
+
+
+def test_counts_below_equals_bincount_with_and_without_weights():
+    from bench.models.routing import counts_below
+
+    index = torch.tensor([[0, 3], [3, 3], [1, 0]])
+    assert torch.equal(counts_below(index, 5), torch.tensor([2, 1, 0, 3, 0]))  # expert 4 unused, still counted
+    assert counts_below(index, 5).dtype == torch.int64
+    weights = torch.tensor([[1.0, 0.0], [0.5, 1.0], [1.0, 1.0]])
+    assert torch.equal(counts_below(index, 5, weights), torch.tensor([2.0, 1.0, 0.0, 1.5, 0.0]))
+    assert torch.equal(counts_below(torch.zeros(0, dtype=torch.long), 3), torch.zeros(3, dtype=torch.long))

@@ -124,10 +124,12 @@ def prefers_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def grouped_mm_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], act) -> Tensor:
+def grouped_mm_expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int] | Tensor, act) -> Tensor:
     """The same FFN with torch's grouped GEMM: rows sorted by expert, ``offs`` the end row of each
-    expert's block (an expert without rows has an empty block). Autograd through torch's op."""
+    expert's block (an expert without rows has an empty block). Autograd through torch's op.
+    ``counts`` may stay on the device (a tensor): nothing is read back to the host."""
     dtype = compute_dtype(x)
-    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    counts = counts if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
+    offs = counts.cumsum(0).to(torch.int32)
     h = torch._grouped_mm(x.to(dtype).contiguous(), w1.to(dtype), offs=offs)
     return torch._grouped_mm(act(h), w2.to(dtype), offs=offs)

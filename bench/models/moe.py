@@ -30,7 +30,7 @@ from bench.models.config import MoEConfig
 from bench.models.expert_parallel import dispatch_to_experts
 from bench.models.experts import (compute_dtype, grouped_expert_ffn, grouped_mm_expert_ffn, prefers_grouped_mm,
                                   row_granule)
-from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing
+from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing, counts_below
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 AUTO_PADDED_BELOW_ROWS = {"fp32": 16, "reduced": 64}  # see the module docstring
@@ -178,10 +178,12 @@ class MoELayer(nn.Module):
     def combine(self, x: Tensor, routing: Routing) -> tuple[Tensor, int]:
         """y_t = sum_j gate_tj * expert_{e_tj}(x_t) over kept assignments. x: (T, d)."""
         T, k = routing.expert_index.shape
-        keep = routing.keep.reshape(-1)
-        token = torch.arange(T, device=x.device).repeat_interleave(k)[keep]  # (A,) kept assignments
-        expert = routing.expert_index.reshape(-1)[keep]
-        gate = routing.gates.reshape(-1)[keep]
+        token = torch.arange(T, device=x.device).repeat_interleave(k)  # (A,) kept assignments
+        expert, gate = routing.expert_index.reshape(-1), routing.gates.reshape(-1)
+        position = routing.position.reshape(-1)
+        if routing.capacity is not None:  # selecting the kept ones reads their number back to the host;
+            keep = routing.keep.reshape(-1)  # dropless token choice keeps all and skips that sync
+            token, expert, gate, position = token[keep], expert[keep], gate[keep], position[keep]
         if self.expert_shard is not None:  # expert parallel: the experts' ranks compute them
             order = torch.argsort(expert, stable=True)
             token, expert, gate = token[order], expert[order], gate[order]
@@ -195,7 +197,6 @@ class MoELayer(nn.Module):
             token, expert, gate = token[order], expert[order], gate[order]
             out, slots = self._sorted_experts(x.index_select(0, token), expert, kernel)
         else:
-            position = routing.position.reshape(-1)[keep]
             group = token // routing.group_size
             num_groups = -(-T // routing.group_size)
             out, slots = self._padded_experts(x, token, expert, position, group, num_groups)
@@ -213,10 +214,11 @@ class MoELayer(nn.Module):
 
     def _sorted_experts(self, rows: Tensor, expert: Tensor, kernel: str = "sorted") -> tuple[Tensor, int]:
         """rows (A, d) sorted by ``expert``: each expert runs on its contiguous block."""
-        counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
-        return self._run_experts(rows, counts, kernel), rows.shape[0]
+        counts = counts_below(expert, self.cfg.num_experts)
+        # the grouped GEMM takes the counts on the device; the per-expert loop needs them on the host
+        return self._run_experts(rows, counts if kernel == "grouped_mm" else counts.tolist(), kernel), rows.shape[0]
 
-    def _run_experts(self, rows: Tensor, counts: list[int], kernel: str = "sorted") -> Tensor:
+    def _run_experts(self, rows: Tensor, counts: list[int] | Tensor, kernel: str = "sorted") -> Tensor:
         """The experts this module holds (all, or its shard) on rows sorted by expert, counts[e] each."""
         if kernel == "grouped_mm":
             return grouped_mm_expert_ffn(rows, self.w1, self.w2, counts, lambda h: self.expert_dropout(self.act(h)))

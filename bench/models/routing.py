@@ -49,6 +49,15 @@ class Routing:
 # auxiliary losses
 
 
+def counts_below(index: Tensor, n: int, weights: Optional[Tensor] = None) -> Tensor:
+    """``torch.bincount(index, weights, minlength=n)`` for indices known to lie in [0, n): on a GPU,
+    bincount reads the largest index back to the host to size its output (a sync per call); a
+    scatter-add into n zeros does not. int64 counts, or the weights' dtype."""
+    index = index.reshape(-1)
+    values = torch.ones_like(index) if weights is None else weights.reshape(-1)
+    return values.new_zeros(n).index_add_(0, index, values)
+
+
 def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
     """Switch eq. 4: N * sum_i f_i * P_i.
 
@@ -57,7 +66,7 @@ def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
     probs: (T, E); expert_index: (T, k).
     """
     num_experts = probs.shape[-1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = counts_below(expert_index, num_experts).to(probs.dtype)
     f = counts / expert_index.numel()
     P = probs.mean(dim=0)
     return num_experts * torch.sum(f * P)
@@ -409,16 +418,16 @@ class Router(nn.Module):
                 if self.training and cfg.top_k < cfg.num_experts:
                     load = smooth_load(logits, noisy, noise_std, cfg.top_k)
                 else:  # no noise: the load is the (non-differentiable) assignment count
-                    load = torch.bincount(expert_index.reshape(-1), minlength=cfg.num_experts).float()
+                    load = counts_below(expert_index, cfg.num_experts).float()
             else:
                 expert_index, gates, probs = softmax_topk_gating(logits, cfg.top_k, cfg.renormalize, bias)
                 selection_probs = probs.detach()
-                load = torch.bincount(expert_index.reshape(-1), minlength=cfg.num_experts).float()
+                load = counts_below(expert_index, cfg.num_experts).float()
             losses["load_balance"] = load_balancing_loss(probs, expert_index)
             losses["importance"] = cv_squared(probs.sum(dim=0))
             losses["load"] = cv_squared(load)
         if bias is not None and self.training:  # the loads of this step, for update_balance_bias
-            self.load_since_update += torch.bincount(expert_index.reshape(-1), minlength=cfg.num_experts)
+            self.load_since_update += counts_below(expert_index, cfg.num_experts)
         position, keep, capacity, group_size = assign_capacity(
             expert_index, gates, cfg.num_experts, factor, cfg.group_size, cfg.drop_policy, self.causal)
         gates = gates * keep
@@ -456,8 +465,9 @@ def routing_metrics(probs: Optional[Tensor], expert_index: Tensor, keep: Tensor,
     (max_i Load_i - mean Load) / mean Load; dead experts: no token kept in this forward pass."""
     with torch.no_grad():
         assigned_index = expert_index if chosen is None else expert_index[chosen]
-        assigned = torch.bincount(assigned_index.reshape(-1), minlength=num_experts)
-        kept = torch.bincount(expert_index[keep], minlength=num_experts)
+        assigned = counts_below(assigned_index, num_experts)
+        # weights instead of expert_index[keep]: a boolean selection would read its size back to the host
+        kept = counts_below(expert_index, num_experts, keep.long())
         drop = ~keep if dropped is None else dropped
         load = assigned.float()
         mean_load = load.mean()
@@ -479,8 +489,8 @@ def routing_metrics(probs: Optional[Tensor], expert_index: Tensor, keep: Tensor,
         if position_bucket is not None:
             per_token = drop.float().sum(-1)  # (T,) dropped entries of each token
             width = drop.shape[-1] if drop.dim() > 1 else 1
-            counts = torch.bincount(position_bucket, minlength=NUM_POSITION_BUCKETS).float() * width
-            dropped_count = torch.bincount(position_bucket, weights=per_token, minlength=NUM_POSITION_BUCKETS)
+            counts = counts_below(position_bucket, NUM_POSITION_BUCKETS).float() * width
+            dropped_count = counts_below(position_bucket, NUM_POSITION_BUCKETS, per_token)
             out["dropped_by_position"] = dropped_count / counts.clamp_min(1)
             out["assignments_by_position"] = counts  # the denominators, to pool several batches
         return out
