@@ -188,6 +188,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         record = train(args.task, args.model, args.preset, args.overrides, budget=_budget(args), seed=args.seed,
                        storage=args.storage, data_dir=args.data_dir, group=args.group, name=args.name,
                        progress=not args.json, keep_checkpoints=args.keep_checkpoints, init_from=init_from)
+    from bench.train.run import launched_worker
+
+    if launched_worker():  # another rank of rank 0's run (strategy=ddp): rank 0 prints the summary
+        return 0
     summary = record.summary()
     if "init_from" in record.config:  # upcycled: the source, and the FLOPs with the dense run's
         summary.update(init_from=record.config["init_from"]["run_id"],

@@ -146,7 +146,10 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     init = None
     if init_from is not None:  # the source is checked before any record or run folder exists
         source, init = init_from(cfg, rc, task)
-    run_id = run_id or new_run_id(f"{task.name}-{family}")
+    # A launcher's worker joins rank 0's run (the id comes in the environment); across nodes the
+    # user sets MOE_BENCH_RUN_ID on every node, so all of them share one run folder.
+    shared = launched_worker() or rc.train.num_nodes > 1
+    run_id = run_id or (os.environ.get(RUN_ID_ENV) if shared else None) or new_run_id(f"{task.name}-{family}")
     # The data's vocabulary size (the model's may be larger): --resume checks the data still gives it.
     config = {"model": to_dict(cfg), "run": to_dict(rc), "data_dir": data_dir, "data_vocab_size": task.vocab_size,
               "data_sha256": data_fingerprint(task, data_dir)}  # --resume checks the files are unchanged
@@ -158,6 +161,19 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
                        preset=preset, seed=seed, git_commit=git_commit(), config=config, extra=dict(tags or {}))
     return _execute(record, task, cfg, rc, storage, data_dir, progress, extra_callbacks, ckpt_path=None,
                     keep_checkpoints=keep_checkpoints, init=init)
+
+
+RUN_ID_ENV = "MOE_BENCH_RUN_ID"  # the run a DDP launcher's worker processes belong to
+
+
+def launched_worker() -> bool:
+    """True in a process a DDP launcher started for a rank other than global rank 0: Lightning's
+    ``strategy=ddp`` re-runs the command with LOCAL_RANK=1.., torchrun and SLURM set RANK or
+    SLURM_PROCID, other nodes have NODE_RANK > 0. Such a process trains its part of the run; the
+    record, run folder, W&B run and printed summary are rank 0's."""
+    if any(os.environ.get(var, "0") not in ("", "0") for var in ("RANK", "SLURM_PROCID")):
+        return True
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
 def inherited_train_flops(record: RunRecord) -> float:
@@ -259,7 +275,7 @@ def resume_run(run_id: str, storage: str | None = None, data_dir: str | None = N
     cfg = from_dict(ModelConfig, record.config["model"])
     rc = from_dict(RunConfig, record.config["run"])
     owner = live_owner(Path(record.paths.get("run_dir") or ""))
-    if record.status == "running" and owner is not None:
+    if record.status == "running" and owner is not None and not launched_worker():  # a worker joins rank 0's
         raise ConfigError([f"run {run_id} is still running (process {owner}): resuming it now would make two "
                            "processes write one run; wait for it, or stop it first"], "resume")
     data_dir = data_dir or record.config.get("data_dir")
@@ -290,10 +306,14 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
              keep_checkpoints: bool = False, init=None) -> RunRecord:
     tune_cpu_allocator()
     pl.seed_everything(record.seed, workers=True, verbose=False)
-    store = ResultsStore(storage)
+    worker = launched_worker()  # rank > 0 of a launched DDP job: no record, lock or W&B of its own
+    store = _NoStore() if worker else ResultsStore(storage)
     run_dir = runs_dir() / record.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOCK_NAME).write_text(str(os.getpid()))
+    launched_id = os.environ.get(RUN_ID_ENV)
+    if not worker:
+        (run_dir / LOCK_NAME).write_text(str(os.getpid()))
+        os.environ[RUN_ID_ENV] = record.run_id  # inherited by the ranks strategy=ddp launches
     # A resumed run adds this segment to the wall time of the segments before it (a run killed
     # with -9 never recorded its own, so its time is missing from the sum).
     earlier_wall = float(record.timings.get("wall_seconds") or 0.0) if ckpt_path else 0.0
@@ -334,7 +354,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version=csv_version)]
     record.paths = {"run_dir": str(run_dir), "checkpoint_dir": str(ckpt_dir),
                     "csv_file": str(run_dir / csv_version / "metrics.csv")}
-    wandb_logger = _wandb_logger(record, run_dir)
+    wandb_logger = None if worker else _wandb_logger(record, run_dir)
     if wandb_logger is not None:
         loggers.append(wandb_logger)
         from bench.tracking.wandb_setup import wandb_run_info
@@ -406,7 +426,9 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         if inherited:  # this run's training FLOPs above; with its dense run's here
             record.extra["total_train_flops"] = inherited + record.train_flops
         wall = earlier_wall + time.perf_counter() - start
-        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        if not worker:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            _restore_env(RUN_ID_ENV, launched_id)  # the next run of this process gets its own id
         record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
                           "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
                           # what the speed was measured on (GPU tiers name their device)
@@ -415,13 +437,27 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.expert_stats = health.merge_into(summarize_moe_stats(module.last_moe_stats))
         record.curve = list(curve.points)
         record.finish(status, error)
-        if status in ("finished", "pruned") and not keep_checkpoints:
+        if status in ("finished", "pruned") and not keep_checkpoints and not worker:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             record.paths["checkpoint_dir"] = None  # removed: the run cannot (and need not) be resumed
         store.save(record)
         if wandb_logger is not None:
             _finish_wandb(wandb_logger, record)
     return record
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+class _NoStore:
+    """The results store of a launched worker rank: rank 0 writes the run's record."""
+
+    def save(self, record: RunRecord) -> None:
+        pass
 
 
 def _is_trial_pruned(error: BaseException) -> bool:

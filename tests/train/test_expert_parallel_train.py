@@ -67,3 +67,27 @@ def test_bad_expert_parallel_settings_are_refused_before_any_work(run_env, tmp_p
         train(TASK, family, "tiny", overrides=SMALL + extra, budget={"kind": "steps", "value": 1},
               storage=run_env["storage"], progress=False)
     assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_strategy_ddp_from_the_cli_makes_one_run_with_every_rank(run_env):
+    """strategy=ddp re-runs the command for rank 1 (LOCAL_RANK=1): that process joins rank 0's run
+    (same run id, no record, lock or summary of its own) and the result equals ddp_spawn's."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.tracking.records import ResultsStore
+
+    sets = [a for o in SMALL + ["devices=2", "strategy=ddp", "grad_clip=0.05", "expert_parallel=2"]
+            for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--task", TASK, "--model", "switch",
+                           "--budget-steps", "6", "--storage", run_env["storage"], "--json"] + sets,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # printed by rank 0 only
+    (record,) = ResultsStore(run_env["storage"]).list()  # one run, not one per rank
+    assert record.status == "finished" and record.timings["processes"] == 2 and record.steps == 6
+    spawned = _train(run_env, DDP + ["expert_parallel=2"])
+    assert record.metrics["val_loss"] == pytest.approx(spawned.metrics["val_loss"], abs=1e-5)

@@ -452,3 +452,31 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(run_env
     assert record.status == "failed" and "FloatingPointError" in record.extra["traceback"]
     with pytest.raises(FloatingPointError):
         main(["--debug"] + args)
+
+
+@pytest.mark.parametrize("env, worker", [
+    ({}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False), ({"RANK": "0", "SLURM_PROCID": "0"}, False),
+    ({"LOCAL_RANK": "1"}, True), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, True),
+    ({"SLURM_PROCID": "2"}, True),
+])
+def test_launched_worker_is_any_rank_but_global_zero(monkeypatch, env, worker):
+    from bench.train.run import launched_worker
+
+    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert launched_worker() is worker
+
+
+def test_each_run_of_a_process_gets_its_own_id_after_a_launch(run_env, monkeypatch):
+    """The run id handed to launched ranks (MOE_BENCH_RUN_ID) is withdrawn after the run: the next
+    run in the same process is a new run, not the previous one again."""
+    from bench.train.run import RUN_ID_ENV
+
+    monkeypatch.delenv(RUN_ID_ENV, raising=False)
+    first = train(TASK, "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 2},
+                  storage=run_env["storage"], progress=False)
+    second = train(TASK, "dense", "tiny", overrides=SMALL, budget={"kind": "steps", "value": 2},
+                   storage=run_env["storage"], progress=False)
+    assert first.run_id != second.run_id and RUN_ID_ENV not in __import__("os").environ
