@@ -129,8 +129,9 @@ def curve_points(record: RunRecord, x: str = "step") -> list[tuple[float, float]
 def add_paired_metrics(arms: dict[str, ArmStats], baseline: str, speed: dict[str, float] | None = None) -> None:
     """Per seed, against the baseline run of the same seed, on evaluation curves only:
 
-    - ``step_speedup``: baseline's last evaluated step / the step at which this run's curve first
-      reaches the baseline's last evaluated loss (a run compared with itself gives exactly 1.0).
+    - ``step_speedup``: the step at which the baseline's curve first reaches its own last evaluated
+      loss / the step at which this run's curve first reaches it (a run compared with itself gives
+      exactly 1.0, even when its curve is not monotone).
       A run that never gets there counts as its own last step (an upper bound on its speed-up).
     - ``loss_at_equal_time``: this run's loss after the baseline's training time. With ``speed``
       (arm -> tokens/s measured together in one quiet process, see ``bench.throughput``): its
@@ -152,7 +153,11 @@ def add_paired_metrics(arms: dict[str, ArmStats], baseline: str, speed: dict[str
                 speedups.append(None)
                 at_time.append(None)
                 continue
-            base_step, target = theirs[-1]
+            target = theirs[-1][1]
+            # Both steps are first crossings of the same target: a noisy baseline curve that dipped
+            # to its final loss before the end is not credited with its later steps, and a run
+            # compared with itself gives exactly 1.0.
+            base_step = speedup_to_target(theirs, target) or theirs[-1][0]
             step = speedup_to_target(mine, target)
             speedups.append(base_step / (step if step else mine[-1][0]))
             axis = "tokens" if ratio is not None else "seconds"

@@ -709,8 +709,8 @@ def gap_to_baseline(records: Sequence[RunRecord], out_dir: Path, stem: str, titl
 def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, title: str,
                      baseline_label: str) -> list[Path]:
     """Horizontal bars, one per arm: the speed-up in training steps over the baseline =
-    (baseline's last evaluated step) / (first step at which the arm's mean curve reaches the
-    baseline's last evaluated loss, interpolated between evaluations), all on the evaluation
+    (first step at which the baseline's mean curve reaches its last evaluated loss) / (first step at
+    which the arm's mean curve reaches that loss, interpolated between evaluations), all on the evaluation
     curves (one evaluation set). Step and loss are the baseline's means over seeds; an arm's mean
     curve averages its seeds' evaluation curves. The baseline's own bar is 1 by definition; arms
     whose curve never gets there are shown as "not reached". Nothing is drawn without a baseline."""
@@ -722,8 +722,10 @@ def steps_to_quality(records: Sequence[RunRecord], out_dir: Path, stem: str, tit
     if baseline_label not in curves:
         return []
     base_runs = [r for r in groups[baseline_label] if _step_curve(r)]
-    base_step = statistics.fmean(_step_curve(r)[-1][0] for r in base_runs)
     target = statistics.fmean(_step_curve(r)[-1][1] for r in base_runs)
+    # where the baseline's mean curve first reaches that loss (as claims.add_paired_metrics counts)
+    base_step = speedup_to_target(curves[baseline_label], target) or \
+        statistics.fmean(_step_curve(r)[-1][0] for r in base_runs)
     if base_step <= 0:
         return []
     speedups: dict[str, float | None] = {}

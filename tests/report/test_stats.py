@@ -90,6 +90,19 @@ def test_a_run_compared_with_itself_has_step_speedup_exactly_one():
     assert result.effect.estimate == 0.0 and result.verdict == "no-effect"
 
 
+def test_a_baseline_whose_curve_dips_early_is_timed_at_its_first_crossing():
+    # dense reaches its final 2.0 already at step 200 (then 2.1, 2.0): its own speed-up is 1.0,
+    # and switch, reaching 2.0 at step 150, is 200/150 faster (not 400/150).
+    dense = rec("dense", 0, 1.5, family="dense",
+                curve=[{"step": s, "loss": v} for s, v in zip((100, 200, 300, 400), (3.0, 2.0, 2.1, 2.0))])
+    switch = rec("switch", 0, 1.4,
+                 curve=[{"step": s, "loss": v} for s, v in zip((100, 200, 300, 400), (2.5, 1.5, 1.4, 1.3))])
+    arms = arm_stats([dense, switch])
+    add_paired_metrics(arms, "dense")
+    assert arms["dense"].values["step_speedup"] == [1.0]
+    assert arms["switch"].values["step_speedup"] == pytest.approx([200 / 150])  # 2.5 -> 1.5 crosses 2.0 at 150
+
+
 def test_step_speedup_and_equal_time_loss_use_curves_only():
     # The final evaluation (whole split) is lower than any curve point (a few batches): it must not
     # become the target, or the baseline would look faster than itself.
