@@ -68,15 +68,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
         G = m.granularity
         fine = f" (granularity {G}: {m.num_experts // G} x {G})" if G > 1 else ""
         shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
-        print(f"  {m.num_experts} experts{fine}{shared} of width {cfg.expert_width}, {m.router} router, "
-              f"top-{m.top_k}, {cap}")
+        if m.router == "expert_choice":  # no top-k: each expert takes its top tokens of the group
+            routes = "expert_choice router (each expert takes capacity factor x tokens / experts)"
+            if m.causal_router:
+                routes += f", causal stacks: {m.causal_router} router, top-{m.top_k}"
+        else:
+            routes = f"{m.router} router, top-{m.top_k}"
+        print(f"  {m.num_experts} experts{fine}{shared} of width {cfg.expert_width}, {routes}, {cap}")
     rows = [
         ("total params", _fmt_int(cost.total_params), f"{_fmt_int(cost.total_params_no_embed)} without embeddings"),
         ("active params", _fmt_int(cost.active_params), f"{_fmt_int(cost.active_params_no_embed)} without embeddings"),
         (f"forward FLOPs / {per}", _fmt_flops(cost.forward_flops_per_token), ""),
         (f"train FLOPs / {per}", _fmt_flops(cost.train_flops_per_token), "3 x forward"),
         (f"executed fwd FLOPs / {per}", _fmt_flops(cost.executed_forward_flops_per_token),
-         "with capacity padding" if cfg.is_sparse and cfg.moe.capacity_factor is not None else ""),
+         _executed_note(cfg)),
     ]
     for name, value, note in rows:
         print(f"  {name:<30} {value:>18}   {note}".rstrip())
@@ -96,6 +101,17 @@ def _fmt_bytes(n: float) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
+
+
+def _executed_note(cfg) -> str:
+    """What the executed FLOPs add to the nominal count: token choice pads each expert to its
+    capacity; expert choice fills every expert's capacity by construction."""
+    if not cfg.is_sparse or cfg.moe.capacity_factor is None:
+        return ""
+    if cfg.moe.router == "expert_choice":
+        return "every expert computes its full capacity" + (
+            "; token choice (causal stacks) with capacity padding" if cfg.moe.causal_router else "")
+    return "with capacity padding"
 
 
 def cmd_perf_device(args: argparse.Namespace) -> int:

@@ -164,6 +164,17 @@ def test_cli_flops_mentions_capacity_padding_only_with_a_capacity(family, padded
     assert ("dropless" in out) == (family == "moe-rnn")
 
 
+def test_cli_flops_describes_expert_choice_without_a_top_k(capsys):
+    from bench.cli import main
+
+    assert main(["flops", "--task", "multi30k-de-en", "--model", "switch", "--set", "router=expert_choice",
+                 "--set", "causal_router=switch", "--set", "capacity_factor=2.0"]) == 0
+    out = capsys.readouterr().out
+    assert ("8 experts of width 1024, expert_choice router (each expert takes capacity factor x tokens / experts), "
+            "causal stacks: switch router, top-1, capacity factor 2.0") in out
+    assert "every expert computes its full capacity; token choice (causal stacks) with capacity padding" in out
+
+
 @pytest.mark.parametrize("family, preset, task, want", [
     # 4 x (MoE layers a token passes) x k x d_model: out and back, forward and backward
     ("switch", "tiny", "lm", 4 * 2 * 1 * 256),  # 4 layers, every 2nd MoE, top-1
