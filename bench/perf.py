@@ -32,7 +32,7 @@ import torch
 from bench.models.config import MoEConfig
 from bench.models.experts import grouped_expert_ffn
 from bench.models.moe import FeedForward, MoELayer
-from bench.runtime import tune_cpu_allocator
+from bench.runtime import best_time_ms, tune_cpu_allocator
 
 D_MODEL, D_FF, CAPACITY_FACTOR, SEQ_LEN = 256, 1024, 1.25, 256
 
@@ -45,19 +45,6 @@ class LayerRow:
     ms: float
     vs_dense: float
     fraction_dropped: float | None = None
-
-
-def best_time_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` wall time of each function, rounds interleaved so drift hits all."""
-    for fn in fns.values():  # warm-up: allocator, MKL packing, autograd graph caches
-        fn()
-    best = {name: math.inf for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def copy_bandwidth_gbs(mbytes: int = 256) -> float:

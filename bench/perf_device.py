@@ -22,7 +22,6 @@ Times are wall-clock around device-synchronised steps, best of ``repeats`` inter
 from __future__ import annotations
 
 import gc
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from bench.models.config import PRESETS, MoEConfig
 from bench.models.experts import has_grouped_mm
 from bench.models.moe import FeedForward, MoELayer
-from bench.runtime import device_name
+from bench.runtime import best_time_ms, device_name
 
 # Dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name in order (first substring found wins).
@@ -70,29 +69,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def timed_best_ms(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best-of-``repeats`` wall time of each function, synchronised, rounds interleaved."""
-    for fn in fns.values():  # warm-up: allocator, kernel selection, lazy init
-        fn()
-    synchronize(device)
-    best = {name: math.inf for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
-
-
 def matmul_tflops(device: torch.device, precision: str, n: int | None = None) -> float:
     """The rate of one large square matmul (the device's practical peak), measured now."""
     n = n or (8192 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = timed_best_ms({"mm": lambda: torch.mm(a, b)}, 5, device)["mm"]
+    ms = best_time_ms({"mm": lambda: torch.mm(a, b)}, 5, device)["mm"]
     return 2 * n**3 / (ms / 1e3) / 1e12
 
 
@@ -140,7 +123,7 @@ def device_layer_benchmark(device: str | torch.device = "cuda", preset: str = "b
                 cfg = MoEConfig(num_experts=E, capacity_factor=case.capacity_factor, dispatch=case.kernel)
                 layer = layers[case.impl] = MoELayer(d_model, d_ff, cfg).to(device)
                 fns[case.impl] = _layer_step(layer, x, lambda layer=layer: layer(x)[0], device, precision)
-            times = timed_best_ms(fns, repeats, device)
+            times = best_time_ms(fns, repeats, device)
             dropped, kernel = {}, {}
             with torch.no_grad(), autocast(device, precision):
                 for impl, layer in layers.items():

@@ -49,3 +49,30 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def best_time_ms(fns: dict, repeats: int, device=None) -> dict[str, float]:
+    """Best-of-``repeats`` wall time (ms) of each function, rounds interleaved so drift hits all;
+    one warm-up call each first (allocator, kernel selection, lazy init). On a CUDA ``device``
+    every call is timed between synchronisations."""
+    import math
+    import time
+
+    import torch
+
+    def sync() -> None:
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        fn()
+    sync()
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best

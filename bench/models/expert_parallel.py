@@ -219,10 +219,11 @@ def dispatch_to_experts(rows: Tensor, expert: Tensor, num_experts: int, shard: E
     from torch.distributed._functional_collectives import all_to_all_single_autograd as exchange
 
     from bench.models.experts import compute_dtype
+    from bench.models.routing import counts_below
 
     rows = rows.to(compute_dtype(rows))  # the experts compute in it anyway: bf16 halves the traffic
     M, n_local = shard.size, num_experts // shard.size
-    counts = torch.bincount(expert, minlength=num_experts)  # (E,) rows this rank sends per expert
+    counts = counts_below(expert, num_experts)  # (E,) rows this rank sends per expert
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=shard.group)  # (M * n_local,): per source, per local expert
     send = counts.view(M, n_local).sum(1).tolist()
