@@ -31,15 +31,22 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     (path.parent / "hparams.yaml").write_text("{}\n")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        columns = COLUMNS + sorted({k for row in rows for k in row} - set(COLUMNS))
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
-            w.writerow({k: row.get(k, "") for k in COLUMNS})
+            w.writerow({k: row.get(k, "") for k in columns})
 
 
 def train_rows(steps, loss, flops_per_step=1e9):
     return [{"epoch": 0, "step": s, "train/flops_spent": (s + 1) * flops_per_step, "train/loss": loss(s),
              "train/lr": 1e-3} for s in steps]
+
+
+# The moe run's last evaluation, as RoutingHealth records it in expert_stats[0]["eval"].
+MOE_EVAL = {"tokens_per_expert": [20, 30, 25, 25], "max_violation": 0.2, "dead_experts": 0, "fraction_dropped": 0.0,
+            "dropped_pos": [0.0, 0.0, 0.01, 0.02], "router_entropy": 1.25, "topk_margin": 0.3,
+            "assignment_stability": 0.875}
 
 
 @pytest.fixture
@@ -55,7 +62,9 @@ def store_dir(tmp_path):
     # moe: first file logged steps 0-5, the run resumed from its step-3 checkpoint and logged 4-9 again.
     write_metrics(moe / "csv" / "metrics.csv", train_rows(range(6), lambda s: 6.0 - 0.1 * s))
     resumed = moe / "csv-resumed-20260101-010000" / "metrics.csv"
-    write_metrics(resumed, train_rows(range(4, 10), lambda s: 2.0 - 0.1 * s) + [{"epoch": 1, "step": 9, "val/loss": 1.5}])
+    write_metrics(resumed, train_rows(range(4, 10), lambda s: 2.0 - 0.1 * s)
+                  + [{"epoch": 1, "step": 9, "moe/layer0/fraction_dropped": 0.05},
+                     {"epoch": 1, "step": 9, "val/loss": 1.5, "moe_eval/layer0/max_violation": 0.2}])
     base = dict(task="tinyshakespeare-char", preset="tiny", group="cmp", seed=1, status="finished",
                 budget={"kind": "flops", "value": 1e10}, train_flops=1e10, steps=10)
     records = [
@@ -64,7 +73,7 @@ def store_dir(tmp_path):
                   paths={"run_dir": str(dense), "csv_file": str(dense / "csv" / "metrics.csv")}, **base),
         RunRecord(run_id=IDS[1], family="moe", params={"total": 4000, "active": 1500},
                   metrics={"val_loss": 1.5, "quality": 0.223},
-                  expert_stats=[{"tokens_per_expert": [10, 30, 20, 40], "fraction_dropped": 0.05}],
+                  expert_stats=[{"tokens_per_expert": [10, 30, 20, 40], "fraction_dropped": 0.05, "eval": MOE_EVAL}],
                   paths={"run_dir": str(moe), "csv_file": str(resumed)}, **base),
         RunRecord(run_id=IDS[2], family="switch", params={"total": 4000, "active": 1000},
                   metrics={"val_loss": float("nan")},
@@ -204,9 +213,30 @@ def test_unreadable_csv_is_a_note(dashboard, store_dir):
 
 
 def test_run_detail(dashboard):
-    rec = get_json(dashboard, f"/api/run?id={IDS[1]}")["record"]
-    assert rec["expert_stats"][0]["tokens_per_expert"] == [10, 30, 20, 40]
+    detail = get_json(dashboard, f"/api/run?id={IDS[1]}")
+    assert detail["record"]["expert_stats"][0]["tokens_per_expert"] == [10, 30, 20, 40]
+    evaluation, training = detail["health"]
+    assert evaluation == {"layer": 0, "source": "evaluation", "experts": 4, "max_violation": 0.2, "dead_experts": 0,
+                          "fraction_dropped": 0.0, "dropped_by_position": [0.0, 0.0, 0.01, 0.02],
+                          "router_entropy": 1.25, "topk_margin": 0.3, "assignment_stability": 0.875}
+    # The training batch kept only its load and dropped share: MaxVio from the load, 40 / 25 - 1.
+    assert training["source"] == "last training batch" and training["max_violation"] == pytest.approx(0.6)
+    assert training["fraction_dropped"] == 0.05 and training["assignment_stability"] is None
+    assert get_json(dashboard, f"/api/run?id={IDS[0]}")["health"] == []  # dense: nothing routed
     assert get(dashboard, "/api/run?id=nope")[0] == 404
+
+
+def test_routing_health_rows_per_layer_and_source():
+    from bench.dashboard.health import routing_health
+
+    stats = [{"tokens_per_expert": [3, 1], "dead_experts": 0.0, "router_entropy": 0.5, "dropped_by_position": [0.5, 0.0]},
+             {"load": 0.02, "eval": {"tokens_per_expert": [0, 8], "dead_experts": 1}},  # moe-rnn: "load" is its loss
+             "not a dict", {"z_loss": 0.1}]
+    rows = routing_health(stats)
+    assert [(r["layer"], r["source"]) for r in rows] == [(0, "last training batch"), (1, "evaluation")]
+    assert rows[0]["max_violation"] == pytest.approx(3 / 2 - 1) and rows[0]["dropped_by_position"] == [0.5, 0.0]
+    assert rows[1]["max_violation"] == pytest.approx(8 / 4 - 1) and rows[1]["dead_experts"] == 1
+    assert rows[1]["experts"] == 2 and routing_health(None) == [] and routing_health([]) == []
 
 
 @pytest.mark.parametrize("path", [
@@ -640,3 +670,30 @@ def test_browser_report_shows_each_plot_once(dashboard, store_dir, browser):
         "return [...document.querySelectorAll('#report-body .verdict')].map(b => [b.className, b.textContent,"
         " getComputedStyle(b).backgroundColor !== 'rgba(0, 0, 0, 0)'])")
     assert badges == [["verdict reproduced", "reproduced", True], ["verdict inconclusive", "inconclusive", True]]
+
+
+@pytest.mark.browser
+def test_browser_run_page_shows_routing_health(dashboard, browser):
+    page_ready(browser, dashboard.url + f"#run/{IDS[1]}")
+    cells = wait_for(browser, "(() => { const rows = [...document.querySelectorAll('#routing-health tbody tr')];"
+                              " return rows.length === 2 && rows.map(tr => Object.fromEntries([...tr.cells]"
+                              ".map(td => [td.dataset.key, td.textContent]))); })()")
+    assert cells, "routing health table not drawn"
+    evaluation, training = cells
+    assert (evaluation["source"], evaluation["max_violation"], evaluation["dead_experts"]) == ("evaluation", "0.2000", "0")
+    assert evaluation["dropped_by_position"] == "0.00% / 0.00% / 1.00% / 2.00%"
+    assert (evaluation["router_entropy"], evaluation["assignment_stability"]) == ("1.2500", "87.50%")
+    assert (training["source"], training["max_violation"], training["fraction_dropped"]) == ("last training batch", "0.6000", "5.00%")
+    assert training["assignment_stability"] == "-"
+    page_ready(browser, dashboard.url + f"#run/{IDS[0]}")
+    assert wait_for(browser, "document.querySelector('p#routing-health')?.textContent.startsWith('no routing health')")
+
+    # Curves: each kind of routing metric folds into its own group, apart from the loss curves.
+    page_ready(browser, dashboard.url + f"#compare/{IDS[1]}")
+    groups = wait_for(browser, "(() => { const g = [...document.querySelectorAll('#metric-boxes details')];"
+                               " return g.length === 2 && g.map(d => [d.dataset.group,"
+                               " [...d.querySelectorAll('input.metric-box')].map(b => b.value)]); })()")
+    assert groups == [["moe/", ["moe/layer0/fraction_dropped"]], ["moe_eval/", ["moe_eval/layer0/max_violation"]]]
+    browser.execute_script("document.querySelector(\"input.metric-box[value='moe_eval/layer0/max_violation']\").click()")
+    assert wait_for(browser, "(() => { const d = document.querySelector(\"#plots [data-metric='moe_eval/layer0/max_violation']\");"
+                             " return d && d.data && d.data[0].y.join(); })()") == "0.2"

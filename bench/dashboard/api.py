@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dashboard import curves
+from bench.dashboard.health import routing_health
 from bench.dashboard.report_page import PLOT_KINDS
 from bench.report.plots import arm_of
 from bench.tracking.records import ResultsStore, RunRecord
@@ -58,7 +59,9 @@ def runs(store: ResultsStore, **filters: str | None) -> dict[str, Any]:
 
 def run_detail(store: ResultsStore, run_id: str) -> dict[str, Any] | None:
     r = store.get(run_id)
-    return None if r is None else {"record": r.to_dict(), "row": run_row(r)}
+    if r is None:
+        return None
+    return {"record": r.to_dict(), "row": run_row(r), "health": routing_health(r.expert_stats)}
 
 
 def run_curves(store: ResultsStore, run_ids: list[str], metrics: list[str] | None = None) -> dict[str, Any]:

@@ -141,11 +141,11 @@ def train(task: str | TaskConfig, family: str, preset: str = "tiny", overrides: 
     # record, run folder or W&B run exists. A task without vocab_size gets its data's.
     task = derive_vocab_size(task, data_dir)
     cfg, rc = resolve_configs(task, family, preset, overrides or [], budget)
-    for warning in schedule_warnings(task, cfg, rc):
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    init = None
+    init, source = None, {}
     if init_from is not None:  # the source is checked before any record or run folder exists
         source, init = init_from(cfg, rc, task)
+    for warning in schedule_warnings(task, cfg, rc, inherited_flops=float(source.get("train_flops") or 0.0)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     # A launcher's worker joins rank 0's run (the id comes in the environment); across nodes the
     # user sets MOE_BENCH_RUN_ID on every node, so all of them share one run folder.
     shared = launched_worker() or rc.train.num_nodes > 1
@@ -212,10 +212,13 @@ def _recorded_task(record: RunRecord, context: str = "resume") -> TaskConfig:
     return load_task(path)
 
 
-def expected_steps(task: TaskConfig, cfg: ModelConfig, rc: RunConfig) -> int | None:
+def expected_steps(task: TaskConfig, cfg: ModelConfig, rc: RunConfig, inherited_flops: float = 0.0) -> int | None:
     """Optimizer steps the budget buys (LM tasks; None for time budgets or translation, whose
-    batches vary in length)."""
+    batches vary in length). ``inherited_flops``: an upcycled run's dense pre-training, which a
+    FLOPs budget counts too (``inherited_train_flops``)."""
     kind, value = rc.budget.kind, rc.budget.value
+    if kind == "flops":
+        value -= inherited_flops
     if kind == "steps":
         return int(value)
     if kind == "seconds" or task.type != "lm":
@@ -225,10 +228,11 @@ def expected_steps(task: TaskConfig, cfg: ModelConfig, rc: RunConfig) -> int | N
     return max(1, math.ceil(tokens / tokens_per_step))
 
 
-def schedule_warnings(task: TaskConfig, cfg: ModelConfig, rc: RunConfig) -> list[str]:
+def schedule_warnings(task: TaskConfig, cfg: ModelConfig, rc: RunConfig, inherited_flops: float = 0.0) -> list[str]:
     """Settings that silently do nothing at this budget: warmup longer than the run, or no
-    intermediate evaluation (no learning curve, no pruning)."""
-    steps = expected_steps(task, cfg, rc)
+    intermediate evaluation (no learning curve, no pruning). An upcycled run's steps are those of
+    the budget left after its dense run's FLOPs."""
+    steps = expected_steps(task, cfg, rc, inherited_flops)
     if steps is None:
         return []
     out = []

@@ -388,6 +388,12 @@ def test_warmup_and_evaluation_beyond_the_budget_are_warned(run_env, capsys):
     flops = 30 * 4 * 256 * model_cost(cfg, 256).train_flops_per_token
     cfg, rc = resolve_configs(task, "dense", "tiny", SMALL, {"kind": "flops", "value": flops})
     assert expected_steps(task, cfg, rc) == 30 and schedule_warnings(task, cfg, rc) == []
+    # Upcycled: the dense run's FLOPs count against the budget, so only 10 of the 30 steps are left.
+    assert expected_steps(task, cfg, rc, inherited_flops=flops * 2 / 3) == 10
+    cfg, rc = resolve_configs(task, "dense", "tiny", SMALL + ["warmup_steps=20"], {"kind": "flops", "value": flops})
+    assert schedule_warnings(task, cfg, rc) == []
+    assert "warmup_steps=20 is not shorter than the whole run (~10 steps" in schedule_warnings(
+        task, cfg, rc, inherited_flops=flops * 2 / 3)[0]
 
 
 def test_resuming_a_run_that_is_still_running_is_refused(run_env):

@@ -189,9 +189,13 @@ async function showCompare(ids) {
 
   const box = (m) => el("label", {}, el("input", { type: "checkbox", class: "metric-box", value: m,
                                                   checked: data.checked.has(m), onchange: metricsChanged }), m, " ");
-  const main = data.available.filter((m) => !m.startsWith("moe/")), moe = data.available.filter((m) => m.startsWith("moe/"));
-  $("#metric-boxes").replaceChildren(...main.map(box),
-    moe.length ? el("details", {}, el("summary", { text: `MoE routing metrics (${moe.length})` }), ...moe.map(box)) : "");
+  // Routing metrics fold away: every training step's (moe/) and every evaluation's health (moe_eval/).
+  const groups = [["moe/", "MoE routing metrics, training steps"], ["moe_eval/", "MoE routing health, evaluations"]];
+  const main = data.available.filter((m) => !groups.some(([p]) => m.startsWith(p)));
+  $("#metric-boxes").replaceChildren(...main.map(box), ...groups.map(([p, title]) => {
+    const ms = data.available.filter((m) => m.startsWith(p));
+    return ms.length ? el("details", { "data-group": p }, el("summary", { text: `${title} (${ms.length})` }), ...ms.map(box)) : "";
+  }));
   drawCurves();
 }
 
@@ -326,6 +330,7 @@ async function showRun(id) {
     el("div", { class: "cards" }, card("run", head), card("metrics", r.metrics || {}),
        card("parameters and FLOPs", { ...prefix(r.params, "params."), ...prefix(r.flops, "flops.") }),
        card("timings", r.timings || {})),
+    el("h3", { text: "routing health per MoE layer" }), healthTable(data.health || []),
     el("h3", { text: "expert load per MoE layer" }), expertStats(r.expert_stats || []),
     el("h3", { text: "config" }), el("pre", { id: "run-config", text: JSON.stringify(r.config, null, 2) }),
     el("h3", { text: "paths" }), kvTable({ ...(r.paths || {}), ...prefix(r.wandb, "wandb.") }),
@@ -334,6 +339,29 @@ async function showRun(id) {
 }
 
 function prefix(obj, p) { return Object.fromEntries(Object.entries(obj || {}).map(([k, v]) => [p + k, v])); }
+
+const fmtPct = (x) => (isNum(x) ? (100 * x).toFixed(2) + "%" : "-");
+const HEALTH_COLUMNS = [  // [key, header, format, tooltip]
+  ["layer", "layer", String, "MoE layer, in model order"],
+  ["source", "measured on", String, "evaluation: the whole validation pass at the run's last evaluation"],
+  ["experts", "experts", (x) => (isNum(x) ? String(x) : "-"), "routed experts"],
+  ["max_violation", "MaxVio", fmtNum, "max load / mean load - 1 (0: perfectly balanced)"],
+  ["dead_experts", "dead", (x) => (isNum(x) ? String(x) : "-"), "experts that kept no token"],
+  ["fraction_dropped", "dropped", fmtPct, "share of assignments over capacity (not computed)"],
+  ["dropped_by_position", "dropped by position", (v) => (Array.isArray(v) ? v.map(fmtPct).join(" / ") : "-"),
+   "dropped share per quarter of the sequence, first to last"],
+  ["router_entropy", "router entropy", fmtNum, "mean entropy of the routing distribution (nats)"],
+  ["topk_margin", "top-k margin", fmtNum, "mean gap between the k-th and (k+1)-th routing probability"],
+  ["assignment_stability", "stability", fmtPct, "share of a fixed batch's tokens whose first expert is unchanged since the previous evaluation"],
+];
+
+function healthTable(rows) {
+  if (!rows.length) return el("p", { class: "muted", id: "routing-health", text: "no routing health recorded (a dense model, or a record from before it existed)" });
+  return el("table", { class: "data", id: "routing-health" },
+    el("thead", {}, el("tr", {}, HEALTH_COLUMNS.map(([, h, , tip]) => el("th", { text: h, title: tip })))),
+    el("tbody", {}, rows.map((row) => el("tr", { "data-layer": row.layer, "data-source": row.source },
+      HEALTH_COLUMNS.map(([k, , fmt]) => el("td", { "data-key": k, text: fmt(row[k]) }))))));
+}
 
 function expertStats(layers) {
   if (!layers.length) return el("p", { class: "muted", text: "no expert statistics (a dense model, or none recorded)" });
