@@ -250,7 +250,8 @@ def test_a_killed_run_is_resumed_and_a_live_one_left_to_its_process(run_env):
     lock = Path(first.paths["run_dir"]) / "RUNNING.pid"
     lock.write_text(str(os.getpid()))  # a live process (this one) is training it: leave it alone
     assert run_plan("switch-vs-dense", **kw) == []
-    assert f"skipping dense (seed 0): process {os.getpid()} is training it now" in said
+    from bench.tracking.claims import HOST
+    assert f"skipping dense (seed 0): process {os.getpid()} on {HOST} (run {first.run_id}) is training it now" in said
     lock.write_text("999999999")  # its process is gone: continue it from its checkpoint, same run id
     said.clear()
     (resumed,) = run_plan("switch-vs-dense", **kw)
@@ -258,6 +259,61 @@ def test_a_killed_run_is_resumed_and_a_live_one_left_to_its_process(run_env):
     assert resumed.run_id == first.run_id and resumed.status == "finished"
     assert resumed.steps == first.steps and resumed.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"])
     assert [r.run_id for r in store.list(group="repro-switch-vs-dense-tiny")] == [first.run_id]
+
+
+def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env):
+    """Two commands sharing a plan: before each pair, its claim and its records are looked at again."""
+    import dataclasses
+
+    from bench.tracking.claims import Claims
+
+    said = []
+    kw = dict(storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9, progress=False)
+    (seed0,) = run_plan("switch-vs-dense", seeds=1, announce=said.append, **kw)
+    store = ResultsStore(run_env["storage"])
+    (planned,) = [r for r in plan_runs(load_plan("switch-vs-dense"), "tiny", store, seeds=4, arms=["dense"],
+                                       flops=2e9, extra=dict(parse_override(p) for p in SMALL)) if r.seed == 3]
+    # Seed 3: a process on another machine holds it (fresh heartbeat).
+    Claims(store, host="node-b", pid=7).acquire(planned.key, "remote-run")
+
+    def announce(msg: str) -> None:
+        said.append(msg)
+        if msg.startswith("[1/2] dense (seed 1)"):  # meanwhile another process finishes seed 2
+            store.save(dataclasses.replace(seed0, run_id="other-s2", seed=2))
+
+    said.clear()
+    records = run_plan("switch-vs-dense", seeds=4, announce=announce, **kw)
+    assert "skipping dense (seed 3): process 7 on node-b (run remote-run) is training it now" in said
+    assert "[2/2] dense (seed 2): finished meanwhile by another process (run other-s2)" in said
+    assert sorted(r.seed for r in records) == [0, 1, 2]
+    assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2]  # seed 3 untouched
+    assert Claims(store).holder(planned.key).host == "node-b"  # still theirs; ours were released
+    assert all(Claims(store).holder(r.key) is None for r in plan_runs(
+        load_plan("switch-vs-dense"), "tiny", store, seeds=3, arms=["dense"], flops=2e9,
+        extra=dict(parse_override(p) for p in SMALL)))
+
+
+@pytest.mark.slow
+def test_two_reproduce_commands_split_a_plan(run_env):
+    """Two real processes started together on one plan: every pair trained exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.cli", "reproduce", "switch-vs-dense", "--seeds", "2", "--arm", "dense",
+           "--arm", "switch cf=1.25", "--budget-flops", "2e9", "--storage", run_env["storage"]]
+    for pair in SMALL:
+        cmd += ["--set", pair]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-1500:] for e in errs)
+    records = ResultsStore(run_env["storage"]).list(group="repro-switch-vs-dense-tiny")
+    assert sorted((r.extra["arm"], r.seed) for r in records) == [("dense", 0), ("dense", 1), ("switch cf=1.25", 0),
+                                                                  ("switch cf=1.25", 1)]
+    assert all(r.status == "finished" for r in records)
+    assert sum("is training it now" in e or "finished meanwhile" in e for e in errs) >= 1, errs  # they did meet
 
 
 def test_a_users_plan_runs_with_one_command_and_appears_in_the_report(run_env, tmp_path, capsys):

@@ -9,12 +9,14 @@ Each run trains with ``bench.train.train`` into the plan's group (``repro-NAME-T
 with ``reproduction``, ``arm``, ``tier`` and ``budget_flops``. Re-running skips pairs that already
 finished with exactly the planned config and continues a killed or interrupted run from its last
 checkpoint, so a killed plan goes on where it stopped; a changed definition is re-run, never mixed
-in. A pair another process is training is left to it, so two processes can share one plan. A
+in. Processes on one or several machines can share a plan: each claims a pair before training it
+(``bench.tracking.claims``), so a pair another process holds or has finished is left to it. A
 failed run is recorded and the others go on; a fatal error (bad config, missing data, unreachable
 storage) stops the plan.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
 from bench.runner.failures import CONTINUE_HINT, is_fatal, one_line
+from bench.tracking.claims import HOST, Claims, Heartbeat, holder_alive
 from bench.tracking.liveness import UNFINISHED, live_owner, resumable_checkpoint
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, new_run_id, throughput_by_arm
 
@@ -118,15 +121,18 @@ class PlannedRun:
     budget: dict[str, Any]
     done: RunRecord | None = None  # a finished record from an earlier invocation
     resume: RunRecord | None = None  # an unfinished one with a checkpoint, nobody training it
-    busy: int | None = None  # the pid of another process training this pair now
+    busy: str | None = None  # another process training this pair now ("process N on HOST (run ID)")
+    key: str = ""  # its claim (bench.tracking.claims): the group, arm, seed and planned config
 
 
 class PlannedRuns(list):
     """The planned (arm, seed) runs, plus the arms that wait for something (``waiting``: label, why)."""
 
-    def __init__(self, runs: list[PlannedRun], waiting: list[tuple[str, str]]):
+    def __init__(self, runs: list[PlannedRun], waiting: list[tuple[str, str]],
+                 wanted: dict[str, dict[str, Any]] | None = None):
         super().__init__(runs)
         self.waiting = waiting
+        self.wanted = wanted or {}  # arm label -> its planned config
 
 
 def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
@@ -152,30 +158,56 @@ def plan_runs(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = No
                 raise
             waiting.append((a, e))
     chosen = [a for a in chosen if a.label in budgets]
+    group = group or plan.group(tier)
     wanted = {a.label: planned_config(plan, a, tier, budgets[a.label], extra) for a in chosen}
-    finished: dict[tuple[str, int], RunRecord] = {}
-    unfinished: dict[tuple[str, int], RunRecord] = {}  # the latest resumable or live one
-    busy: dict[tuple[str, int], int] = {}
-    for r in store.list(group=group or plan.group(tier)):
+    found = scan_pairs(store, group, wanted)
+    claims = Claims(store) if not store.read_only else None
+    runs = []
+    for seed in spec.seed_list(seeds):
+        for a in chosen:
+            pair = (a.label, seed)
+            key = claim_key(group, a.label, seed, wanted[a.label])
+            done = found.finished.get(pair)
+            busy = None if done else found.busy.get(pair) or (claims and live_holder(claims, key))
+            runs.append(PlannedRun(a, seed, budgets[a.label], done, resume=None if done else found.unfinished.get(pair),
+                                   busy=busy, key=key))
+    return PlannedRuns(runs, [(a.label, e.problems[0]) for a, e in waiting], wanted)
+
+
+@dataclass
+class PairRecords:
+    finished: dict[tuple[str, int], RunRecord]
+    unfinished: dict[tuple[str, int], RunRecord]  # the latest resumable one, nobody training it
+    busy: dict[tuple[str, int], str]  # run by a live process on this machine that holds no claim
+
+
+def scan_pairs(store: ResultsStore, group: str, wanted: dict[str, dict[str, Any]]) -> PairRecords:
+    """The group's records of each (arm, seed) pair trained with exactly the planned config."""
+    found = PairRecords({}, {}, {})
+    for r in store.list(group=group):
         arm = r.extra.get("arm")
         if arm not in wanted or is_throughput(r) or not same_config(r.config, wanted[arm]):
             continue
         if r.status == "finished":
-            finished.setdefault((arm, r.seed), r)
+            found.finished.setdefault((arm, r.seed), r)
         elif r.status in UNFINISHED:
             owner = live_owner(r.paths.get("run_dir") or "")
             if owner is not None:
-                busy[(arm, r.seed)] = owner
+                found.busy[(arm, r.seed)] = f"process {owner} on {HOST} (run {r.run_id})"
             elif resumable_checkpoint(r) is not None:
-                unfinished[(arm, r.seed)] = r
-    runs = []
-    for seed in spec.seed_list(seeds):
-        for a in chosen:
-            key = (a.label, seed)
-            done = finished.get(key)
-            runs.append(PlannedRun(a, seed, budgets[a.label], done, resume=None if done else unfinished.get(key),
-                                   busy=None if done else busy.get(key)))
-    return PlannedRuns(runs, [(a.label, e.problems[0]) for a, e in waiting])
+                found.unfinished[(arm, r.seed)] = r
+    return found
+
+
+def claim_key(group: str, arm: str, seed: int, config: dict[str, Any]) -> str:
+    """The same for every process that plans this pair with this config (any machine)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{group}|{arm}|{seed}|{digest}"
+
+
+def live_holder(claims: Claims, key: str) -> str | None:
+    held = claims.holder(key)
+    return held.describe() if held is not None and holder_alive(held, stale_after_s=claims.stale_after_s) else None
 
 
 def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = None, storage: str | None = None,
@@ -205,7 +237,7 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
         announce(f"skipping {label}: {why}")
     for r in runs:
         if r.busy is not None:
-            announce(f"skipping {r.arm.label} (seed {r.seed}): process {r.busy} is training it now")
+            announce(f"skipping {r.arm.label} (seed {r.seed}): {r.busy} is training it now")
     spec = {"kind": "flops", "value": float(budget_flops)} if budget_flops else plan.tier(tier).budget_spec()
     preset = plan.tier(tier).preset
     what = "training FLOPs" if spec["kind"] == "flops" else spec["kind"]
@@ -214,56 +246,78 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
              + (f", {resumed} to resume" if resumed else "") + f"), tier {tier} "
              f"(preset {preset}), budget {spec['value']:.3g} {what} per run, group {group}")
     records = [r.done for r in runs if r.done is not None]
+    claims = Claims(store)
     for i, run in enumerate(todo, 1):
         b = run.budget
-        if run.resume is not None:
-            announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): resuming {run.resume.run_id} "
-                     f"from its last checkpoint")
-            run_id = run.resume.run_id
-        else:
-            announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
-            run_id = new_run_id(f"{plan.name}-{run.arm.model}")
-        if tags is not None:
-            run_tags = {**tags, "arm": run.arm.label}
-        else:
-            run_tags = {"reproduction": plan.name, "arm": run.arm.label}
-            if spec["kind"] == "flops":
-                run_tags["budget_flops"] = spec["value"]  # the report keeps each budget of a plan apart
-            if tier != preset:  # tiers named after their preset keep the records of earlier versions
-                run_tags["tier"] = tier
-            if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
-                run_tags["plan_file"] = plan.source
-        init_from = None
-        if run.resume is None and run.arm.init_from is not None:
-            source = source_run(plan, tier, run.arm, run.seed, store, group, budget_flops, extra)
-            if source is None:
-                announce(f"  skipping {run.arm.label} (seed {run.seed}): it starts from {run.arm.init_from!r} "
-                         f"(seed {run.seed}), which has no finished run; run that arm first")
-                continue
-            from bench.train.upcycling import from_dense_run
-
-            init_from = from_dense_run(source.run_id, storage)
-        try:
-            if run.resume is not None:
-                record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
-                                    keep_checkpoints=keep_checkpoints)
-            else:
-                record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
-                               seed=run.seed, storage=storage, data_dir=data_dir, group=group,
-                               name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
-                               tags=run_tags, keep_checkpoints=keep_checkpoints, init_from=init_from)
-        except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
-            failed = store.get(run_id)
-            if failed is None or is_fatal(e):
-                raise
-            announce(f"  {run.arm.label} (seed {run.seed}) failed: {one_line(e)}; the other runs go on")
-            if include_failed:
-                records.append(failed)
+        # Another process may have taken or finished this pair since the plan was made (two
+        # commands sharing a plan): claim it, then look again at its records while holding it.
+        run_id = new_run_id(f"{plan.name}-{run.arm.model}")
+        holder = claims.acquire(run.key, run_id)
+        if holder is not None:
+            announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, {holder.describe()} is training it now")
             continue
-        if record.status == "interrupted":
-            announce(f"interrupted: {CONTINUE_HINT}")
-            raise KeyboardInterrupt
-        records.append(record)
+        now = scan_pairs(store, group, {run.arm.label: runs.wanted[run.arm.label]})
+        pair = (run.arm.label, run.seed)
+        if pair in now.finished or pair in now.busy:
+            claims.release(run.key)
+            if pair in now.finished:
+                announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): finished meanwhile by another "
+                         f"process (run {now.finished[pair].run_id})")
+                records.append(now.finished[pair])
+            else:
+                announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, {now.busy[pair]} is training it now")
+            continue
+        run.resume = now.unfinished.get(pair)
+        if run.resume is not None:
+            run_id = run.resume.run_id
+            claims.acquire(run.key, run_id)  # ours: now names the run it continues
+        with Heartbeat(claims, run.key):  # held while it trains; released however it ends
+            if run.resume is not None:
+                announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): resuming {run.resume.run_id} "
+                         f"from its last checkpoint")
+            else:
+                announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): {b['kind']} budget {b['value']:.4g}")
+            if tags is not None:
+                run_tags = {**tags, "arm": run.arm.label}
+            else:
+                run_tags = {"reproduction": plan.name, "arm": run.arm.label}
+                if spec["kind"] == "flops":
+                    run_tags["budget_flops"] = spec["value"]  # the report keeps each budget of a plan apart
+                if tier != preset:  # tiers named after their preset keep the records of earlier versions
+                    run_tags["tier"] = tier
+                if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
+                    run_tags["plan_file"] = plan.source
+            init_from = None
+            if run.resume is None and run.arm.init_from is not None:
+                source = source_run(plan, tier, run.arm, run.seed, store, group, budget_flops, extra)
+                if source is None:
+                    announce(f"  skipping {run.arm.label} (seed {run.seed}): it starts from {run.arm.init_from!r} "
+                             f"(seed {run.seed}), which has no finished run; run that arm first")
+                    continue
+                from bench.train.upcycling import from_dense_run
+
+                init_from = from_dense_run(source.run_id, storage)
+            try:
+                if run.resume is not None:
+                    record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
+                                        keep_checkpoints=keep_checkpoints)
+                else:
+                    record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra), budget=b,
+                                   seed=run.seed, storage=storage, data_dir=data_dir, group=group,
+                                   name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
+                                   tags=run_tags, keep_checkpoints=keep_checkpoints, init_from=init_from)
+            except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
+                failed = store.get(run_id)
+                if failed is None or is_fatal(e):
+                    raise
+                announce(f"  {run.arm.label} (seed {run.seed}) failed: {one_line(e)}; the other runs go on")
+                if include_failed:
+                    records.append(failed)
+                continue
+            if record.status == "interrupted":
+                announce(f"interrupted: {CONTINUE_HINT}")
+                raise KeyboardInterrupt
+            records.append(record)
     return records
 
 
