@@ -399,6 +399,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
     tier = args.tier or args.preset or "tiny"
     plan = load_plan(args.name)
+    if args.status:
+        from bench.config import override_pairs
+        from bench.runner.status import format_status, plan_status
+        from bench.tracking.records import ResultsStore
+
+        problems: list[str] = []
+        extra = dict(override_pairs(args.overrides, problems))
+        if problems:
+            raise ConfigError(problems, "reproduce --set")
+        status = plan_status(plan, tier, ResultsStore(args.storage), args.seeds, args.arm or None,
+                             budget["value"] if budget else None, extra)
+        print(json.dumps(status) if args.json else format_status(status))
+        return 0
     if args.throughput:
         from bench.throughput import measure_throughput
 
@@ -591,8 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("reproduce", help="run a plan: paper reproductions or your own arms at one matched budget")
-    p.add_argument("name", nargs="?", help="a shipped plan (switch-vs-dense, switch-experts, capacity, moe-rnn, "
-                                           "translation) or the path of your own plan YAML")
+    p.add_argument("name", nargs="?", help="a shipped plan (--list shows them) or the path of your own plan YAML")
     p.add_argument("--tier", help="tiny (quick, 2-core CPU), ref (reference results, CPU-hours), small or base "
                                   "(GPU); default tiny")
     p.add_argument("--preset", help=argparse.SUPPRESS)  # the tier's old name (tiers were presets)
@@ -609,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="--throughput: measurements per arm (default 3)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' final checkpoints")
     p.add_argument("--list", action="store_true", help="list the plans, their tiers and budgets")
+    p.add_argument("--status", action="store_true",
+                   help="instead of training: each (arm, seed) pair's state (finished, running, resumable, to do), "
+                        "the wall time spent and an estimate of the time left")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

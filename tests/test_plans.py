@@ -1,6 +1,8 @@
 """Plans: the shipped plan files, validation of a user's plan, matched budgets, resumable runs."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 import pytest
 import yaml
@@ -261,7 +263,7 @@ def test_a_killed_run_is_resumed_and_a_live_one_left_to_its_process(run_env):
     assert [r.run_id for r in store.list(group="repro-switch-vs-dense-tiny")] == [first.run_id]
 
 
-def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env):
+def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, capsys):
     """Two commands sharing a plan: before each pair, its claim and its records are looked at again."""
     import dataclasses
 
@@ -288,6 +290,29 @@ def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env):
     assert sorted(r.seed for r in records) == [0, 1, 2]
     assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2]  # seed 3 untouched
     assert Claims(store).holder(planned.key).host == "node-b"  # still theirs; ours were released
+
+    # --status: the same view, without training.
+    from bench.runner.status import format_status, plan_status
+
+    status = plan_status(load_plan("switch-vs-dense"), "tiny", store, seeds=5, arms=["dense"], flops=2e9,
+                         extra=dict(parse_override(p) for p in SMALL))
+    assert [(p["seed"], p["state"]) for p in status["pairs"]] == [
+        (0, "finished"), (1, "finished"), (2, "finished"), (3, "running"), (4, "to do")]
+    assert status["pairs"][3]["by"] == "process 7 on node-b (run remote-run)"
+    hours = [r.timings["wall_seconds"] / 3600 for r in records]
+    assert status["hours_spent"] == pytest.approx(sum(hours))
+    assert status["hours_left"] == pytest.approx(2 * sum(hours) / 3)  # two pairs left at the arm's mean
+    text = format_status(status)
+    assert text.startswith("switch-vs-dense tier tiny (group repro-switch-vs-dense-tiny): 3 of 5 runs finished")
+    assert f"dense     3  running           -      -  process 7 on node-b (run remote-run)" in text
+    from bench.cli import main
+
+    capsys.readouterr()
+    args = ["reproduce", "switch-vs-dense", "--status", "--json", "--seeds", "5", "--arm", "dense", "--budget-flops",
+            "2e9", "--storage", run_env["storage"]] + [x for pair in SMALL for x in ("--set", pair)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == status["pairs"]
+    assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2]  # nothing trained
     assert all(Claims(store).holder(r.key) is None for r in plan_runs(
         load_plan("switch-vs-dense"), "tiny", store, seeds=3, arms=["dense"], flops=2e9,
         extra=dict(parse_override(p) for p in SMALL)))

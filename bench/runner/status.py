@@ -1,0 +1,67 @@
+"""Where a plan's tier stands, without training anything: ``moe-bench reproduce NAME --status``.
+
+Every (arm, seed) pair as ``reproduce`` would see it now (finished, being trained by a live
+process, resumable from a checkpoint, or still to do), the compute its finished runs took and an
+estimate of what the rest will take (each arm's mean wall time so far, or the mean over all arms
+for an arm with no finished run yet), for long reference queues that span several sessions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from bench.plans import Plan
+from bench.runner.arms import plan_runs
+from bench.tracking.records import ResultsStore
+
+
+def _hours(record) -> float | None:
+    wall = (record.timings or {}).get("wall_seconds")
+    return wall / 3600 if isinstance(wall, (int, float)) else None
+
+
+def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
+                flops: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    runs = plan_runs(plan, tier, store, seeds, arms, flops, extra)
+    pairs = []
+    for r in runs:
+        row = {"arm": r.arm.label, "seed": r.seed, "state": "to do", "run_id": None, "val_loss": None, "hours": None}
+        if r.done is not None:
+            row.update(state="finished", run_id=r.done.run_id, val_loss=r.done.metrics.get("val_loss"),
+                       hours=_hours(r.done))
+        elif r.busy is not None:
+            row.update(state="running", by=r.busy)
+        elif r.resume is not None:
+            row.update(state="resumable", run_id=r.resume.run_id)
+        pairs.append(row)
+    spent: dict[str, list[float]] = {}
+    for p in pairs:
+        if p["hours"] is not None:
+            spent.setdefault(p["arm"], []).append(p["hours"])
+    every = [h for hs in spent.values() for h in hs]
+    overall = sum(every) / len(every) if every else None
+    left = [sum(spent[p["arm"]]) / len(spent[p["arm"]]) if p["arm"] in spent else overall
+            for p in pairs if p["state"] != "finished"]
+    return {"plan": plan.name, "tier": tier, "group": plan.group(tier), "pairs": pairs,
+            "waiting": [{"arm": a, "why": why} for a, why in runs.waiting],
+            "finished": sum(p["state"] == "finished" for p in pairs), "total": len(pairs),
+            "hours_spent": sum(every), "hours_left": None if any(h is None for h in left) else sum(left)}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"{status['plan']} tier {status['tier']} (group {status['group']}): {status['finished']} of "
+             f"{status['total']} runs finished, {status['hours_spent']:.1f} h of wall time"
+             + ("" if status["finished"] == status["total"] else
+                f"; ~{status['hours_left']:.1f} h left at this machine's pace so far" if status["hours_left"] is not None
+                else "; time left unknown (no run finished yet)")]
+    width = max([len(p["arm"]) for p in status["pairs"]] + [3])
+    lines.append(f"{'arm':<{width}}  seed  {'state':<10} {'val_loss':>8}  {'hours':>5}  run / by")
+    for p in status["pairs"]:
+        loss = f"{p['val_loss']:.4f}" if isinstance(p["val_loss"], (int, float)) else "-"
+        hours = f"{p['hours']:.2f}" if p["hours"] is not None else "-"
+        who = p.get("by") or p["run_id"] or ""
+        if p["state"] == "resumable":
+            who += " (continues from its last checkpoint)"
+        lines.append(f"{p['arm']:<{width}}  {p['seed']:>4}  {p['state']:<10} {loss:>8}  {hours:>5}  {who}")
+    for w in status["waiting"]:
+        lines.append(f"waiting: {w['arm']}: {w['why']}")
+    return "\n".join(lines)
