@@ -120,7 +120,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     add_cross_budget_notes(sections)
 
     claims_json = [c.as_json(s.plan.name, s.tier, section_budget(s)) for s in sections for c in s.claims]
-    (out_dir / "claims.json").write_text(json.dumps(claims_json, indent=1) + "\n", encoding="utf-8")
+    (out_dir / "claims.json").write_text(json.dumps(claims_json, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
     commits = Counter((r.git_commit or "unknown")[:12] for recs in found.values() for r in recs)
     n_runs = sum(len(v) for v in found.values())

@@ -176,13 +176,19 @@ class ClaimResult:
     evidence: str
 
     def as_json(self, reproduction: str, tier: str, budget: float) -> dict[str, Any]:
+        """One object of claims.json. Strict JSON: a bound that does not exist (one seed gives no
+        interval, internally +-inf) is null, so every JSON parser reads the file."""
         c, e = self.claim, self.effect
+
+        def finite(x: float | None) -> float | None:
+            return x if x is None or math.isfinite(x) else None
+
         return {"reproduction": reproduction, "tier": tier, "budget_flops": budget, "claim": c.text,
                 "paper": c.paper, "kind": c.kind, "metric": c.metric, "direction": c.direction,
-                "arms": c.arms(), "headline": c.headline, "estimate": e.estimate, "ci_low": e.ci_low,
-                "ci_high": e.ci_high, "n_seeds": e.n_seeds, "delta": c.effect_delta,
-                "detectable_effect": e.detectable, "per_seed": {str(k): v for k, v in e.per_seed.items()},
-                "verdict": self.verdict}
+                "arms": c.arms(), "headline": c.headline, "estimate": finite(e.estimate), "ci_low": finite(e.ci_low),
+                "ci_high": finite(e.ci_high), "n_seeds": e.n_seeds, "delta": c.effect_delta,
+                "detectable_effect": finite(e.detectable),
+                "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()}, "verdict": self.verdict}
 
 
 def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[int, float]:

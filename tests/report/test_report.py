@@ -42,6 +42,17 @@ def test_better_claims_are_judged_on_paired_seeds():
     assert evaluate_claim(ghost, arms).verdict == "no-data"
 
 
+def test_one_seed_claims_have_null_bounds_in_claims_json():
+    from bench.plans import Claim
+
+    one = evaluate_claim(Claim(text="a beats b", a="a", b="b", metric="val_loss", direction="lower"),
+                         arm_stats([rec("a", 0, 2.0), rec("b", 0, 2.1)]))
+    out = one.as_json("plan", "tiny", 1e12)
+    assert (out["n_seeds"], out["ci_low"], out["ci_high"], out["verdict"]) == (1, None, None, "inconclusive")
+    assert out["estimate"] == pytest.approx(0.1) and out["per_seed"] == {"0": pytest.approx(0.1)}
+    json.dumps(out, allow_nan=False)  # strict JSON
+
+
 def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
     old, new = rec("a", 0, 3.0), rec("a", 0, 2.0)
     old.started_at, new.started_at = "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"
@@ -125,7 +136,10 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     matches_wide = next(line for line in text.splitlines() if "matches the ~3.5x-FLOPs dense" in line
                         and line.startswith("| switch-vs-dense"))
     assert matches_wide.endswith("**refuted** |")  # the wide model is better by far more than delta
-    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    def strict(constant: str):  # NaN / Infinity are not JSON: browsers' and jq's parsers reject them
+        raise ValueError(f"claims.json holds {constant}")
+
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text(), parse_constant=strict)
     headline = next(c for c in claims if c["claim"].startswith("Switch (cf 1.25) reaches a lower validation loss"))
     assert {k: headline[k] for k in ("reproduction", "tier", "metric", "n_seeds", "verdict")} == {
         "reproduction": "switch-vs-dense", "tier": "tiny", "metric": "val_loss", "n_seeds": 2, "verdict": "reproduced"}
