@@ -291,8 +291,11 @@ def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, ca
     assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2]  # seed 3 untouched
     assert Claims(store).holder(planned.key).host == "node-b"  # still theirs; ours were released
 
-    # --status: the same view, without training.
+    # --status: the same view, without training; a running pair's progress as its record last saved it.
     from bench.runner.status import format_status, plan_status
+
+    store.save(dataclasses.replace(seed0, run_id="remote-run", seed=3, status="running", finished_at=None, steps=7,
+                                   train_flops=5e8, curve=[{"step": 5, "loss": 3.25}], metrics={}))
 
     status = plan_status(load_plan("switch-vs-dense"), "tiny", store, seeds=5, arms=["dense"], flops=2e9,
                          extra=dict(parse_override(p) for p in SMALL))
@@ -304,7 +307,8 @@ def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, ca
     assert status["hours_left"] == pytest.approx(2 * sum(hours) / 3)  # two pairs left at the arm's mean
     text = format_status(status)
     assert text.startswith("switch-vs-dense tier tiny (group repro-switch-vs-dense-tiny): 3 of 5 runs finished")
-    assert f"dense     3  running           -      -  process 7 on node-b (run remote-run)" in text
+    assert ("dense     3  running           -      -  process 7 on node-b (run remote-run); 25% of its budget, "
+            "step 7, last val loss 3.2500") in text
     from bench.cli import main
 
     capsys.readouterr()
@@ -312,7 +316,7 @@ def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, ca
             "2e9", "--storage", run_env["storage"]] + [x for pair in SMALL for x in ("--set", pair)]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == status["pairs"]
-    assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2]  # nothing trained
+    assert sorted(r.seed for r in store.list(group="repro-switch-vs-dense-tiny")) == [0, 1, 2, 3]  # nothing trained
     assert all(Claims(store).holder(r.key) is None for r in plan_runs(
         load_plan("switch-vs-dense"), "tiny", store, seeds=3, arms=["dense"], flops=2e9,
         extra=dict(parse_override(p) for p in SMALL)))

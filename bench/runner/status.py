@@ -22,6 +22,10 @@ def _hours(record) -> float | None:
 def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
                 flops: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     runs = plan_runs(plan, tier, store, seeds, arms, flops, extra)
+    training: dict[tuple[str, int], Any] = {}  # the newest running record of each pair: its saved progress
+    for r in sorted(store.list(group=plan.group(tier)), key=lambda r: r.started_at):
+        if r.status == "running":
+            training[(r.extra.get("arm"), r.seed)] = r
     pairs = []
     for r in runs:
         row = {"arm": r.arm.label, "seed": r.seed, "state": "to do", "run_id": None, "val_loss": None, "hours": None}
@@ -30,6 +34,11 @@ def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = 
                        hours=_hours(r.done))
         elif r.busy is not None:
             row.update(state="running", by=r.busy)
+            now = training.get((r.arm.label, r.seed))
+            if now is not None and now.curve:  # as of its last evaluation
+                row.update(run_id=now.run_id, steps=now.steps, last_val_loss=now.curve[-1].get("loss"))
+                if r.budget.get("kind") == "flops" and r.budget.get("value"):
+                    row["done"] = now.train_flops / r.budget["value"]
         elif r.resume is not None:
             row.update(state="resumable", run_id=r.resume.run_id)
         pairs.append(row)
@@ -59,6 +68,9 @@ def format_status(status: dict[str, Any]) -> str:
         loss = f"{p['val_loss']:.4f}" if isinstance(p["val_loss"], (int, float)) else "-"
         hours = f"{p['hours']:.2f}" if p["hours"] is not None else "-"
         who = p.get("by") or p["run_id"] or ""
+        if p["state"] == "running" and p.get("steps"):
+            done = f"{100 * p['done']:.0f}% of its budget, " if p.get("done") is not None else ""
+            who += f"; {done}step {p['steps']}, last val loss {p['last_val_loss']:.4f}"
         if p["state"] == "resumable":
             who += " (continues from its last checkpoint)"
         lines.append(f"{p['arm']:<{width}}  {p['seed']:>4}  {p['state']:<10} {loss:>8}  {hours:>5}  {who}")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from functools import lru_cache
+from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -125,6 +127,28 @@ class EvalCurve(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.points = list(state.get("points", []))
+
+
+class SaveProgress(pl.Callback):
+    """After each evaluation of training, ``save()`` the record as it stands (steps, tokens, FLOPs
+    and curve so far, status still "running"): the store shows how far a long run got, and a run
+    killed with -9 keeps the curve up to its last checkpoint. A failed save only warns: the run
+    goes on, and its final save reports a store that stays broken."""
+
+    def __init__(self, save: Callable[[], None]):
+        self.save = save
+        self.warned = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        try:
+            self.save()
+        except Exception as e:  # noqa: BLE001 - progress is a convenience; training must not stop for it
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"could not save this run's progress to the results store ({type(e).__name__}: {e}); "
+                              "training goes on", RuntimeWarning, stacklevel=2)
 
 
 def _status(trainer, budget: "BudgetStop") -> list[str]:

@@ -37,7 +37,7 @@ from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
                                    ProgressLine, RNGState, summarize_moe_stats)
-from bench.train.callbacks import BalanceBias, RoutingHealth
+from bench.train.callbacks import BalanceBias, RoutingHealth, SaveProgress
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule, eval_batch_size
 from bench.train.task_metrics import add_bits_per_char, lm_split_size
@@ -378,6 +378,14 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     if task.type == "translation" and tr.curve_bleu_batches:
         callbacks.insert(callbacks.index(curve) + 1,
                          CurveBLEU(curve, dm, tr.curve_bleu_batches, tr.max_decode_len or task.tgt_len))
+
+    def save_progress() -> None:
+        record.steps, record.tokens_seen = int(budget.spent["steps"]), int(budget.spent["tokens"])
+        record.train_flops, record.curve = float(budget.spent["flops"]), list(curve.points)
+        store.save(record)
+
+    if not worker:
+        callbacks.append(SaveProgress(save_progress))  # after the curve (and its BLEU) took the evaluation
     # A terminal gets a bar measured in the budget; anything else (log file, CI) a line each minute.
     bar = progress and sys.stderr.isatty()
     if bar:

@@ -122,6 +122,26 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
         resume_run(cut.run_id, storage=run_env["storage"], progress=False)
 
 
+class _PeekAtStore(pl.Callback):
+    """What the store holds about the (only) run while it trains, at one step."""
+
+    def __init__(self, storage: str, step: int):
+        self.storage, self.step, self.seen = storage, step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and self.seen is None:
+            (self.seen,) = ResultsStore(self.storage).list()
+
+
+def test_progress_is_in_the_store_while_the_run_trains(run_env):
+    peek = _PeekAtStore(run_env["storage"], 12)  # evaluations at steps 5 and 10 (eval_every 5)
+    done = _train(run_env, "switch", {"kind": "steps", "value": 15}, extra_callbacks=[peek])
+    seen = peek.seen
+    assert seen.status == "running" and seen.steps == 10 and seen.tokens_seen == done.tokens_seen * 10 // 15
+    assert [p["step"] for p in seen.curve] == [5, 10] and seen.curve == done.curve[:2]
+    assert seen.train_flops == pytest.approx(done.train_flops * 10 / 15)
+
+
 def test_a_corrupt_checkpoint_leaves_the_interrupted_record_as_it_was(run_env):
     cut = _train(run_env, "dense", {"kind": "steps", "value": 15}, extra_callbacks=[_InterruptAt(12)])
     ckpt = Path(cut.paths["checkpoint_dir"]) / "last.ckpt"
@@ -255,7 +275,12 @@ def test_kill_9_then_resume_cli_matches_uninterrupted(run_env):
     proc.wait(timeout=30)
     assert killed_run, "the run finished or never checkpointed before it could be killed"
     store = ResultsStore(run_env["storage"])
-    assert store.get(killed_run).status == "running"  # nobody could record the kill
+    killed = store.get(killed_run)
+    assert killed.status == "running"  # nobody could record the kill
+    # ... but its progress was saved at each evaluation: steps so far and the curve up to the checkpoint
+    assert killed.steps >= killed.curve[-1]["step"] > 0 and killed.train_flops > 0
+    assert [p["loss"] for p in killed.curve] == pytest.approx([p["loss"] for p in reference.curve[:len(killed.curve)]],
+                                                              abs=1e-6)
     resumed = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--resume", killed_run,
                               "--storage", run_env["storage"], "--json"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
