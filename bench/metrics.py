@@ -108,7 +108,15 @@ def quality_per_active_param(quality: float, active_params: float) -> float:
     return float(quality) / (float(active_params) / 1e6)
 
 
+def last_eval_max_violation(expert_stats: Sequence[dict] | None) -> float | None:
+    """MaxVio (Wang et al. 2024: busiest expert's load / mean load - 1) of a run's last whole
+    evaluation, averaged over its MoE layers (``expert_stats[N]["eval"]``); None without routing."""
+    values = [v for v in ((layer.get("eval") or {}).get("max_violation") for layer in expert_stats or []
+                          if isinstance(layer, dict)) if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
 __all__ = [
-    "bits_per_char", "bits_per_token", "corpus_bleu", "corpus_chrf", "perplexity", "quality_lm",
-    "quality_per_active_param", "quality_translation",
+    "bits_per_char", "bits_per_token", "corpus_bleu", "corpus_chrf", "last_eval_max_violation", "perplexity",
+    "quality_lm", "quality_per_active_param", "quality_translation",
 ]

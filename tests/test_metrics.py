@@ -7,8 +7,8 @@ import pytest
 import sacrebleu
 import torch
 
-from bench.metrics import (bits_per_char, bits_per_token, corpus_bleu, corpus_chrf, perplexity, quality_lm,
-                           quality_per_active_param, quality_translation)
+from bench.metrics import (bits_per_char, bits_per_token, corpus_bleu, corpus_chrf, last_eval_max_violation,
+                           perplexity, quality_lm, quality_per_active_param, quality_translation)
 
 HYPS = [
     "The cat sat on the mat.",
@@ -103,3 +103,11 @@ def test_bits_per_char_is_total_bits_over_characters():
     for tokens, chars in ((0, 10), (10, 0)):
         with pytest.raises(ValueError, match="must be >= 1"):
             bits_per_char(1.0, tokens, chars)
+
+
+def test_last_eval_max_violation_is_the_mean_over_layers_of_the_last_evaluation():
+    stats = [{"max_violation": 9.0, "eval": {"max_violation": 0.25}},  # the training batch's figure is not used
+             {"eval": {"max_violation": 0.75}}, {"eval": {"max_violation": float("nan")}}, {"z_loss": 0.1}]
+    assert last_eval_max_violation(stats) == 0.5
+    assert last_eval_max_violation([]) is None and last_eval_max_violation(None) is None
+    assert last_eval_max_violation([{"max_violation": 1.0}]) is None  # no evaluation recorded

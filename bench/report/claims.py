@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bench.metrics import perplexity
+from bench.metrics import last_eval_max_violation, perplexity
 from bench.plans import Claim, Plan
 from bench.report import stats
 from bench.report.stats import curve_xy, interp, speedup_to_target
@@ -76,8 +76,7 @@ def record_values(r: RunRecord) -> dict[str, float]:
         "steps": r.steps, "tokens": r.tokens_seen, "train_flops": r.train_flops,
         "fraction_dropped": _mean_layers(r.expert_stats, lambda s: s.get("fraction_dropped")),
         "max_over_mean_load": _mean_layers(r.expert_stats, _max_over_mean),
-        # MaxVio (Wang et al. 2024) over the run's last whole evaluation, mean over MoE layers
-        "max_violation": _mean_layers(r.expert_stats, lambda s: (s.get("eval") or {}).get("max_violation")),
+        "max_violation": last_eval_max_violation(r.expert_stats),
     }
     if m.get("val_loss") is not None:
         out["val_perplexity"] = perplexity(min(m["val_loss"], 50.0))

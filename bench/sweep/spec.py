@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Optional
 import yaml
 
 from bench.config import ConfigError, check, from_dict, override_pairs, yaml_number
+from bench.metrics import last_eval_max_violation
 from bench.tracking.records import BUDGET_KINDS, RunRecord
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
@@ -65,7 +66,10 @@ OBJECTIVES: dict[str, tuple[str, Callable[[RunRecord], Any], bool]] = {
     "wall_seconds": ("minimize", lambda r: r.timings.get("wall_seconds"), False),
     "train_seconds": ("minimize", lambda r: r.timings.get("train_seconds"), False),
     "tokens_per_second": ("maximize", lambda r: r.timings.get("tokens_per_second"), False),
+    # routed families only: e.g. [val_loss, max_violation] is the quality-vs-balance front (Wang et al. 2024)
+    "max_violation": ("minimize", lambda r: last_eval_max_violation(r.expert_stats), False),
 }
+UNROUTED_FAMILIES = ("dense", "lstm")  # no experts: no MaxVio
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,10 @@ def _check_consistency(spec: SweepSpec, problems: list[str]) -> None:
     if spec.pruner["name"] != "none" and not OBJECTIVES[spec.objectives[0].metric][2]:
         problems.append(f"pruner: pruning watches the validation loss during training, which does not "
                         f"predict objective {spec.objectives[0].metric!r}; use quality or val_loss, or pruner: none")
+    unrouted = [f for f in spec.families if f in UNROUTED_FAMILIES]
+    if unrouted and any(o.metric == "max_violation" for o in spec.objectives):
+        problems.append(f"objectives: max_violation measures routed experts' load; family {', '.join(unrouted)} has "
+                        "no experts (search switch, moe or moe-rnn)")
     if len({o.metric for o in spec.objectives}) < len(spec.objectives):
         problems.append("objectives: each metric may appear once")
     if not spec.budget:

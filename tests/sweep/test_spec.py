@@ -47,6 +47,8 @@ def test_bad_values_in_the_space_fail_before_any_training():
     ({"space": {"budget.value": [1, 2]}}, "space.budget.value: the budget is the same for every trial"),
     ({"space": {"lr": [1e-3]}, "fixed": {"lr": 1e-3}}, "fixed.lr: also in space"),
     ({"budget": None}, "budget: required"),
+    ({"family": ["dense", "switch"], "objectives": ["val_loss", "max_violation"]},
+     "objectives: max_violation measures routed experts' load; family dense has no experts"),
     ({"budget": {"steps": 5, "flops": 1e12}}, "gives 2 budgets"),
 ])
 def test_inconsistent_specs_are_rejected(fields, needle):

@@ -140,6 +140,24 @@ def test_multi_objective_study_reports_its_pareto_set(run_env, write_spec):
     assert "Pareto set" in format_study(summary, run_env["storage"])
 
 
+def test_loss_vs_maxvio_front_over_balancing_weights(run_env, write_spec):
+    """objectives [val_loss, max_violation]: each trial's MaxVio is its record's last evaluation's."""
+    from bench.metrics import last_eval_max_violation
+
+    path = write_spec("balance", sampler="grid", family="moe", space={"load_balance_weight": [1e-4, 1e-1]},
+                      objectives=["val_loss", "max_violation"])
+    run_sweep(load_spec(str(path)), storage=run_env["storage"], **QUIET)
+    study = load_existing_study("balance", run_env["storage"])
+    assert study.metric_names == ["val_loss", "max_violation"]
+    records = {r.run_id: r for r in records_of(run_env["storage"], "balance")}
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2
+    for t in done:
+        r = records[t.user_attrs["run_id"]]
+        assert t.values == [pytest.approx(r.metrics["val_loss"]), pytest.approx(last_eval_max_violation(r.expert_stats))]
+        assert t.values[1] == pytest.approx(sum(s["eval"]["max_violation"] for s in r.expert_stats) / len(r.expert_stats))
+
+
 def test_changed_settings_refuse_to_continue_a_study(run_env, write_spec):
     path = write_spec("fixed-settings", sampler="grid", space={"num_experts": [2]})
     run_sweep(load_spec(str(path)), storage=run_env["storage"], **QUIET)
