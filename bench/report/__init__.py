@@ -84,6 +84,20 @@ def _users_plans(store: ResultsStore, known: dict[str, Plan]) -> dict[str, Plan]
     return found
 
 
+def _progress_note(s) -> str:
+    """For a tier at its planned budget with fewer runs than planned (a queue still going, or a
+    deliberate --seeds N): how far it is, and the command that trains the rest."""
+    from bench.report.sections import is_default_budget, plan_argument
+
+    tier = s.plan.tier(s.tier)
+    planned = len(s.plan.tier_arms(s.tier)) * tier.seeds
+    done = sum(a.n for a in s.arms.values())
+    if not is_default_budget(s) or done >= planned:
+        return ""
+    return (f" **Incomplete:** {done} of the tier's {planned} runs ({tier.seeds} seeds per arm); "
+            f"`moe-bench reproduce {plan_argument(s.plan)} --tier {s.tier}` trains the rest (finished runs are skipped).")
+
+
 def _interval(c) -> str:
     e = c.effect
     if e.estimate is None:
@@ -164,8 +178,8 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
         lines += [f"## {p.title} — `{p.name}`, tier `{s.tier}`{budget}", "",
                   f"Task `{p.task}`; model preset `{tier.preset}`; baseline `{p.baseline}`; {seeds} seed(s)"
                   + (f" ({tier.note})" if tier.note else "") + f". Reproduce with `{reproduce_command(s)}`, then "
-                  "`moe-bench report`.", "", *arms_table(s), "", "Claims (effect in the paper's direction, 95% CI "
-                  "over paired seeds):", ""]
+                  f"`moe-bench report`.{_progress_note(s)}", "", *arms_table(s), "",
+                  "Claims (effect in the paper's direction, 95% CI over paired seeds):", ""]
         for c in s.claims:
             lines.append(f"- {VERDICT_MARK[c.verdict]}: {c.claim.text}. *Paper:* {c.claim.paper}. "
                          f"*Ours:* {c.evidence}.")

@@ -238,9 +238,10 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
     delta = claim.effect_delta
     verdict = stats.verdict(effect, delta, "not-worse" if claim.kind == "not-worse" else "better")
     if effect.n_seeds:
-        evidence += (f"; effect in the paper's direction {_num(effect.estimate, '+')}, 95% CI "
-                     f"[{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}] over {effect.n_seeds} {pairs}; "
-                     f"delta {delta:g}")
+        interval = (f"95% CI [{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}]"
+                    if effect.ci_low is not None and math.isfinite(effect.ci_low) else "no interval from one seed")
+        evidence += (f"; effect in the paper's direction {_num(effect.estimate, '+')}, {interval} over "
+                     f"{effect.n_seeds} {pairs}; delta {delta:g}")
         if effect.detectable is not None:
             evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
     else:

@@ -87,11 +87,15 @@ def is_default_budget(s: Section) -> bool:
     return abs(section_budget(s) / s.plan.tier(s.tier).budget_flops - 1) < 1e-6
 
 
+def plan_argument(plan: Plan) -> str:
+    """How `moe-bench reproduce` names this plan: a shipped plan's name, or a user's plan file."""
+    return plan.name if plan.source.startswith(str(PLANS_DIR)) or not plan.source else plan.source
+
+
 def reproduce_command(s: Section) -> str:
     """The command that (re)makes this section's runs: non-default budgets and arm subsets included."""
     seeds = max((a.n for a in s.arms.values()), default=0)
-    name = s.plan.name if s.plan.source.startswith(str(PLANS_DIR)) or not s.plan.source else s.plan.source
-    cmd = f"moe-bench reproduce {name} --tier {s.tier}"
+    cmd = f"moe-bench reproduce {plan_argument(s.plan)} --tier {s.tier}"
     if seeds != s.plan.tier(s.tier).seeds:
         cmd += f" --seeds {seeds}"
     if not is_default_budget(s):

@@ -51,6 +51,7 @@ def test_one_seed_claims_have_null_bounds_in_claims_json():
     assert (out["n_seeds"], out["ci_low"], out["ci_high"], out["verdict"]) == (1, None, None, "inconclusive")
     assert out["estimate"] == pytest.approx(0.1) and out["per_seed"] == {"0": pytest.approx(0.1)}
     json.dumps(out, allow_nan=False)  # strict JSON
+    assert "effect in the paper's direction +0.1000, no interval from one seed over 1 paired seed(s)" in one.evidence
 
 
 def test_a_rerun_of_an_arm_seed_replaces_the_older_run():
@@ -150,6 +151,9 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
             "`shared-experts`, `switch-experts`, `translation`, `upcycling`") in text
     budget = load_plan("switch-vs-dense").tiers["tiny"].budget_flops
     assert "95% CI" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
+    # 8 arms x 2 seeds of a tier planned as 9 arms x 3 seeds: said, with the command that adds the rest
+    assert ("then `moe-bench report`. **Incomplete:** 16 of the tier's 27 runs (3 seeds per arm); "
+            "`moe-bench reproduce switch-vs-dense --tier tiny` trains the rest (finished runs are skipped).") in text
     assert "Throughput was consistent across seeds (within 0% for every arm)" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert "switch-vs-dense-curves.png" in pngs and "switch-vs-dense-pareto.png" in pngs
