@@ -18,6 +18,7 @@ from bench.models.routing import (
     balance_bias_update,
     expert_choice_gating,
     expert_choice_margin,
+    frequency_hash_table,
     hash_gating,
     hash_table,
     noisy_topk_gating,
@@ -54,6 +55,33 @@ def test_hash_table_deals_a_random_permutation_evenly():
     assert torch.equal(table, hash_table(V, E, generator=torch.Generator().manual_seed(0)))  # seeded
     assert any(not torch.equal(table, hash_table(V, E, generator=torch.Generator().manual_seed(s)))
                for s in range(1, 5))  # a random mapping, not a fixed formula
+
+
+def test_frequency_hash_table_hand_computed():
+    # ids by count: 0 (10), 3 (8), 4 (5), 1 (1), 2 (1); each to the lighter expert:
+    # 0 -> e0 (10), 3 -> e1 (8), 4 -> e1 (13), 1 -> e0 (11), 2 -> e0 (12); unseen 5, 6 to the expert
+    # holding fewer ids: 5 -> e1 (2 ids vs 3), 6 -> e0 (3 vs 3: the lower index).
+    table = frequency_hash_table(torch.tensor([10, 1, 1, 8, 5, 0, 0]), 2)
+    assert table.tolist() == [0, 0, 0, 1, 1, 1, 0]
+
+
+def test_frequency_hash_balances_real_character_counts_within_the_greedy_bound():
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    text = path.read_text(encoding="utf-8")
+    vocab = sorted(set(text))
+    counts = torch.bincount(torch.tensor([vocab.index(c) for c in text[:200_000]]), minlength=len(vocab))
+    for E in (4, 8, 16):
+        loads = torch.zeros(E, dtype=torch.float64).index_add_(
+            0, frequency_hash_table(counts, E), counts.double())
+        # greedy LPT: no expert above the mean load plus the largest single count
+        assert loads.max() <= loads.mean() + counts.max()
+        rand = torch.zeros(E, dtype=torch.float64).index_add_(
+            0, hash_table(len(vocab), E, generator=torch.Generator().manual_seed(0)), counts.double())
+        assert loads.max() < rand.max()  # and far below a random deal's busiest expert
 
 
 def test_hash_gating_hand_computed():
@@ -308,6 +336,7 @@ def test_config_refusals_say_why():
     cases = [
         (["router=hash", "top_k=2"], "hash layer sends each token to the"),
         (["router=hash", "balance=bias"], "no router scores for a bias"),
+        (["hash_assignment=frequency"], "hash_assignment='frequency' is not allowed without router='hash'"),
         (["router=expert_choice", "capacity_factor=null"], "no dropless mode"),
         (["router=expert_choice", "balance=bias"], "by construction"),
         (["balance=bias", "load_balance_weight=0.1"], "trains without a balancing loss"),

@@ -191,6 +191,11 @@ class LMDataModule(_TaskDataModule):
                     raise ValueError(f"task {self.task.name!r} {split} split has {len(self.ids[split])} tokens, "
                                      f"fewer than one block of seq_len + 1 = {self.seq_len + 1}")
 
+    def train_token_counts(self, vocab_size: int) -> dict[str, torch.Tensor]:
+        """{"tokens": occurrences of each id in the training split} (frequency hash tables)."""
+        self._ensure_setup()
+        return {"tokens": torch.from_numpy(np.bincount(self.ids["train"], minlength=vocab_size)[:vocab_size])}
+
     def train_dataloader(self) -> DataLoader:
         self._ensure_setup()
         ds = BlockDataset(self.ids["train"], self.seq_len)
@@ -384,6 +389,16 @@ class TranslationDataModule(_TaskDataModule):
             else:
                 self.raw[split] = (src, tgt)
             self.datasets[split] = PairDataset(*encode_pairs(self.tokenizer, src, tgt, self.src_len, self.tgt_len))
+
+    def train_token_counts(self, vocab_size: int) -> dict[str, torch.Tensor]:
+        """Occurrences of each id in the training pairs as the model reads them: "src" (the
+        encoder's input) and "tgt" (the decoder's input, <bos> + target, without the final <eos>)."""
+        self._ensure_setup()
+        ds = self.datasets["train"]
+        decoder_in = np.ones(len(ds.tgt_ids), dtype=bool)
+        decoder_in[ds.tgt_off[1:] - 1] = False  # each target's last token is only ever predicted
+        return {"src": torch.from_numpy(np.bincount(ds.src_ids, minlength=vocab_size)[:vocab_size]),
+                "tgt": torch.from_numpy(np.bincount(ds.tgt_ids[decoder_in], minlength=vocab_size)[:vocab_size])}
 
     def references(self, split: str = "val") -> list[str]:
         self._check_split(split)

@@ -50,6 +50,7 @@ class MoEConfig:
     # --- hash and expert-choice routers, aux-loss-free balancing (bench/models/routing.py) ----
     # router=hash: Roller et al. 2021; router=expert_choice: Zhou et al. 2022 (not causal).
     causal_router: Optional[Literal["switch", "topk", "noisy_topk", "hash"]] = None  # causal stacks (LM, decoder, LSTMs); None = router
+    hash_assignment: Literal["random", "frequency"] = "random"  # hash: ids dealt at random, or balanced by training-split frequency
     allow_noncausal_routing: bool = False  # accept expert choice in a causal stack, which leaks the future
     balance: Literal["aux_loss", "bias"] = "aux_loss"  # bias: Wang et al. 2024 selection-only bias, no balancing loss
     bias_update_rate: float = 1e-3  # u in b_i += u * sign(mean load - load_i), after each optimizer step
@@ -69,6 +70,9 @@ class MoEConfig:
             if self.balance == "bias":
                 p.append("balance='bias' is not allowed with router='hash': the hash table is fixed, there are no "
                          "router scores for a bias to steer")
+        if self.hash_assignment != "random" and "hash" not in (self.router, self.causal_router):
+            p.append(f"hash_assignment={self.hash_assignment!r} is not allowed without router='hash' (or "
+                     "causal_router='hash'): it chooses how the hash table deals token ids to experts")
         if self.router == "expert_choice":
             if self.capacity_factor is None or self.eval_capacity_factor is None:
                 p.append("router='expert_choice' needs capacity_factor and eval_capacity_factor (no dropless mode): "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from bench.models.config import MoEConfig
 from bench.models.expert_parallel import dispatch_to_experts
 from bench.models.experts import (compute_dtype, grouped_expert_ffn, grouped_mm_expert_ffn, prefers_grouped_mm,
                                   row_granule)
-from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing, counts_below
+from bench.models.routing import NUM_POSITION_BUCKETS, Router, Routing, counts_below, frequency_hash_table
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 AUTO_PADDED_BELOW_ROWS = {"fp32": 16, "reduced": 64}  # see the module docstring
@@ -279,6 +280,24 @@ class MoELayer(nn.Module):
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The model's MoE layers in registration order (a seq2seq model: encoder, then decoder)."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def use_frequency_hash(model: nn.Module, counts_for: Callable[[str], Tensor]) -> int:
+    """``hash_assignment='frequency'``: replace every hash router's random table with the balanced
+    one of Roller et al. 2021 (``frequency_hash_table``) from ``counts_for(name)``, the training
+    token counts of the stack the router's layer reads (``name``: its module path, e.g.
+    ``encoder.1.ffn.router``). The tables follow from the data alone, so a resumed run or a saved
+    model has the same ones (they are buffers). Returns how many tables were set."""
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Router) and module.kind == "hash" and module.cfg.hash_assignment == "frequency":
+            table = frequency_hash_table(counts_for(name), module.cfg.num_experts)
+            if table.shape != module.hash_table.shape:
+                raise ValueError(f"{name}: token counts over {table.numel()} ids, the hash table has "
+                                 f"{module.hash_table.numel()}")
+            module.hash_table.copy_(table)
+            n += 1
+    return n
 
 
 def update_balance_biases(model: nn.Module) -> int:

@@ -157,6 +157,29 @@ def hash_table(vocab_size: int, num_experts: int, generator: Optional[torch.Gene
     return table
 
 
+def frequency_hash_table(counts: Tensor, num_experts: int) -> Tensor:
+    """Roller et al. 2021's balanced assignment: token ids in decreasing training frequency, each
+    to the expert with the least total frequency so far (greedy longest-processing-time: no
+    expert ends above the mean load plus the largest single count; ties to the lower index). Ids
+    never seen in training are then dealt to the experts holding the fewest ids, so they spread.
+    counts (V,) occurrences of each id in the training split -> table (V,) int64."""
+    import heapq
+
+    counts = counts.to(torch.float64).cpu().tolist()
+    seen = sorted((i for i, c in enumerate(counts) if c > 0), key=lambda i: (-counts[i], i))
+    heap = [(0.0, e) for e in range(num_experts)]  # (total frequency, expert)
+    table = torch.empty(len(counts), dtype=torch.long)
+    held = [0] * num_experts
+    for i in seen:
+        load, e = heapq.heappop(heap)
+        table[i], held[e] = e, held[e] + 1
+        heapq.heappush(heap, (load + counts[i], e))
+    for i in (i for i, c in enumerate(counts) if c <= 0):
+        e = min(range(num_experts), key=lambda x: (held[x], x))
+        table[i], held[e] = e, held[e] + 1
+    return table
+
+
 def hash_gating(token_ids: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     """Hash layer (Roller et al. 2021): the expert is table[token id], fixed, no router.
 

@@ -32,6 +32,7 @@ from bench.data.tasks import TaskConfig, load_task
 from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig, task_problems
+from bench.models.moe import use_frequency_hash
 from bench.runtime import device_name, tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
@@ -334,6 +335,10 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     model = build_model(cfg, task.type)
     if init is not None:  # sparse upcycling: the dense run's weights (a resumed run loads its checkpoint)
         init(model)
+    if cfg.moe is not None and cfg.moe.hash_assignment == "frequency":
+        counts = dm.train_token_counts(cfg.vocab_size)  # balanced hash tables (Roller et al. 2021)
+        use_frequency_hash(model, lambda name: counts.get("tokens", counts.get("src" if name.startswith("encoder.")
+                                                                               else "tgt")))
     cost = model_cost(cfg, task.target_len, task.type, src_len=task.src_len)
     tracker = ComputeTracker(cfg, task.type)
     inherited = inherited_train_flops(record)  # an upcycled run's FLOPs budget counts its dense run's

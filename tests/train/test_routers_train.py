@@ -42,6 +42,36 @@ def test_hash_routing_trains_and_its_assignment_never_changes(run_env):
     assert "moe_eval/layer0/assignment_stability" in _csv_keys(record)
 
 
+def test_frequency_hash_table_comes_from_the_training_split_counts(run_env):
+    from bench.data.datamodules import LMDataModule
+    from bench.models.routing import frequency_hash_table
+
+    record = _train(run_env, ["router=hash", "hash_assignment=frequency"], steps=5)
+    assert record.status == "finished" and record.config["model"]["moe"]["hash_assignment"] == "frequency"
+    vocab = record.config["model"]["vocab_size"]
+    counts = LMDataModule(TASK, batch_size=4).train_token_counts(vocab)["tokens"]
+    assert int(counts.sum()) > 1_000_000  # the whole training split, not a batch
+    state = torch.load(Path(record.paths["model"]), weights_only=True)["state_dict"]
+    assert torch.equal(state["blocks.1.ffn.router.hash_table"], frequency_hash_table(counts, 4))
+
+
+@pytest.mark.slow
+def test_frequency_hash_tables_of_a_translation_model_follow_each_side(run_env):
+    """The encoder's table from the source side, the decoder's from the decoder's input."""
+    from bench.data.datamodules import TranslationDataModule
+    from bench.models.routing import frequency_hash_table
+
+    record = _train(run_env, ["router=hash", "hash_assignment=frequency", "batch_size=8", "eval_batches=1"],
+                    steps=2, task="multi30k-de-en")
+    assert record.status == "finished"
+    vocab = record.config["model"]["vocab_size"]
+    counts = TranslationDataModule("multi30k-de-en", batch_size=8).train_token_counts(vocab)
+    assert not torch.equal(counts["src"], counts["tgt"])
+    state = torch.load(Path(record.paths["model"]), weights_only=True)["state_dict"]
+    assert torch.equal(state["encoder.1.ffn.router.hash_table"], frequency_hash_table(counts["src"], 4))
+    assert torch.equal(state["decoder.1.ffn.router.hash_table"], frequency_hash_table(counts["tgt"], 4))
+
+
 def test_aux_loss_free_bias_moves_by_u_per_step_and_is_saved(run_env):
     u = 0.01
     record = _train(run_env, ["balance=bias", f"bias_update_rate={u}"])
