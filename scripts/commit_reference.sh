@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Commit the reference store as it stands (runs may still be writing to it): fold SQLite's
+# write-ahead log into the file (the -wal file is not committed), list the runs, regenerate the
+# report from the store, commit results/.
+#   bash scripts/commit_reference.sh "Reference store: switch-experts ref E=64 seed 101"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MB=${MOE_BENCH:-.venv/bin/moe-bench}
+S=sqlite:///results/reference/moe-bench.db
+sqlite3 results/reference/moe-bench.db "PRAGMA wal_checkpoint(TRUNCATE);" > /dev/null
+"$MB" runs --storage "$S" > results/reference/RUNS.txt
+rm -f results/plots/*.png results/plots/*.html
+"$MB" report --storage "$S" --out results > /dev/null
+git add results
+git commit -qm "${1:-Reference store: finished runs; report regenerated}"
+git log --oneline -1
