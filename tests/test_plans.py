@@ -322,6 +322,35 @@ def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, ca
         extra=dict(parse_override(p) for p in SMALL)))
 
 
+def test_a_pair_whose_remote_process_died_is_taken_over_and_its_run_marked_interrupted(run_env):
+    import dataclasses
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from bench.tracking.claims import STALE_AFTER_S, Claims
+
+    said = []
+    kw = dict(storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9, progress=False)
+    (seed0,) = run_plan("switch-vs-dense", seeds=1, announce=said.append, **kw)
+    store = ResultsStore(run_env["storage"])
+    (planned,) = [r for r in plan_runs(load_plan("switch-vs-dense"), "tiny", store, seeds=2, arms=["dense"],
+                                       flops=2e9, extra=dict(parse_override(p) for p in SMALL)) if r.seed == 1]
+    # Seed 1 was being trained on node-b, which went silent: its record says "running" forever.
+    store.save(dataclasses.replace(seed0, run_id="remote-run", seed=1, status="running", finished_at=None, metrics={}))
+    remote = Claims(store, host="node-b", pid=7)
+    remote.acquire(planned.key, "remote-run")
+    old = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=STALE_AFTER_S + 60)
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(remote.table).values(heartbeat_at=old))
+    said.clear()
+    (seed1,) = [r for r in run_plan("switch-vs-dense", seeds=2, announce=said.append, **kw) if r.seed == 1]
+    assert seed1.run_id != "remote-run" and seed1.status == "finished"  # its checkpoint is on node-b: trained again
+    lost = store.get("remote-run")
+    assert lost.status == "interrupted" and lost.error.startswith("lost: process 7 on node-b (run remote-run) stopped")
+    assert "  run remote-run was lost with process 7 on node-b (run remote-run): recorded as interrupted" in said
+
+
 @pytest.mark.slow
 def test_two_reproduce_commands_split_a_plan(run_env):
     """Two real processes started together on one plan: every pair trained exactly once."""

@@ -199,6 +199,21 @@ def scan_pairs(store: ResultsStore, group: str, wanted: dict[str, dict[str, Any]
     return found
 
 
+def mark_lost(store: ResultsStore, holder, announce: Callable[[str], None]) -> None:
+    """The run of a claim whose process died (no heartbeat, or its pid gone): a record still
+    "running" becomes "interrupted", saying so, instead of running forever. On its own machine it
+    continues from its checkpoint; elsewhere the pair starts again."""
+    record = store.get(holder.run_id)
+    if record is None or record.status != "running":
+        return
+    if holder.host == HOST and live_owner(record.paths.get("run_dir") or "") is not None:
+        return  # the pid in the claim died, but another process here trains the run (a resume)
+    last = holder.heartbeat_at.strftime("%Y-%m-%d %H:%M:%S")
+    record.finish("interrupted", f"lost: {holder.describe()} stopped (last heartbeat {last} UTC)")
+    store.save(record)
+    announce(f"  run {record.run_id} was lost with {holder.describe()}: recorded as interrupted")
+
+
 def claim_key(group: str, arm: str, seed: int, config: dict[str, Any]) -> str:
     """The same for every process that plans this pair with this config (any machine)."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -256,6 +271,8 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
         if holder is not None:
             announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, {holder.describe()} is training it now")
             continue
+        if claims.taken_over is not None:
+            mark_lost(store, claims.taken_over, announce)
         now = scan_pairs(store, group, {run.arm.label: runs.wanted[run.arm.label]})
         pair = (run.arm.label, run.seed)
         if pair in now.finished or pair in now.busy:

@@ -61,6 +61,7 @@ class Claims:
                  pid: int | None = None):
         self.store, self.stale_after_s = store, stale_after_s
         self.host, self.pid = host, os.getpid() if pid is None else pid
+        self.taken_over: Holder | None = None  # the dead holder the last acquire took over from
         md = sa.MetaData()
         self.table = sa.Table(
             TABLE_NAME, md,
@@ -83,7 +84,9 @@ class Claims:
         return None if row is None else Holder(row["run_id"], row["host"], row["pid"], row["heartbeat_at"])
 
     def acquire(self, key: str, run_id: str) -> Holder | None:
-        """Take ``key`` for ``run_id`` in this process; None when taken, else the live holder."""
+        """Take ``key`` for ``run_id`` in this process; None when taken, else the live holder.
+        Taking over a dead holder's claim leaves that holder in ``self.taken_over``."""
+        self.taken_over: Holder | None = None
         mine = {"run_id": run_id, "host": self.host, "pid": self.pid, "heartbeat_at": _now()}
         for _ in range(3):  # lost a race twice in a row: someone is actively claiming it
             with self.store._guard("write to"):
@@ -113,6 +116,7 @@ class Claims:
                                                           t.c.heartbeat_at == held.heartbeat_at)
                                        .values(**mine)).rowcount
             if won == 1:
+                self.taken_over = held
                 return None
         held = self.holder(key)
         if held is None:
