@@ -263,18 +263,25 @@ def test_a_killed_run_is_resumed_and_a_live_one_left_to_its_process(run_env):
     assert [r.run_id for r in store.list(group="repro-switch-vs-dense-tiny")] == [first.run_id]
 
 
+def _dense_seed0_then_pair(run_env, seed: int):
+    """Plan switch-vs-dense's dense arm at 2e9 FLOPs: seed 0 trained, and the planned pair of ``seed``.
+    Returns (run_plan's keyword arguments, the seed-0 record, the store, that pair, the announcements)."""
+    said = []
+    kw = dict(storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9, progress=False)
+    (seed0,) = run_plan("switch-vs-dense", seeds=1, announce=said.append, **kw)
+    store = ResultsStore(run_env["storage"])
+    (planned,) = [r for r in plan_runs(load_plan("switch-vs-dense"), "tiny", store, seeds=seed + 1, arms=["dense"],
+                                       flops=2e9, extra=dict(parse_override(p) for p in SMALL)) if r.seed == seed]
+    return kw, seed0, store, planned, said
+
+
 def test_pairs_taken_or_finished_by_other_processes_are_left_to_them(run_env, capsys):
     """Two commands sharing a plan: before each pair, its claim and its records are looked at again."""
     import dataclasses
 
     from bench.tracking.claims import Claims
 
-    said = []
-    kw = dict(storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9, progress=False)
-    (seed0,) = run_plan("switch-vs-dense", seeds=1, announce=said.append, **kw)
-    store = ResultsStore(run_env["storage"])
-    (planned,) = [r for r in plan_runs(load_plan("switch-vs-dense"), "tiny", store, seeds=4, arms=["dense"],
-                                       flops=2e9, extra=dict(parse_override(p) for p in SMALL)) if r.seed == 3]
+    kw, seed0, store, planned, said = _dense_seed0_then_pair(run_env, 3)
     # Seed 3: a process on another machine holds it (fresh heartbeat).
     Claims(store, host="node-b", pid=7).acquire(planned.key, "remote-run")
 
@@ -330,12 +337,7 @@ def test_a_pair_whose_remote_process_died_is_taken_over_and_its_run_marked_inter
 
     from bench.tracking.claims import STALE_AFTER_S, Claims
 
-    said = []
-    kw = dict(storage=run_env["storage"], overrides=SMALL, arms=["dense"], budget_flops=2e9, progress=False)
-    (seed0,) = run_plan("switch-vs-dense", seeds=1, announce=said.append, **kw)
-    store = ResultsStore(run_env["storage"])
-    (planned,) = [r for r in plan_runs(load_plan("switch-vs-dense"), "tiny", store, seeds=2, arms=["dense"],
-                                       flops=2e9, extra=dict(parse_override(p) for p in SMALL)) if r.seed == 1]
+    kw, seed0, store, planned, said = _dense_seed0_then_pair(run_env, 1)
     # Seed 1 was being trained on node-b, which went silent: its record says "running" forever.
     store.save(dataclasses.replace(seed0, run_id="remote-run", seed=1, status="running", finished_at=None, metrics={}))
     remote = Claims(store, host="node-b", pid=7)
