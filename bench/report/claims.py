@@ -187,7 +187,11 @@ class ClaimResult:
                 "arms": c.arms(), "headline": c.headline, "estimate": finite(e.estimate), "ci_low": finite(e.ci_low),
                 "ci_high": finite(e.ci_high), "n_seeds": e.n_seeds, "delta": c.effect_delta,
                 "detectable_effect": finite(e.detectable),
-                "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()}, "verdict": self.verdict}
+                "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()},
+                # claims.json keeps the four verdicts of its contract: a claim with no paired data is
+                # undecided (inconclusive, n_seeds 0); "has_data" and "evidence" say why.
+                "verdict": stats.INCONCLUSIVE if self.verdict == stats.NO_DATA else self.verdict,
+                "has_data": self.verdict != stats.NO_DATA, "evidence": self.evidence}
 
 
 def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[int, float]:

@@ -5,7 +5,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.plans import PLANS_DIR, Plan
+from bench.plans import PLANS_DIR, Claim, Plan
 from bench.report.claims import (ArmStats, ClaimResult, add_paired_metrics, arm_stats, evaluate_claim, fmt,
                                  throughput_arms)
 from bench.report.stats import interp
@@ -39,15 +39,37 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     if any(c.metric == "loss_at_equal_time" for c in plan.claims):
         section.notes.append(_equal_time_note(plan, speed, by_arm))
     speed_arms = throughput_arms(throughput or [])
-    section.claims = [evaluate_claim(c, arms, speed_arms) for c in plan.claims
-                      if any(label in arms for label in c.arms() if label)]
+    # A claim belongs to the tier when the tier trains all its arms (or they were run anyway): a claim
+    # on an arm the tier leaves out is listed as untested, not judged "no data".
+    in_tier = {a.label for a in plan.tier_arms(tier)} | set(arms)
+    tested = [c for c in plan.claims if _testable(c, in_tier)]
+    section.claims = [evaluate_claim(c, arms, speed_arms) for c in tested]
+    untested = [c for c in plan.claims if c not in tested]
     section.notes.append(_budget_note(section))
+    if untested:
+        section.notes.append(_untested_note(tier, untested, in_tier))
     for note in (_gap_trend_note(section), _speed_note(section), _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
     if plot_dir is not None:
         _plots(section, records, plot_dir)
     return section
+
+
+def _testable(claim: Claim, arms: set[str]) -> bool:
+    """A trend is a slope over whichever of its arms were trained (three at least); a comparison
+    needs both of its arms."""
+    if claim.kind == "trend":
+        return sum(label in arms for label in claim.x) >= 3
+    return all(label in arms for label in claim.arms() if label)
+
+
+def _untested_note(tier: str, claims: list[Claim], in_tier: set[str]) -> str:
+    parts = []
+    for c in claims:
+        missing = ", ".join(sorted({a for a in c.arms() if a and a not in in_tier}))
+        parts.append(f"{c.text} (needs {missing})")
+    return f"Not tested at tier `{tier}` (the tier does not train an arm they need): " + "; ".join(parts) + "."
 
 
 def _bleu_settled_note(s: Section) -> str | None:

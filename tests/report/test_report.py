@@ -271,3 +271,45 @@ def test_gap_trend_compares_runs_of_different_lengths_at_the_same_fraction_of_th
     # Half: arm at step 400 (interpolated between 300 and 450) vs baseline at step 200.
     assert half == pytest.approx((4.0 - 0.5 - 0.1) - (4.0 - 0.5))
     assert end == pytest.approx((4.0 - 1.0 - 0.2) - 3.0)
+
+
+def test_a_tier_judges_only_the_claims_on_its_own_arms(tmp_path):
+    """The ref tier of switch-vs-dense trains dense, switch cf=1.25 and its equal-time arm: the claim on
+    dense-wide (a tiny-tier arm) is listed as untested there, not judged; a claim on a tier arm with no
+    runs yet stays in claims.json as inconclusive with has_data false (the file's four verdicts)."""
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    budget = load_plan("switch-vs-dense").tiers["ref"].budget_flops
+    for arm, family, pair in (("dense", "dense", (2.30, 2.31)), ("switch cf=1.25", "switch", (2.20, 2.22))):
+        for seed, loss in enumerate(pair):
+            r = rec(arm, seed, loss, family=family)
+            r.group, r.train_flops, r.extra["tier"] = "repro-switch-vs-dense-ref", budget, "ref"
+            store.save(r)
+    text = write_report(store.url, tmp_path / "out").read_text()
+    ref = text[text.index("`switch-vs-dense`, tier `ref`"):]
+    assert ("Not tested at tier `ref` (the tier does not train an arm they need): Switch matches the ~3.5x-FLOPs "
+            "dense model (T5-Large's role) trained for the same steps (needs dense-wide);") in ref
+    assert not any(line.startswith("| switch-vs-dense | ref |") and "3.5x-FLOPs" in line for line in text.splitlines())
+    claims = [c for c in json.loads((tmp_path / "out" / "claims.json").read_text()) if c["tier"] == "ref"]
+    assert not any("3.5x-FLOPs" in c["claim"] for c in claims)
+    assert {c["verdict"] for c in claims} <= {"reproduced", "refuted", "no-effect", "inconclusive"}
+    equal_time = next(c for c in claims if c["claim"].startswith("Switch (cf 1.25) trained for the dense model's wall"))
+    assert (equal_time["verdict"], equal_time["has_data"], equal_time["n_seeds"]) == ("inconclusive", False, 0)
+    headline = next(c for c in claims if c["claim"].startswith("Switch (cf 1.25) reaches a lower validation loss"))
+    assert (headline["verdict"], headline["has_data"], headline["n_seeds"]) == ("reproduced", True, 2)
+
+
+def test_a_trend_is_judged_over_the_arms_its_tier_trains(tmp_path):
+    """switch-experts' ref tier trains dense and E=4/16/64 of the trend's seven arms: the slope is
+    taken over those four, not refused for the three the tier leaves out."""
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    budget = load_plan("switch-experts").tiers["ref"].budget_flops
+    for arm, loss in (("dense", 2.30), ("switch E=4", 2.26), ("switch E=16", 2.22), ("switch E=64", 2.18)):
+        for seed in (100, 101):
+            r = rec(arm, seed, loss + 0.001 * seed, repro="switch-experts", family="dense" if arm == "dense" else "switch")
+            r.group, r.train_flops, r.extra["tier"] = "repro-switch-experts-ref", budget, "ref"
+            store.save(r)
+    write_report(store.url, tmp_path / "out")
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    trend = next(c for c in claims if c["tier"] == "ref" and c["claim"].startswith("Validation loss falls as experts"))
+    # log2 x = 0, 2, 4, 6 against losses falling 0.04 per step of 2: slope -0.02 per doubling, +0.02 in the paper's direction
+    assert trend["has_data"] and trend["n_seeds"] == 2 and trend["estimate"] == pytest.approx(0.02)
