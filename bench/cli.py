@@ -391,9 +391,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 print(f"{'':<18}tier {tier_name:<6} preset {tier.preset:<6} {tier.budget_flops:.2g} FLOPs/run, "
                       f"{arms} arms x {tier.seeds} seeds" + (f" ({tier.note})" if tier.note else ""))
         return 0
+    if args.status and not args.name:
+        from bench.runner.status import format_overview, tier_overview
+        from bench.tracking.records import ResultsStore
+
+        overview = tier_overview(args.tier or args.preset or "tiny", ResultsStore(args.storage))
+        print(json.dumps(overview) if args.json else format_overview(overview))
+        return 0
     if not args.name:
         raise ConfigError([f"name a plan: one of {', '.join(all_plans())}, or the path of your own plan YAML "
-                           "(--list shows them)"], "reproduce")
+                           "(--list shows them; --status without a name: every plan's progress)"], "reproduce")
     budget = _budget(args)
     if budget is not None and budget["kind"] != "flops":
         raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
@@ -623,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the plans, their tiers and budgets")
     p.add_argument("--status", action="store_true",
                    help="instead of training: each (arm, seed) pair's state (finished, running, resumable, to do), "
-                        "the wall time spent and an estimate of the time left")
+                        "the wall time spent and an estimate of the time left; without a name, one line per "
+                        "shipped plan at --tier")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.plans import Plan
+from bench.plans import Plan, all_plans
 from bench.runner.arms import plan_runs
 from bench.tracking.records import ResultsStore
 
@@ -76,4 +76,48 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{p['arm']:<{width}}  {p['seed']:>4}  {p['state']:<10} {loss:>8}  {hours:>5}  {who}")
     for w in status["waiting"]:
         lines.append(f"waiting: {w['arm']}: {w['why']}")
+    return "\n".join(lines)
+
+
+def tier_overview(tier: str, store: ResultsStore) -> dict[str, Any]:
+    """Every shipped plan's state at ``tier`` (``moe-bench reproduce --status`` without a name): runs
+    finished of planned, hours spent, hours left. A plan with no finished run yet is estimated at the
+    mean hours per run of the tier's other plans (marked ``estimated_from_others``)."""
+    shipped = [p for p in all_plans().values() if tier in p.tiers]
+    plans = [plan_status(p, tier, store) for p in shipped]
+    for plan, s in zip(shipped, plans):  # arms waiting for an input (a throughput measurement) count as planned
+        s["total"] += len(s.get("waiting") or []) * plan.tier(tier).seeds
+    hours = [p["hours"] for s in plans for p in s["pairs"] if p["hours"] is not None]
+    per_run = sum(hours) / len(hours) if hours else None
+    rows = []
+    for s in plans:
+        left, guessed = s["hours_left"], False
+        if left is None and per_run is not None:
+            left, guessed = per_run * (s["total"] - s["finished"]), True
+        running = [f"{p['arm']} seed {p['seed']}" for p in s["pairs"] if p["state"] == "running"]
+        running += [f"{w['arm']} waits: {w['why']}" for w in s.get("waiting") or []]
+        rows.append({"plan": s["plan"], "finished": s["finished"], "total": s["total"], "hours_spent": s["hours_spent"],
+                     "hours_left": left, "estimated_from_others": guessed, "running": running})
+    known = [r["hours_left"] for r in rows if r["hours_left"] is not None]
+    return {"tier": tier, "plans": rows, "finished": sum(r["finished"] for r in rows),
+            "total": sum(r["total"] for r in rows), "hours_spent": sum(r["hours_spent"] for r in rows),
+            "hours_left": sum(known) if len(known) == len(rows) else None, "hours_per_run": per_run}
+
+
+def format_overview(overview: dict[str, Any]) -> str:
+    width = max([len(r["plan"]) for r in overview["plans"]] + [4])
+    lines = [f"tier {overview['tier']}: {overview['finished']} of {overview['total']} runs finished, "
+             f"{overview['hours_spent']:.1f} h of wall time"
+             + (f"; ~{overview['hours_left']:.1f} h left at this machine's pace so far" if overview["hours_left"] is not None
+                else "; time left unknown (no run of this tier finished yet)"),
+             f"{'plan':<{width}}  {'runs':>7}  {'hours':>5}  {'left':>6}  running / waiting"]
+    for r in overview["plans"]:
+        left = ("done" if r["finished"] == r["total"] else "-" if r["hours_left"] is None
+                else f"~{r['hours_left']:.1f}" + ("*" if r["estimated_from_others"] else ""))
+        lines.append(f"{r['plan']:<{width}}  {r['finished']:>3}/{r['total']:<3}  {r['hours_spent']:>5.1f}  {left:>6}  "
+                     + ", ".join(r["running"]))
+    if any(r["estimated_from_others"] for r in overview["plans"]):
+        lines.append(f"* no run of the plan finished yet: estimated at the tier's mean "
+                     f"{overview['hours_per_run']:.2f} h per run")
+    lines.append("moe-bench reproduce NAME --tier TIER --status: one plan's runs, pair by pair")
     return "\n".join(lines)
