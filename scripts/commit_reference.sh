@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Commit the reference store as it stands (runs may still be writing to it): fold SQLite's
-# write-ahead log into the file (the -wal file is not committed), list the runs, regenerate the
-# report from the store, commit results/.
+# write-ahead log into the file (the -wal file is not committed), list the runs and the ref tier's
+# progress (STATUS.txt), regenerate the report from the store, commit results/.
 #   bash scripts/commit_reference.sh "Reference store: switch-experts ref E=64 seed 101"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ MB=${MOE_BENCH:-.venv/bin/moe-bench}
 S=sqlite:///results/reference/moe-bench.db
 sqlite3 results/reference/moe-bench.db "PRAGMA wal_checkpoint(TRUNCATE);" > /dev/null
 "$MB" runs --storage "$S" > results/reference/RUNS.txt
+"$MB" reproduce --status --tier ref --storage "$S" > results/reference/STATUS.txt   # every plan's progress, hours left
 rm -f results/plots/*.png results/plots/*.html
 "$MB" report --storage "$S" --out results > /dev/null
 git add results
