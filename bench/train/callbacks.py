@@ -136,11 +136,17 @@ class SaveProgress(pl.Callback):
     goes on, and its final save reports a store that stays broken."""
 
     def __init__(self, save: Callable[[], None]):
-        self.save = save
+        self.save: Callable[[], None] | None = save
         self.warned = False
 
+    def __getstate__(self) -> dict:
+        # strategy=ddp_spawn pickles the callbacks into spawned ranks: ``save`` closes over the
+        # launching process's record and store, so a spawned copy saves nothing (the launcher
+        # saves the record when training ends).
+        return {**self.__dict__, "save": None}
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+        if self.save is None or trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
         try:
             self.save()

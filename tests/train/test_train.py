@@ -142,6 +142,27 @@ def test_progress_is_in_the_store_while_the_run_trains(run_env):
     assert seen.train_flops == pytest.approx(done.train_flops * 10 / 15)
 
 
+def test_progress_saving_survives_the_pickling_of_ddp_spawn():
+    """strategy=ddp_spawn pickles the callbacks into the ranks: the closure over the launcher's
+    record and store does not travel (it cannot be pickled), and the copy saves nothing."""
+    import pickle
+
+    from bench.train.callbacks import SaveProgress
+
+    saved = []
+    progress = SaveProgress(lambda: saved.append(1))  # a local closure, as train() makes it
+    copy = pickle.loads(pickle.dumps(progress))
+    assert copy.save is None and progress.save is not None
+
+    class Fit:  # the trainer state SaveProgress looks at, after an evaluation in fit
+        sanity_checking, is_global_zero = False, True
+        state = type("State", (), {"fn": "fit"})()
+
+    copy.on_validation_end(Fit(), None)
+    progress.on_validation_end(Fit(), None)
+    assert saved == [1]  # only the launcher's own callback saved
+
+
 def test_a_corrupt_checkpoint_leaves_the_interrupted_record_as_it_was(run_env):
     cut = _train(run_env, "dense", {"kind": "steps", "value": 15}, extra_callbacks=[_InterruptAt(12)])
     ckpt = Path(cut.paths["checkpoint_dir"]) / "last.ckpt"
