@@ -391,11 +391,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 print(f"{'':<18}tier {tier_name:<6} preset {tier.preset:<6} {tier.budget_flops:.2g} FLOPs/run, "
                       f"{arms} arms x {tier.seeds} seeds" + (f" ({tier.note})" if tier.note else ""))
         return 0
+    tier = args.tier or args.preset or "tiny"
     if args.status and not args.name:
         from bench.runner.status import format_overview, tier_overview
         from bench.tracking.records import ResultsStore
 
-        overview = tier_overview(args.tier or args.preset or "tiny", ResultsStore(args.storage))
+        overview = tier_overview(tier, ResultsStore(args.storage))
         print(json.dumps(overview) if args.json else format_overview(overview))
         return 0
     if not args.name:
@@ -404,7 +405,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     budget = _budget(args)
     if budget is not None and budget["kind"] != "flops":
         raise ConfigError(["reproductions are matched on training FLOPs: use --budget-flops"], "reproduce")
-    tier = args.tier or args.preset or "tiny"
     plan = load_plan(args.name)
     if args.status:
         from bench.config import override_pairs

@@ -667,7 +667,7 @@ def test_status_without_a_name_gives_every_plans_progress_at_the_tier(monkeypatc
     def plan_status(plan, tier, store):
         pairs = fake.get(plan.name, [])
         done = [p["hours"] for p in pairs if p["state"] == "finished"]
-        return {"plan": plan.name, "pairs": pairs, "finished": len(done), "total": len(pairs),
+        return {"plan": plan.name, "pairs": pairs, "finished": len(done), "total": len(pairs), "planned": len(pairs),
                 "hours_spent": sum(done), "hours_left": 0.75 * 2 if plan.name == "switch-experts" else
                 (0.0 if pairs and len(done) == len(pairs) else None)}
 

@@ -53,6 +53,8 @@ def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = 
     return {"plan": plan.name, "tier": tier, "group": plan.group(tier), "pairs": pairs,
             "waiting": [{"arm": a, "why": why} for a, why in runs.waiting],
             "finished": sum(p["state"] == "finished" for p in pairs), "total": len(pairs),
+            # with the pairs of arms waiting for an input (a throughput measurement): the tier's whole plan
+            "planned": len(pairs) + len(runs.waiting) * len(plan.tier(tier).seed_list(seeds)),
             "hours_spent": sum(every), "hours_left": None if any(h is None for h in left) else sum(left)}
 
 
@@ -83,20 +85,17 @@ def tier_overview(tier: str, store: ResultsStore) -> dict[str, Any]:
     """Every shipped plan's state at ``tier`` (``moe-bench reproduce --status`` without a name): runs
     finished of planned, hours spent, hours left. A plan with no finished run yet is estimated at the
     mean hours per run of the tier's other plans (marked ``estimated_from_others``)."""
-    shipped = [p for p in all_plans().values() if tier in p.tiers]
-    plans = [plan_status(p, tier, store) for p in shipped]
-    for plan, s in zip(shipped, plans):  # arms waiting for an input (a throughput measurement) count as planned
-        s["total"] += len(s.get("waiting") or []) * plan.tier(tier).seeds
+    plans = [plan_status(p, tier, store) for p in all_plans().values() if tier in p.tiers]
     hours = [p["hours"] for s in plans for p in s["pairs"] if p["hours"] is not None]
     per_run = sum(hours) / len(hours) if hours else None
     rows = []
     for s in plans:
         left, guessed = s["hours_left"], False
         if left is None and per_run is not None:
-            left, guessed = per_run * (s["total"] - s["finished"]), True
+            left, guessed = per_run * (s["planned"] - s["finished"]), True
         running = [f"{p['arm']} seed {p['seed']}" for p in s["pairs"] if p["state"] == "running"]
         running += [f"{w['arm']} waits: {w['why']}" for w in s.get("waiting") or []]
-        rows.append({"plan": s["plan"], "finished": s["finished"], "total": s["total"], "hours_spent": s["hours_spent"],
+        rows.append({"plan": s["plan"], "finished": s["finished"], "total": s["planned"], "hours_spent": s["hours_spent"],
                      "hours_left": left, "estimated_from_others": guessed, "running": running})
     known = [r["hours_left"] for r in rows if r["hours_left"] is not None]
     return {"tier": tier, "plans": rows, "finished": sum(r["finished"] for r in rows),
