@@ -158,7 +158,10 @@ def _save(fig, pfig, out_dir: Path, stem: str) -> list[Path]:
     _wrap_titles(fig)
     fig.savefig(png, dpi=DPI)
     pfig.update_layout(template=PLOTLY_TEMPLATE)
-    pfig.write_html(html, include_plotlyjs="directory", full_html=True, config={"displaylogo": False})
+    # A fixed div id (plotly's default is a random uuid) keeps a regenerated report's unchanged plots
+    # byte-identical, so a commit of the report shows only the figures whose data changed.
+    pfig.write_html(html, include_plotlyjs="directory", full_html=True, config={"displaylogo": False},
+                    div_id=f"plot-{stem}")
     return [png, html]
 
 

@@ -136,6 +136,13 @@ def test_each_figure_writes_a_png_and_an_offline_html(written, kind):
     assert "Plotly.newPlot" in html
 
 
+def test_redrawing_a_figure_from_the_same_records_writes_the_same_bytes(records, tmp_path):
+    first = plots.capacity_tradeoffs(records, tmp_path / "a", "tradeoffs", "Capacity factor")
+    again = plots.capacity_tradeoffs(records, tmp_path / "b", "tradeoffs", "Capacity factor")
+    assert first[1].read_bytes() == again[1].read_bytes()
+    assert 'id="plot-tradeoffs"' in first[1].read_text(encoding="utf-8")
+
+
 def test_plots_in_one_folder_share_one_plotly_js(written):
     folders = {p.parent for files in written.values() for p in files}
     assert len(folders) == 1
