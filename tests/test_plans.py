@@ -653,7 +653,8 @@ def test_init_from_must_name_an_earlier_arm_with_budget_left():
 
 def test_status_without_a_name_gives_every_plans_progress_at_the_tier(monkeypatch, capsys):
     """One line per shipped plan: runs finished of planned, hours, hours left; a plan with no finished
-    run is estimated at the tier's mean hours per run (starred)."""
+    run is estimated (starred) at the tier's hours per training FLOP times its budget, or at the
+    tier's mean hours per run when it has no FLOP budget."""
     from bench.runner import status as status_mod
 
     def pair(arm, seed, state, hours=None):
@@ -662,27 +663,36 @@ def test_status_without_a_name_gives_every_plans_progress_at_the_tier(monkeypatc
     fake = {"switch-vs-dense": [pair("dense", 0, "finished", 0.25), pair("switch", 0, "finished", 0.5)],
             "switch-experts": [pair("dense", 0, "finished", 0.75), pair("switch E=4", 0, "running"),
                                pair("dense", 1, "to do")],
-            "moe-rnn": [pair("lstm", 0, "to do"), pair("lstm", 1, "to do")]}
+            "moe-rnn": [pair("lstm", 0, "to do"), pair("lstm", 1, "to do")],
+            "translation": [pair("dense", 0, "to do"), pair("dense", 1, "to do")]}
+    budgets = {"switch-vs-dense": 1e14, "switch-experts": 2e14, "moe-rnn": 5e13, "translation": None}
 
     def plan_status(plan, tier, store):
         pairs = fake.get(plan.name, [])
         done = [p["hours"] for p in pairs if p["state"] == "finished"]
         return {"plan": plan.name, "pairs": pairs, "finished": len(done), "total": len(pairs), "planned": len(pairs),
-                "hours_spent": sum(done), "hours_left": 0.75 * 2 if plan.name == "switch-experts" else
+                "budget_flops": budgets[plan.name], "hours_spent": sum(done),
+                "hours_left": 0.75 * 2 if plan.name == "switch-experts" else
                 (0.0 if pairs and len(done) == len(pairs) else None)}
 
     monkeypatch.setattr(status_mod, "plan_status", plan_status)
     monkeypatch.setattr(status_mod, "all_plans", lambda: {n: load_plan(n) for n in fake})
     overview = status_mod.tier_overview("ref", store=None)
     assert overview["hours_per_run"] == pytest.approx(0.5)  # (0.25 + 0.5 + 0.75) / 3
+    # (0.25 + 0.5) h for 2 x 1e14 FLOPs and 0.75 h for 2e14: 1.5 h / 4e14
+    assert overview["hours_per_flop"] * 1e14 == pytest.approx(0.375)
     rnn = next(r for r in overview["plans"] if r["plan"] == "moe-rnn")
-    assert (rnn["hours_left"], rnn["estimated_from_others"]) == (pytest.approx(1.0), True)
-    assert overview["hours_left"] == pytest.approx(0.0 + 1.5 + 1.0) and (overview["finished"], overview["total"]) == (3, 7)
+    assert (rnn["hours_left"], rnn["estimated_from_others"]) == (pytest.approx(0.375 * 0.5 * 2), True)
+    mt = next(r for r in overview["plans"] if r["plan"] == "translation")
+    assert (mt["hours_left"], mt["estimated_from_others"]) == (pytest.approx(0.5 * 2), True)
+    assert overview["hours_left"] == pytest.approx(0.0 + 1.5 + 0.375 + 1.0)
+    assert (overview["finished"], overview["total"]) == (3, 9)
     text = status_mod.format_overview(overview)
-    assert text.startswith("tier ref: 3 of 7 runs finished, 1.5 h of wall time; ~2.5 h left")
+    assert text.startswith("tier ref: 3 of 9 runs finished, 1.5 h of wall time; ~2.9 h left")
     assert "switch-experts     1/3      0.8    ~1.5  switch E=4 seed 0" in text
-    assert "moe-rnn            0/2      0.0   ~1.0*" in text and "switch-vs-dense    2/2      0.8    done" in text
-    assert "* no run of the plan finished yet: estimated at the tier's mean 0.50 h per run" in text
+    assert "moe-rnn            0/2      0.0   ~0.4*" in text and "switch-vs-dense    2/2      0.8    done" in text
+    assert ("* no run of the plan finished yet: estimated at the tier's pace so far, 0.38 h per 1e14 training "
+            "FLOPs (times the plan's budget)") in text
 
 
 def test_status_without_a_name_from_the_cli_on_an_empty_store(tmp_path, capsys):

@@ -3,7 +3,9 @@
 Every (arm, seed) pair as ``reproduce`` would see it now (finished, being trained by a live
 process, resumable from a checkpoint, or still to do), the compute its finished runs took and an
 estimate of what the rest will take (each arm's mean wall time so far, or the mean over all arms
-for an arm with no finished run yet), for long reference queues that span several sessions.
+for an arm with no finished run yet), for long reference queues that span several sessions. The
+tier overview estimates a plan with no finished run from the tier's pace in hours per training FLOP,
+so a plan with a smaller budget (the RNN plans) is not charged a Transformer plan's hours per run.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = 
             "finished": sum(p["state"] == "finished" for p in pairs), "total": len(pairs),
             # with the pairs of arms waiting for an input (a throughput measurement): the tier's whole plan
             "planned": len(pairs) + len(runs.waiting) * len(plan.tier(tier).seed_list(seeds)),
+            "budget_flops": flops or plan.tier(tier).budget_flops,
             "hours_spent": sum(every), "hours_left": None if any(h is None for h in left) else sum(left)}
 
 
@@ -83,16 +86,21 @@ def format_status(status: dict[str, Any]) -> str:
 
 def tier_overview(tier: str, store: ResultsStore) -> dict[str, Any]:
     """Every shipped plan's state at ``tier`` (``moe-bench reproduce --status`` without a name): runs
-    finished of planned, hours spent, hours left. A plan with no finished run yet is estimated at the
-    mean hours per run of the tier's other plans (marked ``estimated_from_others``)."""
+    finished of planned, hours spent, hours left. A plan with no finished run yet is estimated from the
+    tier's other plans (marked ``estimated_from_others``): at their hours per training FLOP times its
+    budget when both have FLOP budgets, else at their mean hours per run."""
     plans = [plan_status(p, tier, store) for p in all_plans().values() if tier in p.tiers]
     hours = [p["hours"] for s in plans for p in s["pairs"] if p["hours"] is not None]
     per_run = sum(hours) / len(hours) if hours else None
+    paced = [(p["hours"], s["budget_flops"]) for s in plans if s.get("budget_flops")
+             for p in s["pairs"] if p["hours"] is not None]
+    per_flop = sum(h for h, _ in paced) / sum(f for _, f in paced) if paced else None
     rows = []
     for s in plans:
         left, guessed = s["hours_left"], False
         if left is None and per_run is not None:
-            left, guessed = per_run * (s["planned"] - s["finished"]), True
+            each = per_flop * s["budget_flops"] if per_flop is not None and s.get("budget_flops") else per_run
+            left, guessed = each * (s["planned"] - s["finished"]), True
         running = [f"{p['arm']} seed {p['seed']}" for p in s["pairs"] if p["state"] == "running"]
         running += [f"{w['arm']} waits: {w['why']}" for w in s.get("waiting") or []]
         rows.append({"plan": s["plan"], "finished": s["finished"], "total": s["planned"], "hours_spent": s["hours_spent"],
@@ -100,7 +108,8 @@ def tier_overview(tier: str, store: ResultsStore) -> dict[str, Any]:
     known = [r["hours_left"] for r in rows if r["hours_left"] is not None]
     return {"tier": tier, "plans": rows, "finished": sum(r["finished"] for r in rows),
             "total": sum(r["total"] for r in rows), "hours_spent": sum(r["hours_spent"] for r in rows),
-            "hours_left": sum(known) if len(known) == len(rows) else None, "hours_per_run": per_run}
+            "hours_left": sum(known) if len(known) == len(rows) else None, "hours_per_run": per_run,
+            "hours_per_flop": per_flop}
 
 
 def format_overview(overview: dict[str, Any]) -> str:
@@ -116,7 +125,8 @@ def format_overview(overview: dict[str, Any]) -> str:
         lines.append(f"{r['plan']:<{width}}  {r['finished']:>3}/{r['total']:<3}  {r['hours_spent']:>5.1f}  {left:>6}  "
                      + ", ".join(r["running"]))
     if any(r["estimated_from_others"] for r in overview["plans"]):
-        lines.append(f"* no run of the plan finished yet: estimated at the tier's mean "
-                     f"{overview['hours_per_run']:.2f} h per run")
+        pace = (f"{overview['hours_per_flop'] * 1e14:.2f} h per 1e14 training FLOPs (times the plan's budget)"
+                if overview.get("hours_per_flop") is not None else f"{overview['hours_per_run']:.2f} h per run")
+        lines.append(f"* no run of the plan finished yet: estimated at the tier's pace so far, {pace}")
     lines.append("moe-bench reproduce NAME --tier TIER --status: one plan's runs, pair by pair")
     return "\n".join(lines)
