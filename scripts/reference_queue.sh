@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN=$PWD
 PLANS=("$@")
-[ ${#PLANS[@]} -gt 0 ] || PLANS=(switch-experts moe-rnn capacity translation granularity balancing shared-experts
+[ ${#PLANS[@]} -gt 0 ] || PLANS=(switch-experts moe-rnn capacity translation switch-lr granularity balancing shared-experts
                                 expert-choice upcycling)
 WT=${REFRUN_WORKTREE:-$MAIN/../refrun}
 if [ -d "$WT" ]; then

@@ -20,7 +20,7 @@ from tests.train.conftest import SMALL
 def test_shipped_plans_cover_the_papers_arms():
     plans = all_plans()
     assert sorted(plans) == ["balancing", "capacity", "expert-choice", "granularity", "moe-rnn", "shared-experts",
-                             "switch-experts", "switch-vs-dense", "translation", "upcycling"]
+                             "switch-experts", "switch-lr", "switch-vs-dense", "translation", "upcycling"]
     svd = plans["switch-vs-dense"]
     assert [a.label for a in svd.arms] == ["dense", "dense-wide", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0",
                                            "switch cf=1.25 equal-time", "moe cf=1.0", "moe cf=1.25", "moe cf=2.0"]
@@ -44,6 +44,24 @@ def test_each_reference_tier_has_its_own_seeds_and_headline_claims():
         assert len(seeds[name]) >= 5
         headline = [c for c in plans[name].claims if c.headline]
         assert headline and all(set(c.arms()) & {a.label for a in plans[name].tier_arms("ref")} for c in headline)
+
+
+def test_switch_lr_differs_from_switch_vs_dense_ref_only_in_the_learning_rate():
+    lr_plan, svd = load_plan("switch-lr"), load_plan("switch-vs-dense")
+
+    def resolved(plan, label):
+        arm = plan.arm(label)
+        return planned_config(plan, arm, "ref", arm_budget(plan, arm, "ref"))
+
+    for family, svd_label in (("dense", "dense"), ("switch", "switch cf=1.25")):
+        reference = resolved(svd, svd_label)
+        assert reference["run"]["optim"]["lr"] == 2.0e-3
+        for rate in ("1e-3", "2e-3", "4e-3"):
+            cfg = resolved(lr_plan, f"{family} lr {rate}")
+            assert cfg["run"]["optim"]["lr"] == float(rate)
+            assert cfg["model"] == reference["model"]  # same shape, experts and capacity as the ref answer
+            assert cfg["run"]["budget"] == reference["run"]["budget"]
+            assert cfg["run"]["train"] == reference["run"]["train"]
 
 
 @pytest.mark.parametrize("tier", ["tiny", "ref", "small", "base"])

@@ -148,7 +148,7 @@ def test_report_from_a_store_has_verdicts_tables_and_plots(tmp_path):
     assert "| dense | 2 | 1,000 | 1,000 | 6.00 |" in text  # the failed third dense seed is not counted
     assert "T5-Base: -1.731, 1600 ex/s" in text
     assert ("Not in this store yet: `balancing`, `capacity`, `expert-choice`, `granularity`, `moe-rnn`, "
-            "`shared-experts`, `switch-experts`, `translation`, `upcycling`") in text
+            "`shared-experts`, `switch-experts`, `switch-lr`, `translation`, `upcycling`") in text
     budget = load_plan("switch-vs-dense").tiers["tiny"].budget_flops
     assert "95% CI" in text and f"Budget: {budget:.3g} training FLOPs per run" in text
     # 8 arms x 2 seeds of a tier planned as 9 arms x 3 seeds: said, with the command that adds the rest
