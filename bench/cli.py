@@ -463,11 +463,27 @@ def cmd_report(args: argparse.Namespace) -> int:
         for path in args.plan:
             own = load_plan(path)
             plans[own.name] = own
+    if args.readme:
+        from bench.report.readme import check_readme
+
+        check_readme(args.readme)  # before the report, which takes minutes on a big store
     path = write_report(args.storage, args.out, plots=not args.no_plots, plans=plans)
     print(f"wrote {path}" + ("" if args.no_plots else f" and plots in {path.parent / 'plots'}"))
+    if args.readme:
+        _update_readme(args.readme, args.readme_tier, path.parent / "claims.json", plans)
     if args.wandb:
         _log_report(path)
     return 0
+
+
+def _update_readme(readme: str, tier: str, claims_file: Path, plans) -> None:
+    from bench.plans import all_plans
+    from bench.report.readme import update_readme
+
+    claims = json.loads(claims_file.read_text(encoding="utf-8"))
+    planned = [name for name, plan in (plans or all_plans()).items() if tier in plan.tiers]
+    changed = update_readme(readme, claims, tier, planned)
+    print(f"{'updated' if changed else 'unchanged'}: the tier-{tier} results table in {readme}")
 
 
 CLAIM_TABLE_KEYS = ["reproduction", "tier", "budget_flops", "claim", "metric", "estimate", "ci_low", "ci_high",
@@ -643,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log the claims as a W&B table and the report as an artifact (offline unless logged in)")
     p.add_argument("--plan", action="append", metavar="PLAN.yaml",
                    help="also report this plan of your own (repeatable); shipped plans are always included")
+    p.add_argument("--readme", metavar="FILE",
+                   help="also rewrite the claims table between the '<!-- moe-bench:results begin/end -->' lines of FILE")
+    p.add_argument("--readme-tier", default="ref", help="the tier whose claims --readme shows (default ref)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="browse runs, curves, studies and the report in a local web app")
