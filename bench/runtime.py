@@ -39,6 +39,16 @@ def tune_cpu_allocator() -> bool:
     return _applied
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads, all processes); None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def device_name(device) -> str:
     """What a record or benchmark says it ran on: the GPU's name, or the CPU and its threads."""
     import platform

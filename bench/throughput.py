@@ -33,7 +33,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runtime import tune_cpu_allocator
+    from bench.runtime import load_average, tune_cpu_allocator, usable_cpus
     from bench.train.run import _precision, resolve_configs
 
     announce = announce or (lambda msg: None)
@@ -71,7 +71,9 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
                 run_id=new_run_id(f"{plan.name}-throughput-{arm.model}"), name=f"{plan.name}: {label} throughput",
                 group=plan.group(tier), task=task.name, family=arm.model, preset=preset, seed=repeat,
                 git_commit=git_commit(), config=planned, steps=steps, tokens_seen=steps * batches[0][0].numel(),
-                metrics={"tokens_per_second": tps}, timings={"tokens_per_second": tps},
+                metrics={"tokens_per_second": tps},
+                # the load right after the timed steps: near the thread count when the machine was quiet
+                timings={"tokens_per_second": tps, "load_avg": load_average(), "cpus": usable_cpus()},
                 extra={"reproduction": plan.name, "arm": label, "tier": tier, "kind": THROUGHPUT_KIND, "dropless": cfg.is_sparse,
                        "warmup_steps": warmup, "precision": "bf16-mixed" if bf16 else "32"})
             store.save(record.finish("finished"))

@@ -48,7 +48,8 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     section.notes.append(_budget_note(section))
     if untested:
         section.notes.append(_untested_note(tier, untested, in_tier))
-    for note in (_gap_trend_note(section), _speed_note(section), _bleu_settled_note(section)):
+    for note in (_gap_trend_note(section), _speed_note(section), _busy_machine_note(plan, records, throughput or []),
+                 _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
     if plot_dir is not None:
@@ -271,6 +272,37 @@ def _speed_note(s: Section) -> str | None:
     return (f"Caution: tokens/s of one arm differed by up to {100 * spread:.0f}% between its seeds ({label}); "
             "timings drift on a shared CPU (and with how a run's routing balances), so speed claims (tokens/s) "
             "are less reliable than the loss and step-count claims, which do not depend on timing.")
+
+
+BUSY_LOAD = 1.25  # mean 1-minute load above this many times the cores: the run shared its CPUs
+
+
+def _busy(load, cpus) -> bool:
+    return load is not None and bool(cpus) and load > BUSY_LOAD * cpus
+
+
+def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[RunRecord]) -> str | None:
+    """Which runs (and quiet-throughput measurements) ran on a busy machine, from the load they
+    recorded (``MachineLoad``; records made before it have none and are not judged)."""
+    loaded = [r for r in records if r.status == "finished" and r.timings.get("load_avg_mean") is not None]
+    busy = [r for r in loaded if _busy(r.timings["load_avg_mean"], r.timings.get("cpus"))]
+    busy_speed = [r for r in throughput if _busy(r.timings.get("load_avg"), r.timings.get("cpus"))]
+    if not busy and not busy_speed:
+        return (f"Machine load: all {len(loaded)} runs that recorded it ran alone (mean 1-minute load within "
+                f"{BUSY_LOAD}x the cores), so their tokens/s are a quiet machine's.") if loaded else None
+    parts = []
+    if busy:
+        named = ", ".join(f"{r.extra.get('arm', r.family)} seed {r.seed} ({r.timings['load_avg_mean']:.1f} on "
+                          f"{r.timings['cpus']} cores)" for r in busy)
+        clocks = (" and the curve-based equal-time estimate, which reads these runs' clocks,"
+                  if any(c.metric == "loss_at_equal_time" for c in plan.claims) else "")
+        parts.append(f"{len(busy)} of {len(loaded)} runs shared the machine with other work (mean 1-minute load "
+                     f"above {BUSY_LOAD}x the cores): {named}. Their tokens/s{clocks} are slower than a quiet "
+                     "machine's; losses and step counts do not depend on it.")
+    if busy_speed:
+        parts.append(f"{len(busy_speed)} of {len(throughput)} quiet-throughput measurements ran on a busy machine "
+                     "(load above the same bound): re-measure with `--throughput` on a quiet one.")
+    return "Machine load: " + " ".join(parts)
 
 
 # -- table and plots ----------------------------------------------------------------------------

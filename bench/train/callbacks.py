@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from bench.flops import model_cost
 from bench.models.config import ModelConfig
+from bench.runtime import load_average, usable_cpus
 
 
 class ComputeTracker:
@@ -200,6 +201,43 @@ class ProgressLine(pl.Callback):
         if progressed > 0 and done < 1:
             parts.append(f"~{_minutes(elapsed * (1 - done) / progressed)} left")
         return " | ".join(parts)
+
+
+class MachineLoad(pl.Callback):
+    """The machine's 1-minute load average at the start of training and every ``every_s`` seconds
+    of it. A run alone on the machine keeps it near its thread count (~the core count); a mean well
+    above the cores means it shared them with other work, so its tokens/s and wall-clock curves are
+    not a quiet machine's (the report says which runs). No samples where the OS has no load average."""
+
+    def __init__(self, every_s: float = 15.0):
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self._last: float | None = None
+
+    def _sample(self) -> None:
+        load = load_average()
+        if load is not None:
+            self.samples.append(load)
+        self._last = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sample()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._last is None or time.monotonic() - self._last >= self.every_s:
+            self._sample()
+
+    def timings(self, earlier: dict | None = None) -> dict:
+        """``load_avg_mean``/``load_avg_max``/``load_samples``/``cpus``, pooled with a resumed run's
+        earlier segments (``earlier``: its record's timings); empty without samples."""
+        earlier = earlier or {}
+        n0 = int(earlier.get("load_samples") or 0)
+        n = n0 + len(self.samples)
+        if n == 0:
+            return {}
+        total = (earlier.get("load_avg_mean") or 0.0) * n0 + sum(self.samples)
+        peak = max([*self.samples, *([earlier["load_avg_max"]] if n0 else [])])
+        return {"load_avg_mean": total / n, "load_avg_max": peak, "load_samples": n, "cpus": usable_cpus()}
 
 
 class BudgetBar(ProgressBar):

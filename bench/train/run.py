@@ -38,7 +38,7 @@ from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
                                    ProgressLine, RNGState, summarize_moe_stats)
-from bench.train.callbacks import BalanceBias, RoutingHealth, SaveProgress
+from bench.train.callbacks import BalanceBias, MachineLoad, RoutingHealth, SaveProgress
 from bench.train.config import RunConfig, run_config, split_overrides
 from bench.train.module import LMModule, TranslationModule, eval_batch_size
 from bench.train.task_metrics import add_bits_per_char, lm_split_size
@@ -322,6 +322,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     # A resumed run adds this segment to the wall time of the segments before it (a run killed
     # with -9 never recorded its own, so its time is missing from the sum).
     earlier_wall = float(record.timings.get("wall_seconds") or 0.0) if ckpt_path else 0.0
+    earlier_timings = dict(record.timings) if ckpt_path else {}
 
     tr = rc.train
     dm_kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=tr.batch_size, seed=record.seed,
@@ -374,7 +375,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     store.save(record)
 
     curve = EvalCurve(budget)
-    callbacks = [budget, curve, ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
+    load = MachineLoad()  # was the machine shared? (the report flags runs whose timings it skewed)
+    callbacks = [budget, curve, load, ExpertStats(every=max(1, tr.eval_every // 10)), RNGState(),
                  # One rolling checkpoint, written after every evaluation (an epoch boundary).
                  ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False, save_on_train_epoch_end=False)]
@@ -450,7 +452,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                           "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
                           # what the speed was measured on (GPU tiers name their device)
                           "device": device_name(trainer.strategy.root_device), "processes": trainer.world_size,
-                          "precision": str(trainer.precision)}
+                          "precision": str(trainer.precision), **load.timings(earlier_timings)}
         record.expert_stats = health.merge_into(summarize_moe_stats(module.last_moe_stats))
         record.curve = list(curve.points)
         record.finish(status, error)

@@ -176,6 +176,34 @@ def test_noisy_throughput_is_flagged():
                for n in section.notes)
 
 
+def test_runs_and_throughput_measurements_on_a_busy_machine_are_named():
+    from bench.report.sections import build_section
+
+    def loaded(r, mean, cpus=2):
+        r.timings.update(load_avg_mean=mean, load_avg_max=mean + 1, load_samples=10, cpus=cpus)
+        return r
+
+    plan = load_plan("switch-vs-dense")  # has the curve-based equal-time claim
+    quiet = [loaded(rec("dense", 0, 2.3, family="dense"), 2.1), loaded(rec("switch cf=1.25", 0, 2.2), 2.5)]
+    busy = loaded(rec("switch cf=1.25", 1, 2.2), 4.2)
+    old = rec("dense", 1, 2.3, family="dense")  # made before runs recorded their load: not judged
+    notes = build_section(plan, "tiny", [*quiet, old], plot_dir=None).notes
+    assert ("Machine load: all 2 runs that recorded it ran alone (mean 1-minute load within 1.25x the cores), so "
+            "their tokens/s are a quiet machine's.") in notes
+    notes = build_section(plan, "tiny", [*quiet, busy, old], plot_dir=None).notes
+    (note,) = [n for n in notes if n.startswith("Machine load:")]
+    assert note == ("Machine load: 1 of 3 runs shared the machine with other work (mean 1-minute load above 1.25x "
+                    "the cores): switch cf=1.25 seed 1 (4.2 on 2 cores). Their tokens/s and the curve-based "
+                    "equal-time estimate, which reads these runs' clocks, are slower than a quiet machine's; losses "
+                    "and step counts do not depend on it.")
+    speed = _measured("dense", 0, 1000.0)
+    speed.timings.update(load_avg=3.0, cpus=2)
+    notes = build_section(load_plan("capacity"), "tiny", [old], plot_dir=None, throughput=[speed]).notes
+    assert ("Machine load: 1 of 1 quiet-throughput measurements ran on a busy machine (load above the same bound): "
+            "re-measure with `--throughput` on a quiet one.") in notes
+    assert not any(n.startswith("Machine load:") for n in build_section(plan, "tiny", [old], plot_dir=None).notes)
+
+
 def test_cli_report_and_reproduce_list(tmp_path, capsys):
     from bench.cli import main
 

@@ -48,6 +48,9 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     assert [p["step"] for p in record.curve] == [5, 10]
     assert [p["tokens"] for p in record.curve] == [5 * 1024, 10 * 1024]
     assert record.curve[-1]["flops"] == pytest.approx(record.train_flops)
+    # the machine's load was sampled at the start (at least): what the report judges a quiet run by
+    t = record.timings
+    assert t["load_samples"] >= 1 and 0 <= t["load_avg_mean"] <= t["load_avg_max"] and t["cpus"] >= 1
     import csv
 
     with open(record.paths["csv_file"]) as f:
@@ -117,6 +120,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_env):
     assert [p["loss"] for p in resumed.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-6)
     assert resumed.paths["checkpoint_dir"] is None  # finished: its checkpoint is gone
     assert resumed.timings["wall_seconds"] > cut.timings["wall_seconds"]  # both segments count
+    assert resumed.timings["load_samples"] > cut.timings["load_samples"]  # load samples pooled too
     assert not (Path(resumed.paths["run_dir"]) / "RUNNING.pid").exists()
     with pytest.raises(ConfigError, match="already finished: nothing to resume"):
         resume_run(cut.run_id, storage=run_env["storage"], progress=False)
@@ -470,6 +474,31 @@ def test_progress_line_of_a_resumed_run_times_only_what_is_left():
     budget.spent.update(steps=70, tokens=70_000, seconds=70.0)  # 10 steps in this segment ...
     text = line.line(trainer, line._start + 10.0)  # ... took 10 s: 30 steps left = 30 s
     assert text == "resumed: 70.0% of 100 steps | step 70 | 0.07M tokens | 1,000 tokens/s | ~30 s left"
+
+
+def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_runs_samples(monkeypatch):
+    from bench.train import callbacks
+    from bench.train.callbacks import MachineLoad
+
+    clock, loads = [100.0], iter([2.0, 4.0, 3.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(callbacks, "load_average", lambda: next(loads))
+    monkeypatch.setattr(callbacks, "usable_cpus", lambda: 2)
+    load = MachineLoad(every_s=15.0)
+    assert load.timings() == {}  # nothing sampled: nothing claimed
+    load.on_train_start(None, None)  # sample 2.0 at t=100
+    for t in (105.0, 114.9, 115.0, 120.0, 130.0):  # due at 115 (4.0), then at 130 (3.0)
+        clock[0] = t
+        load.on_train_batch_end(None, None, None, None, 0)
+    assert load.samples == [2.0, 4.0, 3.0]
+    assert load.timings() == {"load_avg_mean": 3.0, "load_avg_max": 4.0, "load_samples": 3, "cpus": 2}
+    # a resumed run: 1 earlier sample of 6.0 -> mean (6 + 9) / 4, max 6
+    earlier = {"wall_seconds": 10.0, "load_avg_mean": 6.0, "load_avg_max": 6.0, "load_samples": 1, "cpus": 2}
+    assert load.timings(earlier) == {"load_avg_mean": 3.75, "load_avg_max": 6.0, "load_samples": 4, "cpus": 2}
+    monkeypatch.setattr(callbacks, "load_average", lambda: None)  # an OS without a load average
+    bare = MachineLoad()
+    bare.on_train_start(None, None)
+    assert bare.timings() == {} and bare.timings(earlier)["load_samples"] == 1
 
 
 def test_terminal_progress_bar_counts_the_budget_not_epochs(capsys):
