@@ -210,7 +210,9 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
     pairs = "paired seed(s)"
     if key == "tokens_per_second":
         measured = speed_arms or {}
-        if not all(label in measured for label in claim.arms() if label):
+        # a trend needs the arms that were trained (a tier may train a subset of its x), a comparison both
+        needed = [label for label in claim.arms() if label and (claim.kind != "trend" or label in arms)]
+        if not needed or not all(label in measured for label in needed):
             return ClaimResult(claim, stats.Effect(None, None, None, 0), "no-data",
                                "tokens/s of training runs are timed under whatever else the machine was doing; "
                                "measure the arms together on a quiet machine with `moe-bench reproduce PLAN --tier "

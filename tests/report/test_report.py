@@ -89,6 +89,27 @@ def test_speed_claims_use_quiet_throughput_measurements_paired_by_repeat_never_t
     assert result.verdict == "reproduced" and "interleaved repeat(s) of a quiet throughput measurement" in result.evidence
 
 
+def test_a_speed_trend_is_judged_over_the_arms_the_tier_trained_when_all_of_them_were_measured():
+    from bench.report.sections import build_section
+
+    plan = load_plan("capacity")  # x spans cf 0.5 .. 2.0 (6 arms); the ref tier trains 4 of them
+    cfs = {"switch cf=0.5": 0.5, "switch cf=1.0": 1.0, "switch cf=1.25": 1.25, "switch cf=2.0": 2.0}
+    runs = [rec(arm, seed, 1.55, repro="capacity") for arm in cfs for seed in (0, 1)]
+    speed = [_measured(arm, repeat, (repeat + 1) * (1000.0 - 100.0 * cf)) for arm, cf in cfs.items() for repeat in (0, 1)]
+    for r in speed:
+        r.extra["reproduction"] = "capacity"
+    (claim,) = [c for c in build_section(plan, "ref", runs, plot_dir=None, throughput=speed).claims
+                if c.claim.metric == "tokens_per_second"]
+    # tokens/s relative to each repeat's mean over arms (881.25 x (repeat + 1)): slope -100 / 881.25 per unit
+    # of cf, in the paper's direction (slower with more capacity) +0.11348 in both repeats
+    assert claim.verdict == "reproduced" and claim.effect.n_seeds == 2
+    assert claim.effect.estimate == pytest.approx(100 / 881.25)
+    missing = [r for r in speed if r.extra["arm"] != "switch cf=2.0"]  # a trained arm was not measured
+    (claim,) = [c for c in build_section(plan, "ref", runs, plot_dir=None, throughput=missing).claims
+                if c.claim.metric == "tokens_per_second"]
+    assert claim.verdict == "no-data"
+
+
 def test_trend_claims_are_per_seed_slopes_on_log2_x():
     from bench.plans import Claim
 
