@@ -98,13 +98,17 @@ def _progress_note(s) -> str:
             f"`moe-bench reproduce {plan_argument(s.plan)} --tier {s.tier}` trains the rest (finished runs are skipped).")
 
 
-def _interval(c) -> str:
-    e = c.effect
-    if e.estimate is None:
+def format_effect(estimate: float | None, ci_low: float | None, ci_high: float | None, digits: int = 4) -> str:
+    """``+est [low, high]``; ``+est (1 seed)`` without an interval; ``-`` without an estimate."""
+    if estimate is None:
         return "-"
-    if e.ci_low is None or not math.isfinite(e.ci_low):
-        return f"{e.estimate:+.4g} (1 seed)"
-    return f"{e.estimate:+.4g} [{e.ci_low:+.4g}, {e.ci_high:+.4g}]"
+    if ci_low is None or ci_high is None or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return f"{estimate:+.{digits}g} (1 seed)"
+    return f"{estimate:+.{digits}g} [{ci_low:+.{digits}g}, {ci_high:+.{digits}g}]"
+
+
+def _interval(c) -> str:
+    return format_effect(c.effect.estimate, c.effect.ci_low, c.effect.ci_high)
 
 
 def write_report(storage: str | None = None, out_dir: str | Path = "results", plots: bool = True,

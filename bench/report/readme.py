@@ -11,30 +11,19 @@ the author's; the table is what the store says.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from bench.config import ConfigError
+from bench.report import VERDICT_MARK, format_effect
 
 BEGIN = "<!-- moe-bench:results begin -->"
 END = "<!-- moe-bench:results end -->"
-VERDICT = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
-           "inconclusive": "inconclusive"}
-
-
-def _effect(c: dict) -> str:
-    est, lo, hi = c.get("estimate"), c.get("ci_low"), c.get("ci_high")
-    if est is None:
-        return "-"
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{est:+.3g} (1 seed)"
-    return f"{est:+.3g} [{lo:+.3g}, {hi:+.3g}]"
 
 
 def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> list[str]:
     """Markdown lines: every claim of ``tier`` that has data, in ``claims.json`` order, then the
     plans in ``planned`` (those defining the tier) that have none yet."""
-    rows = [c for c in claims if c.get("tier") == tier and c.get("has_data", True) and c.get("verdict") in VERDICT]
+    rows = [c for c in claims if c.get("tier") == tier and c.get("has_data", True)]
     lines = [f"Tier `{tier}`, generated from `results/claims.json` by `moe-bench report --readme` (do not edit "
              "between the markers; effects are in the paper's direction, 95% CI over paired seeds):", ""]
     if rows:
@@ -47,8 +36,9 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
             if len(budgets[c["reproduction"]]) > 1:  # a --budget-flops run beside the tier's own budget
                 plan += f" at {c.get('budget_flops'):.3g} FLOPs"
             claim = str(c["claim"]).replace("|", "\\|")
-            lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {_effect(c)} | {c.get('n_seeds', 0)} "
-                         f"| {VERDICT[c['verdict']]} |")
+            effect = format_effect(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
+            lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} "
+                         f"| {VERDICT_MARK[c['verdict']]} |")
     else:
         lines.append(f"No claim of tier `{tier}` has runs yet.")
     decided = {c["reproduction"] for c in rows}

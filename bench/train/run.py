@@ -321,8 +321,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         os.environ[RUN_ID_ENV] = record.run_id  # inherited by the ranks strategy=ddp launches
     # A resumed run adds this segment to the wall time of the segments before it (a run killed
     # with -9 never recorded its own, so its time is missing from the sum).
-    earlier_wall = float(record.timings.get("wall_seconds") or 0.0) if ckpt_path else 0.0
-    earlier_timings = dict(record.timings) if ckpt_path else {}
+    earlier_timings = dict(record.timings) if ckpt_path else {}  # also pools the load samples below
+    earlier_wall = float(earlier_timings.get("wall_seconds") or 0.0)
 
     tr = rc.train
     dm_kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=tr.batch_size, seed=record.seed,
