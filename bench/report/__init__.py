@@ -21,6 +21,13 @@ VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-ef
 TIER_ORDER = ("tiny", "ref", "small", "base")
 
 
+def verdict_cell(verdict: str, seeds_to_decide: int | None = None) -> str:
+    """A verdict for a table; an inconclusive one says how many paired seeds would decide it at the
+    observed mean and spread (a projection, see bench.report.stats.seeds_to_decide)."""
+    mark = VERDICT_MARK[verdict]
+    return f"{mark} (~{seeds_to_decide} seeds to decide)" if verdict == "inconclusive" and seeds_to_decide else mark
+
+
 def _tagged_budget(r: RunRecord) -> float | None:
     """The plan's FLOP budget a run belongs to: its tag (runs since the tag exists), else its
     own budget when that is in FLOPs; None for an untagged tokens-budget arm (dense-wide)."""
@@ -167,7 +174,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
             for c in s.claims:
                 lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
                              f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
-                             f"{c.effect.n_seeds} | {VERDICT_MARK[c.verdict]} |")
+                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide)} |")
         lines.append("")
         present = {name for name, _, _ in found}
         missing = [n for n in plans if n not in present]

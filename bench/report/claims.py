@@ -173,6 +173,7 @@ class ClaimResult:
     effect: stats.Effect
     verdict: str
     evidence: str
+    seeds_to_decide: int | None = None  # inconclusive claims: paired seeds that would decide it (stats.seeds_to_decide)
 
     def as_json(self, reproduction: str, tier: str, budget: float) -> dict[str, Any]:
         """One object of claims.json. Strict JSON: a bound that does not exist (one seed gives no
@@ -186,7 +187,7 @@ class ClaimResult:
                 "paper": c.paper, "kind": c.kind, "metric": c.metric, "direction": c.direction,
                 "arms": c.arms(), "headline": c.headline, "estimate": finite(e.estimate), "ci_low": finite(e.ci_low),
                 "ci_high": finite(e.ci_high), "n_seeds": e.n_seeds, "delta": c.effect_delta,
-                "detectable_effect": finite(e.detectable),
+                "detectable_effect": finite(e.detectable), "seeds_to_decide": self.seeds_to_decide,
                 "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()},
                 # claims.json keeps the four verdicts of its contract: a claim with no paired data is
                 # undecided (inconclusive, n_seeds 0); "has_data" and "evidence" say why.
@@ -242,7 +243,9 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
         evidence = (f"{claim.a} {_num(arms[claim.a].mean(key)) if a else '-'} vs {claim.b} "
                     f"{_num(arms[claim.b].mean(key)) if b else '-'} ({key}, means)")
     delta = claim.effect_delta
-    verdict = stats.verdict(effect, delta, "not-worse" if claim.kind == "not-worse" else "better")
+    kind = "not-worse" if claim.kind == "not-worse" else "better"
+    verdict = stats.verdict(effect, delta, kind)
+    to_decide = stats.seeds_to_decide(effect, delta, kind) if verdict == stats.INCONCLUSIVE else None
     if effect.n_seeds:
         interval = (f"95% CI [{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}]"
                     if effect.ci_low is not None and math.isfinite(effect.ci_low) else "no interval from one seed")
@@ -250,9 +253,12 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
                      f"{effect.n_seeds} {pairs}; delta {delta:g}")
         if effect.detectable is not None:
             evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
+        if verdict == stats.INCONCLUSIVE and effect.sd is not None:
+            evidence += (f"; if this mean and spread held, ~{to_decide} {pairs} would decide it" if to_decide
+                         else "; more than 100 pairs would be needed at this mean and spread")
     else:
         evidence += "; no seed has runs of every arm the claim needs"
-    return ClaimResult(claim, effect, verdict, evidence)
+    return ClaimResult(claim, effect, verdict, evidence, to_decide)
 
 
 def _num(x: float | None, sign: str = "") -> str:

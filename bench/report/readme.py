@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.config import ConfigError
-from bench.report import VERDICT_MARK, format_effect
+from bench.report import format_effect, verdict_cell
 
 BEGIN = "<!-- moe-bench:results begin -->"
 END = "<!-- moe-bench:results end -->"
@@ -38,7 +38,7 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
             claim = str(c["claim"]).replace("|", "\\|")
             effect = format_effect(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
             lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} "
-                         f"| {VERDICT_MARK[c['verdict']]} |")
+                         f"| {verdict_cell(c['verdict'], c.get('seeds_to_decide'))} |")
     else:
         lines.append(f"No claim of tier `{tier}` has runs yet.")
     decided = {c["reproduction"] for c in rows}

@@ -17,7 +17,11 @@ claim ("a matches b") is reproduced when the interval's low end is above -delta 
 its high end is below -delta.
 
 The report also states the smallest effect detectable at that n (two-sided 5% test, 80% power)
-given the observed seed-to-seed standard deviation of the paired differences.
+given the observed seed-to-seed standard deviation of the paired differences, and for an
+inconclusive claim how many paired seeds would decide it if the observed mean and spread held
+(``seeds_to_decide``): a planning figure, not a promise. Adding seeds *because* a claim was
+inconclusive is optional stopping, which raises the false-reproduction rate; the reference notes
+say when a tier's seeds were extended and why.
 """
 from __future__ import annotations
 
@@ -75,6 +79,21 @@ def detectable_effect(sd: float | None, n: int, confidence: float = CONFIDENCE, 
         return None
     df = n - 1
     return (t_quantile(0.5 + confidence / 2, df) + t_quantile(power, df)) * sd / math.sqrt(n)
+
+
+def seeds_to_decide(effect: Effect, delta: float, kind: str = "better", max_seeds: int = 100) -> int | None:
+    """The fewest paired seeds at which the interval around the observed mean, with the observed
+    seed-to-seed sd, would give a verdict other than inconclusive; None without an sd (fewer than
+    two seeds) or when more than ``max_seeds`` would be needed (a mean sitting on a verdict
+    boundary, e.g. exactly 0 with delta 0)."""
+    if effect.sd is None or effect.estimate is None or effect.n_seeds < 2:
+        return None
+    for n in range(effect.n_seeds, max_seeds + 1):
+        half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * effect.sd / math.sqrt(n)
+        projected = Effect(effect.estimate, effect.estimate - half, effect.estimate + half, n)
+        if verdict(projected, delta, kind) != INCONCLUSIVE:
+            return n
+    return None
 
 
 def effect_from(per_seed: dict[int, float]) -> Effect:

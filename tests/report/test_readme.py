@@ -50,6 +50,13 @@ def test_results_table_names_the_budget_when_a_plan_has_two_and_marks_single_see
     assert results_table([], "gpu")[-1] == "No claim of tier `gpu` has runs yet."
 
 
+def test_an_inconclusive_row_says_how_many_seeds_would_decide_it():
+    open_claim = claim("capacity", "q", "inconclusive", 0.004, -0.036, 0.043, seeds=2)
+    open_claim["seeds_to_decide"] = 5
+    rows = [line for line in results_table([open_claim], "ref") if line.startswith("| `")]
+    assert rows == ["| `capacity` | q | `val_loss` | +0.004 [-0.036, +0.043] | 2 | inconclusive (~5 seeds to decide) |"]
+
+
 def test_update_readme_replaces_only_the_block_and_is_idempotent(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README)

@@ -42,6 +42,22 @@ def test_better_claims_are_judged_on_paired_seeds():
     assert evaluate_claim(ghost, arms).verdict == "no-data"
 
 
+def test_an_inconclusive_claim_says_how_many_paired_seeds_would_decide_it():
+    from bench.plans import Claim
+
+    # gains 0.01 and 0.03: mean 0.02, sd 0.01414; half-widths 0.0351 (n 3), 0.0225 (n 4), 0.0176 (n 5)
+    arms = arm_stats([rec("a", 0, 2.00), rec("a", 1, 2.02), rec("b", 0, 2.01), rec("b", 1, 2.05)])
+    result = evaluate_claim(Claim(text="a beats b", a="a", b="b", metric="val_loss", direction="lower"), arms)
+    assert result.verdict == "inconclusive" and result.seeds_to_decide == 5
+    assert "if this mean and spread held, ~5 paired seed(s) would decide it" in result.evidence
+    assert result.as_json("plan", "tiny", 1e12)["seeds_to_decide"] == 5
+    decided = evaluate_claim(Claim(text="a beats b", a="a", b="b", metric="val_loss", direction="lower"),
+                             arm_stats([rec("a", s, 2.00 + 0.01 * s) for s in range(3)]
+                                       + [rec("b", s, 2.10 + 0.012 * s) for s in range(3)]))
+    assert decided.verdict == "reproduced" and decided.as_json("p", "t", 1.0)["seeds_to_decide"] is None
+    assert "would decide it" not in decided.evidence
+
+
 def test_one_seed_claims_have_null_bounds_in_claims_json():
     from bench.plans import Claim
 

@@ -9,7 +9,7 @@ import pytest
 from bench.plans import Claim
 from bench.report.claims import add_paired_metrics, arm_stats, evaluate_claim
 from bench.report.stats import (Effect, detectable_effect, mean_interval, paired_difference, paired_slope,
-                                t_quantile, verdict)
+                                seeds_to_decide, t_quantile, verdict)
 from tests.report.test_report import rec
 
 
@@ -67,6 +67,23 @@ def test_paired_slope_fits_each_seed_then_averages():
     half = 12.706205 * math.sqrt(2 * 0.01 ** 2) / math.sqrt(2)
     assert e.estimate == pytest.approx(0.04) and e.ci_high == pytest.approx(0.04 + half, abs=1e-5)
     assert verdict(e, 0.005) == "inconclusive"
+
+
+def test_seeds_to_decide_projects_the_observed_mean_and_spread():
+    # mean +0.004, sd 0.0044, delta 0.01 (the capacity slope's shape after two seeds): half-widths
+    # t(.975, n-1) * 0.0044 / sqrt(n) are 0.01093 (n 3), 0.00700 (n 4), 0.00546 (n 5); only at
+    # n 5 does [0.004 - h, 0.004 + h] fit inside +-0.01 ("no-effect").
+    small = Effect(0.004, -0.036, 0.043, 2, sd=0.0044)
+    assert seeds_to_decide(small, 0.01) == 5
+    # mean +0.05, sd 0.03: half-widths 0.0745 (n 3), 3.182446 * 0.03 / 2 = 0.0477 (n 4) < 0.05: reproduced at 4
+    assert seeds_to_decide(Effect(0.05, -0.2, 0.3, 2, sd=0.03), 0.01) == 4
+    # already decidable at its own n
+    assert seeds_to_decide(Effect(0.05, 0.04, 0.06, 5, sd=0.008), 0.01) == 5
+    # non-inferiority: mean -0.005, sd 0.004, delta 0.01: the low end must rise above -0.01;
+    # n 3 gives half 0.00994 -> low -0.01494; n 5: 2.776445 * 0.004 / sqrt(5) = 0.00497 -> -0.00997
+    assert seeds_to_decide(Effect(-0.005, -0.05, 0.04, 2, sd=0.004), 0.01, "not-worse") == 5
+    assert seeds_to_decide(Effect(0.1, -math.inf, math.inf, 1), 0.01) is None  # no spread from one seed
+    assert seeds_to_decide(Effect(0.0, -0.1, 0.1, 3, sd=0.05), 0.0) is None  # on the boundary: never decided
 
 
 def test_mean_interval_of_one_value_is_unbounded():
