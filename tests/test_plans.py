@@ -211,7 +211,7 @@ def test_plan_runs_are_seed_major_skip_finished_pairs_and_reject_bad_input(tmp_p
     assert [(r.arm.label, r.seed) for r in runs[:2]] == [("switch cf=0.5", 0), ("switch cf=0.75", 0)]
     assert [r.done.run_id for r in runs if r.done] == ["x"] and len(runs) == 12
     ref = plan_runs(plan, "ref", store)  # the ref tier: its own arms and seeds
-    assert sorted({r.seed for r in ref}) == [200, 201, 202] and len(ref) == 12
+    assert sorted({r.seed for r in ref}) == [200, 201, 202, 203, 204] and len(ref) == 20
     with pytest.raises(ConfigError, match="arm 'bogus' is not in capacity"):
         plan_runs(plan, "tiny", store, arms=["bogus"])
     with pytest.raises(ConfigError, match="tier 'huge' is not in plan 'capacity'; tiers: tiny, ref, small, base"):
