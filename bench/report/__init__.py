@@ -21,11 +21,14 @@ VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-ef
 TIER_ORDER = ("tiny", "ref", "small", "base")
 
 
-def verdict_cell(verdict: str, seeds_to_decide: int | None = None) -> str:
-    """A verdict for a table; an inconclusive one says how many paired seeds would decide it at the
-    observed mean and spread (a projection, see bench.report.stats.seeds_to_decide)."""
+def verdict_cell(verdict: str, seeds_to_decide: int | None = None, metric: str = "") -> str:
+    """A verdict for a table; an inconclusive one says how many paired seeds (speed claims: repeats
+    of the throughput measurement) would decide it at the observed mean and spread (a projection,
+    see bench.report.stats.seeds_to_decide)."""
     mark = VERDICT_MARK[verdict]
-    return f"{mark} (~{seeds_to_decide} seeds to decide)" if verdict == "inconclusive" and seeds_to_decide else mark
+    if verdict != "inconclusive" or not seeds_to_decide:
+        return mark
+    return f"{mark} (~{seeds_to_decide} {'repeats' if metric == 'tokens_per_second' else 'seeds'} to decide)"
 
 
 def _tagged_budget(r: RunRecord) -> float | None:
@@ -174,7 +177,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
             for c in s.claims:
                 lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
                              f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
-                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide)} |")
+                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric)} |")
         lines.append("")
         present = {name for name, _, _ in found}
         missing = [n for n in plans if n not in present]

@@ -55,6 +55,9 @@ def test_an_inconclusive_row_says_how_many_seeds_would_decide_it():
     open_claim["seeds_to_decide"] = 5
     rows = [line for line in results_table([open_claim], "ref") if line.startswith("| `")]
     assert rows == ["| `capacity` | q | `val_loss` | +0.004 [-0.036, +0.043] | 2 | inconclusive (~5 seeds to decide) |"]
+    speed = claim("capacity", "s", "inconclusive", -0.033, -0.105, 0.039, metric="tokens_per_second")
+    speed["seeds_to_decide"] = 15
+    assert results_table([speed], "ref")[-1].endswith("| 5 | inconclusive (~15 repeats to decide) |")
 
 
 def test_update_readme_replaces_only_the_block_and_is_idempotent(tmp_path):
