@@ -255,7 +255,7 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
             evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
         if verdict == stats.INCONCLUSIVE and effect.sd is not None:
             evidence += (f"; if this mean and spread held, ~{to_decide} {pairs} would decide it" if to_decide
-                         else "; more than 100 pairs would be needed at this mean and spread")
+                         else f"; more than {stats.MAX_SEEDS_TO_DECIDE} pairs would be needed at this mean and spread")
     else:
         evidence += "; no seed has runs of every arm the claim needs"
     return ClaimResult(claim, effect, verdict, evidence, to_decide)

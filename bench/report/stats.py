@@ -59,6 +59,11 @@ class Effect:
         return asdict(self)
 
 
+def half_width(sd: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half the Student-t interval of a mean of n values with standard deviation sd."""
+    return t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+
+
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float | None]:
     """(mean, low, high, sd) of a Student-t interval; with one value the interval is unbounded."""
     n = len(values)
@@ -68,7 +73,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     if n == 1:
         return mean, -math.inf, math.inf, None
     sd = statistics.stdev(values)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = half_width(sd, n, confidence)
     return mean, mean - half, mean + half, sd
 
 
@@ -81,7 +86,11 @@ def detectable_effect(sd: float | None, n: int, confidence: float = CONFIDENCE, 
     return (t_quantile(0.5 + confidence / 2, df) + t_quantile(power, df)) * sd / math.sqrt(n)
 
 
-def seeds_to_decide(effect: Effect, delta: float, kind: str = "better", max_seeds: int = 100) -> int | None:
+MAX_SEEDS_TO_DECIDE = 100
+
+
+def seeds_to_decide(effect: Effect, delta: float, kind: str = "better", max_seeds: int = MAX_SEEDS_TO_DECIDE
+                    ) -> int | None:
     """The fewest paired seeds at which the interval around the observed mean, with the observed
     seed-to-seed sd, would give a verdict other than inconclusive; None without an sd (fewer than
     two seeds) or when more than ``max_seeds`` would be needed (a mean sitting on a verdict
@@ -89,7 +98,7 @@ def seeds_to_decide(effect: Effect, delta: float, kind: str = "better", max_seed
     if effect.sd is None or effect.estimate is None or effect.n_seeds < 2:
         return None
     for n in range(effect.n_seeds, max_seeds + 1):
-        half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * effect.sd / math.sqrt(n)
+        half = half_width(effect.sd, n)
         projected = Effect(effect.estimate, effect.estimate - half, effect.estimate + half, n)
         if verdict(projected, delta, kind) != INCONCLUSIVE:
             return n
