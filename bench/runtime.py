@@ -49,6 +49,31 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+class CpuClock:
+    """This process's CPU seconds (all its threads) and the thread-seconds it could have used
+    (wall time x torch's threads) since it was made: their ratio, the CPU share, stays near 1 for
+    a process alone on its cores and falls when other work of equal priority takes some."""
+
+    def __init__(self):
+        import time
+
+        import torch
+
+        self._time = time
+        self.threads = torch.get_num_threads()
+        self._cpu0, self._wall0 = time.process_time(), time.monotonic()
+
+    def cpu_seconds(self) -> float:
+        return self._time.process_time() - self._cpu0
+
+    def thread_seconds(self) -> float:
+        return (self._time.monotonic() - self._wall0) * self.threads
+
+    def share(self) -> float | None:
+        capacity = self.thread_seconds()
+        return self.cpu_seconds() / capacity if capacity > 0 else None
+
+
 def device_name(device) -> str:
     """What a record or benchmark says it ran on: the GPU's name, or the CPU and its threads."""
     import platform

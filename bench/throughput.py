@@ -33,7 +33,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runtime import load_average, tune_cpu_allocator, usable_cpus
+    from bench.runtime import CpuClock, load_average, tune_cpu_allocator, usable_cpus
     from bench.train.run import _precision, resolve_configs
 
     announce = announce or (lambda msg: None)
@@ -65,6 +65,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
         for label, (arm, cfg, rc, planned) in setups.items():
             torch.manual_seed(repeat)
             bf16 = _precision(rc.train.precision) == "bf16-mixed"
+            clock = CpuClock()
             tps, _ = lightning_tokens_per_sec(build_model(cfg, "lm"), batches, bf16, warmup)
             announce(f"  {label} (repeat {repeat}): {tps:,.0f} tokens/s")
             record = RunRecord(
@@ -72,8 +73,10 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
                 group=plan.group(tier), task=task.name, family=arm.model, preset=preset, seed=repeat,
                 git_commit=git_commit(), config=planned, steps=steps, tokens_seen=steps * batches[0][0].numel(),
                 metrics={"tokens_per_second": tps},
-                # the load right after the timed steps: near the thread count when the machine was quiet
-                timings={"tokens_per_second": tps, "load_avg": load_average(), "cpus": usable_cpus()},
+                # the load right after the timed steps (near the thread count when the machine was quiet)
+                # and the process's CPU share over them (near 1 when nothing took part of its cores)
+                timings={"tokens_per_second": tps, "load_avg": load_average(), "cpus": usable_cpus(),
+                         "cpu_share": clock.share()},
                 extra={"reproduction": plan.name, "arm": label, "tier": tier, "kind": THROUGHPUT_KIND, "dropless": cfg.is_sparse,
                        "warmup_steps": warmup, "precision": "bf16-mixed" if bf16 else "32"})
             store.save(record.finish("finished"))

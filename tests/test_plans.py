@@ -458,6 +458,8 @@ def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, 
     assert [(r.extra["arm"], r.seed) for r in records] == [("dense", 0), ("switch", 0), ("dense", 1), ("switch", 1)]
     assert all(r.metrics["tokens_per_second"] > 0 and r.extra["kind"] == "throughput" for r in records)
     assert records[1].extra["dropless"] is True and records[0].extra["dropless"] is False
+    # the process's CPU share over each measurement: what the report judges a busy machine by
+    assert all(0 < r.timings["cpu_share"] < 1.5 for r in records)
     store = ResultsStore(run_env["storage"])
     speeds = throughput_by_arm(throughput_records(store)[("speed", "tiny")])
     assert sorted(speeds) == ["dense", "switch"] and len(speeds["dense"]) == 2

@@ -274,34 +274,57 @@ def _speed_note(s: Section) -> str | None:
             "are less reliable than the loss and step-count claims, which do not depend on timing.")
 
 
-BUSY_LOAD = 1.25  # mean 1-minute load above this many times the cores: the run shared its CPUs
+BUSY_SHARE = 0.75  # a run's CPU share of its threads below this: other work took part of its cores
+BUSY_LOAD = 1.25  # records without a CPU share: mean 1-minute load above this many times the cores
 
 
-def _busy(load, cpus) -> bool:
-    return load is not None and bool(cpus) and load > BUSY_LOAD * cpus
+def _machine_check(timings: dict, load_key: str) -> tuple[str, bool, str] | None:
+    """(measure, busy?, the figure) from what a record measured: its CPU share where it has one (alone
+    on 2 cores ~0.97, beside an equal-priority busy process ~0.5; niced background work barely lowers
+    it), else the load average (which also counts niced work); None where it recorded neither."""
+    share = timings.get("cpu_share")
+    if share is not None:
+        return "share", share < BUSY_SHARE, f"CPU share {share:.2f}"
+    load, cpus = timings.get(load_key), timings.get("cpus")
+    if load is not None and cpus:
+        return "load", load > BUSY_LOAD * cpus, f"load {load:.1f} on {cpus} cores"
+    return None
+
+
+def _bound(measures: set[str], busy: bool) -> str:
+    share = f"CPU share of their threads {'below' if busy else 'at least'} {BUSY_SHARE}"
+    load = f"mean 1-minute load {'above' if busy else 'within'} {BUSY_LOAD}x the cores"
+    if measures == {"share"}:
+        return share
+    if measures == {"load"}:
+        return load
+    return f"{share}; records made before the share was measured: {load}"
 
 
 def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[RunRecord]) -> str | None:
-    """Which runs (and quiet-throughput measurements) ran on a busy machine, from the load they
-    recorded (``MachineLoad``; records made before it have none and are not judged)."""
-    loaded = [r for r in records if r.status == "finished" and r.timings.get("load_avg_mean") is not None]
-    busy = [r for r in loaded if _busy(r.timings["load_avg_mean"], r.timings.get("cpus"))]
-    busy_speed = [r for r in throughput if _busy(r.timings.get("load_avg"), r.timings.get("cpus"))]
+    """Which runs (and quiet-throughput measurements) ran on a busy machine, from what they recorded
+    (``MachineLoad``; records made before it have neither measure and are not judged)."""
+    checked = [(r, c) for r in records if r.status == "finished"
+               if (c := _machine_check(r.timings, "load_avg_mean")) is not None]
+    speed = [(r, c) for r in throughput if (c := _machine_check(r.timings, "load_avg")) is not None]
+    busy = [(r, c) for r, c in checked if c[1]]
+    busy_speed = [(r, c) for r, c in speed if c[1]]
     if not busy and not busy_speed:
-        return (f"Machine load: all {len(loaded)} runs that recorded it ran alone (mean 1-minute load within "
-                f"{BUSY_LOAD}x the cores), so their tokens/s are a quiet machine's.") if loaded else None
+        return (f"Machine load: all {len(checked)} runs that recorded it ran alone "
+                f"({_bound({c[0] for _, c in checked}, False)}), so their tokens/s are a quiet machine's."
+                ) if checked else None
     parts = []
     if busy:
-        named = ", ".join(f"{r.extra.get('arm', r.family)} seed {r.seed} ({r.timings['load_avg_mean']:.1f} on "
-                          f"{r.timings['cpus']} cores)" for r in busy)
+        named = ", ".join(f"{r.extra.get('arm', r.family)} seed {r.seed} ({c[2]})" for r, c in busy)
         clocks = (" and the curve-based equal-time estimate, which reads these runs' clocks,"
                   if any(c.metric == "loss_at_equal_time" for c in plan.claims) else "")
-        parts.append(f"{len(busy)} of {len(loaded)} runs shared the machine with other work (mean 1-minute load "
-                     f"above {BUSY_LOAD}x the cores): {named}. Their tokens/s{clocks} are slower than a quiet "
-                     "machine's; losses and step counts do not depend on it.")
+        parts.append(f"{len(busy)} of {len(checked)} runs shared the machine with other work "
+                     f"({_bound({c[0] for _, c in busy}, True)}): {named}. Their tokens/s{clocks} are slower than "
+                     "a quiet machine's; losses and step counts do not depend on it.")
     if busy_speed:
-        parts.append(f"{len(busy_speed)} of {len(throughput)} quiet-throughput measurements ran on a busy machine "
-                     "(load above the same bound): re-measure with `--throughput` on a quiet one.")
+        parts.append(f"{len(busy_speed)} of {len(speed)} quiet-throughput measurements ran on a busy machine "
+                     f"({_bound({c[0] for _, c in busy_speed}, True)}): re-measure with `--throughput` on a "
+                     "quiet one.")
     return "Machine load: " + " ".join(parts)
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from bench.flops import model_cost
 from bench.models.config import ModelConfig
-from bench.runtime import load_average, usable_cpus
+from bench.runtime import CpuClock, load_average, usable_cpus
 
 
 class ComputeTracker:
@@ -204,15 +204,18 @@ class ProgressLine(pl.Callback):
 
 
 class MachineLoad(pl.Callback):
-    """The machine's 1-minute load average at the start of training and every ``every_s`` seconds
-    of it. A run alone on the machine keeps it near its thread count (~the core count); a mean well
-    above the cores means it shared them with other work, so its tokens/s and wall-clock curves are
-    not a quiet machine's (the report says which runs). No samples where the OS has no load average."""
+    """Was the machine shared while this run trained? Two measures, both pooled over a resumed run's
+    segments: the 1-minute load average at the start of training and every ``every_s`` seconds (a run
+    alone keeps it near its thread count; it also counts niced background work that barely slows the
+    run), and this process's CPU share: CPU seconds over wall seconds x torch's threads (~0.97 alone on
+    2 cores; ~0.5 when another busy process of equal priority takes half the cores). The report
+    judges by the share where a record has it. No load samples where the OS has no load average."""
 
     def __init__(self, every_s: float = 15.0):
         self.every_s = every_s
         self.samples: list[float] = []
         self._last: float | None = None
+        self.clock: CpuClock | None = None
 
     def _sample(self) -> None:
         load = load_average()
@@ -221,6 +224,7 @@ class MachineLoad(pl.Callback):
         self._last = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.clock = CpuClock()
         self._sample()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -228,16 +232,23 @@ class MachineLoad(pl.Callback):
             self._sample()
 
     def timings(self, earlier: dict | None = None) -> dict:
-        """``load_avg_mean``/``load_avg_max``/``load_samples``/``cpus``, pooled with a resumed run's
-        earlier segments (``earlier``: its record's timings); empty without samples."""
+        """``load_avg_mean``/``load_avg_max``/``load_samples``/``cpus`` and ``cpu_seconds``/
+        ``cpu_thread_seconds`` (wall x threads)/``threads``/``cpu_share``, each pooled with a resumed run's earlier
+        segments (``earlier``: its record's timings); empty before training started."""
         earlier = earlier or {}
+        out: dict = {}
         n0 = int(earlier.get("load_samples") or 0)
         n = n0 + len(self.samples)
-        if n == 0:
-            return {}
-        total = (earlier.get("load_avg_mean") or 0.0) * n0 + sum(self.samples)
-        peak = max([*self.samples, *([earlier["load_avg_max"]] if n0 else [])])
-        return {"load_avg_mean": total / n, "load_avg_max": peak, "load_samples": n, "cpus": usable_cpus()}
+        if n:
+            total = (earlier.get("load_avg_mean") or 0.0) * n0 + sum(self.samples)
+            peak = max([*self.samples, *([earlier["load_avg_max"]] if n0 else [])])
+            out.update(load_avg_mean=total / n, load_avg_max=peak, load_samples=n, cpus=usable_cpus())
+        if self.clock is not None:
+            cpu = float(earlier.get("cpu_seconds") or 0.0) + self.clock.cpu_seconds()
+            capacity = float(earlier.get("cpu_thread_seconds") or 0.0) + self.clock.thread_seconds()
+            out.update(cpu_seconds=cpu, cpu_thread_seconds=capacity, threads=self.clock.threads,
+                       cpu_share=cpu / capacity if capacity > 0 else None)
+        return out
 
 
 class BudgetBar(ProgressBar):

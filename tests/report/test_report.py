@@ -230,15 +230,41 @@ def test_runs_and_throughput_measurements_on_a_busy_machine_are_named():
     notes = build_section(plan, "tiny", [*quiet, busy, old], plot_dir=None).notes
     (note,) = [n for n in notes if n.startswith("Machine load:")]
     assert note == ("Machine load: 1 of 3 runs shared the machine with other work (mean 1-minute load above 1.25x "
-                    "the cores): switch cf=1.25 seed 1 (4.2 on 2 cores). Their tokens/s and the curve-based "
+                    "the cores): switch cf=1.25 seed 1 (load 4.2 on 2 cores). Their tokens/s and the curve-based "
                     "equal-time estimate, which reads these runs' clocks, are slower than a quiet machine's; losses "
                     "and step counts do not depend on it.")
     speed = _measured("dense", 0, 1000.0)
     speed.timings.update(load_avg=3.0, cpus=2)
     notes = build_section(load_plan("capacity"), "tiny", [old], plot_dir=None, throughput=[speed]).notes
-    assert ("Machine load: 1 of 1 quiet-throughput measurements ran on a busy machine (load above the same bound): "
-            "re-measure with `--throughput` on a quiet one.") in notes
-    assert not any(n.startswith("Machine load:") for n in build_section(plan, "tiny", [old], plot_dir=None).notes)
+    assert ("Machine load: 1 of 1 quiet-throughput measurements ran on a busy machine (mean 1-minute load above "
+            "1.25x the cores): re-measure with `--throughput` on a quiet one.") in notes
+
+
+def test_a_runs_cpu_share_decides_whether_it_shared_the_machine_where_it_has_one():
+    from bench.report.sections import build_section
+
+    def measured(r, load, share=None):
+        r.timings.update(load_avg_mean=load, load_avg_max=load, load_samples=10, cpus=2)
+        if share is not None:
+            r.timings["cpu_share"] = share
+        return r
+
+    plan = load_plan("capacity")  # no curve-based equal-time claim
+    # niced tests beside a run: load 3.1 but the run kept 0.95 of its threads -> quiet by its share
+    niced = measured(rec("switch cf=1.25", 0, 2.2), 3.1, share=0.95)
+    alone = measured(rec("switch cf=2.0", 0, 2.2), 2.0, share=0.97)
+    (note,) = [n for n in build_section(plan, "tiny", [niced, alone], plot_dir=None).notes
+               if n.startswith("Machine load:")]
+    assert note == ("Machine load: all 2 runs that recorded it ran alone (CPU share of their threads at least "
+                    "0.75), so their tokens/s are a quiet machine's.")
+    halved = measured(rec("switch cf=0.5", 0, 2.3), 2.0, share=0.52)  # an equal-priority job took a core
+    older = measured(rec("switch cf=1.0", 0, 2.3), 4.0)  # recorded before the share: judged by its load
+    (note,) = [n for n in build_section(plan, "tiny", [niced, alone, halved, older], plot_dir=None).notes
+               if n.startswith("Machine load:")]
+    assert note == ("Machine load: 2 of 4 runs shared the machine with other work (CPU share of their threads "
+                    "below 0.75; records made before the share was measured: mean 1-minute load above 1.25x the "
+                    "cores): switch cf=0.5 seed 0 (CPU share 0.52), switch cf=1.0 seed 0 (load 4.0 on 2 cores). "
+                    "Their tokens/s are slower than a quiet machine's; losses and step counts do not depend on it.")
 
 
 def test_cli_report_and_reproduce_list(tmp_path, capsys):

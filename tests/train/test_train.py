@@ -51,6 +51,9 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     # the machine's load was sampled at the start (at least): what the report judges a quiet run by
     t = record.timings
     assert t["load_samples"] >= 1 and 0 <= t["load_avg_mean"] <= t["load_avg_max"] and t["cpus"] >= 1
+    # and the process's CPU share over training: CPU seconds / (wall x threads), pooled as thread-seconds
+    assert t["threads"] >= 1 and t["cpu_seconds"] > 0 and t["cpu_thread_seconds"] > 0
+    assert t["cpu_share"] == pytest.approx(t["cpu_seconds"] / t["cpu_thread_seconds"]) and 0 < t["cpu_share"] < 1.5
     import csv
 
     with open(record.paths["csv_file"]) as f:
@@ -477,6 +480,8 @@ def test_progress_line_of_a_resumed_run_times_only_what_is_left():
 
 
 def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_runs_samples(monkeypatch):
+    from types import SimpleNamespace
+
     from bench.train import callbacks
     from bench.train.callbacks import MachineLoad
 
@@ -484,6 +489,9 @@ def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_r
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(callbacks, "load_average", lambda: next(loads))
     monkeypatch.setattr(callbacks, "usable_cpus", lambda: 2)
+    # this segment: 45 CPU seconds over 30 s on 2 threads (60 thread-seconds)
+    cpu = SimpleNamespace(threads=2, cpu_seconds=lambda: 45.0, thread_seconds=lambda: 60.0)
+    monkeypatch.setattr(callbacks, "CpuClock", lambda: cpu)
     load = MachineLoad(every_s=15.0)
     assert load.timings() == {}  # nothing sampled: nothing claimed
     load.on_train_start(None, None)  # sample 2.0 at t=100
@@ -491,14 +499,53 @@ def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_r
         clock[0] = t
         load.on_train_batch_end(None, None, None, None, 0)
     assert load.samples == [2.0, 4.0, 3.0]
-    assert load.timings() == {"load_avg_mean": 3.0, "load_avg_max": 4.0, "load_samples": 3, "cpus": 2}
-    # a resumed run: 1 earlier sample of 6.0 -> mean (6 + 9) / 4, max 6
-    earlier = {"wall_seconds": 10.0, "load_avg_mean": 6.0, "load_avg_max": 6.0, "load_samples": 1, "cpus": 2}
-    assert load.timings(earlier) == {"load_avg_mean": 3.75, "load_avg_max": 6.0, "load_samples": 4, "cpus": 2}
+    share = {"cpu_seconds": 45.0, "cpu_thread_seconds": 60.0, "threads": 2, "cpu_share": 0.75}
+    assert load.timings() == {"load_avg_mean": 3.0, "load_avg_max": 4.0, "load_samples": 3, "cpus": 2, **share}
+    # a resumed run: 1 earlier sample of 6.0 -> mean (6 + 9) / 4, max 6; an earlier 15 CPU s of 40 thread-s
+    # (20 s on 2 threads) -> share (45 + 15) / (60 + 40)
+    earlier = {"wall_seconds": 20.0, "load_avg_mean": 6.0, "load_avg_max": 6.0, "load_samples": 1, "cpus": 2,
+               "cpu_seconds": 15.0, "cpu_thread_seconds": 40.0, "threads": 2, "cpu_share": 0.375}
+    assert load.timings(earlier) == {"load_avg_mean": 3.75, "load_avg_max": 6.0, "load_samples": 4, "cpus": 2,
+                                     "cpu_seconds": 60.0, "cpu_thread_seconds": 100.0, "threads": 2, "cpu_share": 0.6}
+    old = {k: earlier[k] for k in ("wall_seconds", "load_avg_mean", "load_avg_max", "load_samples", "cpus")}
+    assert load.timings(old)["cpu_share"] == 0.75  # a record made before the share: this segment's alone
     monkeypatch.setattr(callbacks, "load_average", lambda: None)  # an OS without a load average
     bare = MachineLoad()
     bare.on_train_start(None, None)
-    assert bare.timings() == {} and bare.timings(earlier)["load_samples"] == 1
+    assert bare.timings() == share and bare.timings(earlier)["load_samples"] == 1
+
+
+def test_cpu_clock_measures_the_share_of_its_threads_this_process_used(monkeypatch):
+    import time
+
+    import torch
+
+    from bench.runtime import CpuClock
+
+    cpu, wall = [10.0], [100.0]
+    monkeypatch.setattr(time, "process_time", lambda: cpu[0])
+    monkeypatch.setattr(time, "monotonic", lambda: wall[0])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    clock = CpuClock()
+    assert clock.share() is None  # no time has passed: no share
+    cpu[0], wall[0] = 13.0, 102.0  # 3 CPU seconds in 2 s on 2 threads
+    assert (clock.cpu_seconds(), clock.thread_seconds(), clock.share()) == (3.0, 4.0, 0.75)
+    monkeypatch.undo()
+    # real clocks: a busy loop uses its one thread, a sleep uses none
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clock = CpuClock()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+        busy = clock.share()
+        clock = CpuClock()
+        time.sleep(0.3)
+        idle = clock.share()
+    finally:
+        torch.set_num_threads(threads)
+    assert busy > 0.5 and idle < 0.2
 
 
 def test_terminal_progress_bar_counts_the_budget_not_epochs(capsys):
