@@ -11,7 +11,9 @@ FLOP-matched cost of a balanced router: at initialisation a router sends most to
 experts, and with a capacity limit a timed step would drop most of them and look cheap.
 
 Each measurement is stored as a record tagged ``kind: throughput`` in the plan's group; the report
-takes the median per arm.
+takes the median per arm. Arms that differ only in their capacity factor therefore time the same
+computation: a speed claim between them is not measured (the report says so) and would need a
+trained router's balance.
 """
 from __future__ import annotations
 
@@ -54,6 +56,13 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
         if cfg.is_sparse:  # dropless: the full cost of a balanced router (see the module docstring)
             cfg, _ = resolve_configs(task, arm.model, preset, {**settings, "capacity_factor": None}, None)
         setups[arm.label] = (arm, cfg, rc, {"model": to_dict(cfg), "run": to_dict(rc)})
+    timed: dict[str, list[str]] = {}
+    for label, (_, cfg, _, _) in setups.items():
+        timed.setdefault(repr(to_dict(cfg)), []).append(label)
+    for same in (labels for labels in timed.values() if len(labels) > 1):
+        announce(f"  note: {', '.join(same)} time the same model (dropless, their capacity does not count; "
+                 "a training setting such as the learning rate never does): their tokens/s differ by noise "
+                 "alone, and the report does not judge a speed claim between them")
     batch_size = next(iter(setups.values()))[2].train.batch_size
     dm = LMDataModule(task, data_dir=data_dir, batch_size=batch_size, seed=0, allow_download=False)
     dm.prepare_data()

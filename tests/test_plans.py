@@ -453,16 +453,25 @@ def test_throughput_is_measured_per_arm_and_feeds_the_equal_time_claim(run_env, 
                        "settings": dict(parse_override(p) for p in SMALL),
                        "tiers": {"tiny": {"budget_flops": 2e9, "seeds": 1}},
                        "arms": [{"label": "dense", "model": "dense"},
-                                {"label": "switch", "model": "switch", "settings": {"d_expert": 64}}]}, "speed.yaml")
-    records = measure_throughput(plan, "tiny", storage=run_env["storage"], repeats=2, steps=3, warmup=2)
-    assert [(r.extra["arm"], r.seed) for r in records] == [("dense", 0), ("switch", 0), ("dense", 1), ("switch", 1)]
+                                {"label": "switch", "model": "switch", "settings": {"d_expert": 64}},
+                                {"label": "switch cf=2", "model": "switch",
+                                 "settings": {"d_expert": 64, "capacity_factor": 2.0}}]}, "speed.yaml")
+    said = []
+    records = measure_throughput(plan, "tiny", storage=run_env["storage"], repeats=2, steps=3, warmup=2,
+                                 announce=said.append)
+    assert [(r.extra["arm"], r.seed) for r in records] == [
+        ("dense", 0), ("switch", 0), ("switch cf=2", 0), ("dense", 1), ("switch", 1), ("switch cf=2", 1)]
+    # timed dropless, the two switch arms are one model: the user is told their gap is noise
+    assert said[0] == ("  note: switch, switch cf=2 time the same model (dropless, their capacity does not count; a "
+                       "training setting such as the learning rate never does): their tokens/s differ by noise alone, "
+                       "and the report does not judge a speed claim between them")
     assert all(r.metrics["tokens_per_second"] > 0 and r.extra["kind"] == "throughput" for r in records)
     assert records[1].extra["dropless"] is True and records[0].extra["dropless"] is False
     # the process's CPU share over each measurement: what the report judges a busy machine by
     assert all(0 < r.timings["cpu_share"] < 1.5 for r in records)
     store = ResultsStore(run_env["storage"])
     speeds = throughput_by_arm(throughput_records(store)[("speed", "tiny")])
-    assert sorted(speeds) == ["dense", "switch"] and len(speeds["dense"]) == 2
+    assert sorted(speeds) == ["dense", "switch", "switch cf=2"] and len(speeds["dense"]) == 2
     # a throughput measurement is never mistaken for a finished training run of its arm
     assert all(r.done is None for r in plan_runs(plan, "tiny", store))
 

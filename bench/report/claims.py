@@ -6,6 +6,7 @@ comparison are measured on the same evaluation data.
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -120,6 +121,17 @@ def throughput_arms(records: list[RunRecord]) -> dict[str, ArmStats]:
     return out
 
 
+def timed_model(record: RunRecord) -> str:
+    """The model a quiet throughput record timed, as canonical JSON: its planned model config, less
+    the capacity where it was timed dropless (``bench.throughput``: all of a balanced router's
+    tokens, since an untrained router would drop most of them under a capacity)."""
+    model = json.loads(json.dumps((record.config or {}).get("model") or {}))
+    if record.extra.get("dropless") and isinstance(model.get("moe"), dict):
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            model["moe"].pop(key, None)
+    return json.dumps(model, sort_keys=True)
+
+
 def curve_points(record: RunRecord, x: str = "step") -> list[tuple[float, float]]:
     """(x, val loss) of a run's evaluation curve, sorted by x (all on the same evaluation data)."""
     return curve_xy(record.curve, x)
@@ -218,6 +230,14 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
                                "tokens/s of training runs are timed under whatever else the machine was doing; "
                                "measure the arms together on a quiet machine with `moe-bench reproduce PLAN --tier "
                                "TIER --throughput`")
+        timed = {timed_model(r) for label in needed for r in measured[label].records}
+        if len(needed) > 1 and len(timed) == 1:
+            return ClaimResult(claim, stats.Effect(None, None, None, 0), "no-data",
+                               "not measured: the quiet throughput measurement timed the same model for each arm "
+                               "(it times sparse arms dropless, so arms that differ only in their capacity run the "
+                               "same computation; any gap is noise). With the `sorted` kernel a capacity changes "
+                               "only how many tokens are computed, which depends on a trained router's balance, and "
+                               "the measurement starts from an untrained one")
         arms, pairs = measured, "interleaved repeat(s) of a quiet throughput measurement"
     if claim.kind == "trend":
         values = {}
@@ -279,4 +299,4 @@ def plan_arm_order(plan: Plan) -> list[str]:
 
 
 __all__ = ["ArmStats", "ClaimResult", "arm_stats", "add_paired_metrics", "evaluate_claim", "record_values", "fmt",
-           "curve_points", "throughput_arms", "RELATIVE_METRICS"]
+           "curve_points", "throughput_arms", "timed_model", "RELATIVE_METRICS"]

@@ -99,6 +99,8 @@ def test_speed_claims_use_quiet_throughput_measurements_paired_by_repeat_never_t
     quiet = [_measured("top1", i, t) for i, t in enumerate((1100.0, 1050.0, 1120.0))]
     quiet += [_measured("top2", i, 1000.0) for i in range(3)]
     quiet.append(_measured("top2", 0, 5000.0, when="2025-01-01T00:00:00+00:00"))  # older: replaced by the newer
+    for r in quiet:
+        r.config["model"]["moe"]["top_k"] = 1 if r.extra["arm"] == "top1" else 2
     result = evaluate_claim(claim, arms, throughput_arms(quiet))
     assert result.effect.n_seeds == 3 and result.effect.estimate == pytest.approx((0.10 + 0.05 + 0.12) / 3)
     assert result.effect.per_seed == pytest.approx({0: 0.10, 1: 0.05, 2: 0.12})
@@ -112,8 +114,9 @@ def test_a_speed_trend_is_judged_over_the_arms_the_tier_trained_when_all_of_them
     cfs = {"switch cf=0.5": 0.5, "switch cf=1.0": 1.0, "switch cf=1.25": 1.25, "switch cf=2.0": 2.0}
     runs = [rec(arm, seed, 1.55, repro="capacity") for arm in cfs for seed in (0, 1)]
     speed = [_measured(arm, repeat, (repeat + 1) * (1000.0 - 100.0 * cf)) for arm, cf in cfs.items() for repeat in (0, 1)]
-    for r in speed:
+    for r in speed:  # timed with each arm's capacity (a kernel that pads to capacity, say)
         r.extra["reproduction"] = "capacity"
+        r.config["model"]["moe"]["capacity_factor"] = cfs[r.extra["arm"]]
     (claim,) = [c for c in build_section(plan, "ref", runs, plot_dir=None, throughput=speed).claims
                 if c.claim.metric == "tokens_per_second"]
     # tokens/s relative to each repeat's mean over arms (881.25 x (repeat + 1)): slope -100 / 881.25 per unit
@@ -124,6 +127,15 @@ def test_a_speed_trend_is_judged_over_the_arms_the_tier_trained_when_all_of_them
     (claim,) = [c for c in build_section(plan, "ref", runs, plot_dir=None, throughput=missing).claims
                 if c.claim.metric == "tokens_per_second"]
     assert claim.verdict == "no-data"
+    # timed dropless (what `--throughput` does for sparse arms): arms that differ only in their capacity
+    # ran the same computation, so any gap is noise and the claim is not measured
+    for r in speed:
+        r.extra["dropless"] = True
+    (claim,) = [c for c in build_section(plan, "ref", runs, plot_dir=None, throughput=speed).claims
+                if c.claim.metric == "tokens_per_second"]
+    assert claim.verdict == "no-data" and claim.effect.n_seeds == 0
+    assert claim.evidence.startswith("not measured: the quiet throughput measurement timed the same model for each "
+                                     "arm (it times sparse arms dropless, so arms that differ only in their capacity")
 
 
 def test_trend_claims_are_per_seed_slopes_on_log2_x():
