@@ -21,8 +21,9 @@ END = "<!-- moe-bench:results end -->"
 
 
 def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> list[str]:
-    """Markdown lines: every claim of ``tier`` that has data, in ``claims.json`` order, then the
-    plans in ``planned`` (those defining the tier) that have none yet."""
+    """Markdown lines: every claim of ``tier`` that has data, in ``claims.json`` order; the claims
+    without data of plans that have some (with the reason); then the plans in ``planned`` (those
+    defining the tier) that have none yet."""
     rows = [c for c in claims if c.get("tier") == tier and c.get("has_data", True)]
     lines = [f"Tier `{tier}`, generated from `results/claims.json` by `moe-bench report --readme` (do not edit "
              "between the markers; effects are in the paper's direction, 95% CI over paired seeds):", ""]
@@ -42,6 +43,12 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
     else:
         lines.append(f"No claim of tier `{tier}` has runs yet.")
     decided = {c["reproduction"] for c in rows}
+    # a plan with runs whose claim still has no data (e.g. a speed claim no measurement can see): say why
+    silent = [c for c in claims if c.get("tier") == tier and not c.get("has_data", True) and c["reproduction"] in decided]
+    if silent:
+        lines += ["", "Claims of these plans with no data yet:"]
+        lines += [f"- `{c['reproduction']}`: {c['claim']}: {str(c.get('evidence') or 'no data').split('. ')[0]}"
+                  for c in silent]
     pending = [p for p in planned if p not in decided]
     if pending:
         lines += ["", f"No `{tier}` runs finished yet: {', '.join(f'`{p}`' for p in pending)}."]

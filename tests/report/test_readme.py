@@ -39,6 +39,13 @@ def test_results_table_lists_the_tiers_claims_with_data_and_the_plans_still_pend
         "| **no effect beyond delta** |",
     ]
     assert lines[-1] == "No `ref` runs finished yet: `capacity`."
+    # a plan with runs names its claims that still have no data, with the first sentence of the reason
+    unmeasured = claim("moe-rnn", "MoE trains faster", "inconclusive", None, None, None, seeds=0, has_data=False)
+    unmeasured["evidence"] = "not measured: both arms timed one model. Details follow"
+    lines = results_table([*CLAIMS, unmeasured], "ref", planned=["capacity", "moe-rnn", "switch-vs-dense"])
+    assert lines[-5:] == ["", "Claims of these plans with no data yet:",
+                          "- `moe-rnn`: MoE trains faster: not measured: both arms timed one model",
+                          "", "No `ref` runs finished yet: `capacity`."]
 
 
 def test_results_table_names_the_budget_when_a_plan_has_two_and_marks_single_seed_effects():
