@@ -49,6 +49,19 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def machine_id() -> str | None:
+    """This boot of this machine as 8 hex digits (a hash of Linux's boot id), or None where the OS
+    has none. Runs with one id ran on one machine in one boot, so their timings compare; machines
+    that look alike (same CPU name, same host name) have differed 1.6x in speed here."""
+    import hashlib
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return hashlib.sha256(f.read().strip()).hexdigest()[:8]
+    except OSError:
+        return None
+
+
 class CpuClock:
     """This process's CPU seconds (all its threads) and the thread-seconds it could have used
     (wall time x torch's threads) since it was made: their ratio, the CPU share, stays near 1 for

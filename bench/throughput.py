@@ -35,7 +35,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runtime import CpuClock, load_average, tune_cpu_allocator, usable_cpus
+    from bench.runtime import CpuClock, load_average, machine_id, tune_cpu_allocator, usable_cpus
     from bench.train.run import _precision, resolve_configs
 
     announce = announce or (lambda msg: None)
@@ -85,7 +85,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
                 # the load right after the timed steps (near the thread count when the machine was quiet)
                 # and the process's CPU share over them (near 1 when nothing took part of its cores)
                 timings={"tokens_per_second": tps, "load_avg": load_average(), "cpus": usable_cpus(),
-                         "cpu_share": clock.share()},
+                         "cpu_share": clock.share(), "machines": [m for m in [machine_id()] if m]},
                 extra={"reproduction": plan.name, "arm": label, "tier": tier, "kind": THROUGHPUT_KIND, "dropless": cfg.is_sparse,
                        "warmup_steps": warmup, "precision": "bf16-mixed" if bf16 else "32"})
             store.save(record.finish("finished"))

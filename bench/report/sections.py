@@ -49,7 +49,7 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     if untested:
         section.notes.append(_untested_note(tier, untested, in_tier))
     for note in (_gap_trend_note(section), _speed_note(section), _busy_machine_note(plan, records, throughput or []),
-                 _bleu_settled_note(section)):
+                 _machines_note(plan, records), _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
     if plot_dir is not None:
@@ -326,6 +326,30 @@ def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[Ru
                      f"({_bound({c[0] for _, c in busy_speed}, True)}): re-measure with `--throughput` on a "
                      "quiet one.")
     return "Machine load: " + " ".join(parts)
+
+
+def _machines_note(plan: Plan, records: list[RunRecord]) -> str | None:
+    """The machines (boots) the runs trained on, from ``timings.machines``, where more than one:
+    wall-clock figures then compare only within a machine."""
+    done = [r for r in records if r.status == "finished"]
+    known = [r for r in done if r.timings.get("machines")]
+    machines = {m for r in known for m in r.timings["machines"]}
+    if len(machines) < 2:
+        return None
+    text = f"Machines: {len(known)} runs trained on {len(machines)} machines (boots)"
+    if len(known) < len(done):
+        text += f", {len(done) - len(known)} older runs did not record theirs"
+    text += ("; look-alike machines have differed 1.6x in speed here, so the table's tokens/s mixes machines "
+             "(speed claims use the quiet `--throughput` measurement, one process with the arms interleaved)")
+    if any(c.metric == "loss_at_equal_time" for c in plan.claims):
+        by_seed: dict[int, set[str]] = {}
+        for r in known:
+            by_seed.setdefault(r.seed, set()).update(r.timings["machines"])
+        split = sorted(seed for seed, ms in by_seed.items() if len(ms) > 1)
+        if split:
+            text += (f"; the curve-based equal-time estimate reads each run's clock, and the arms of seed(s) "
+                     f"{', '.join(map(str, split))} trained on different machines")
+    return text + "."
 
 
 # -- table and plots ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from bench.flops import model_cost
 from bench.models.config import ModelConfig
-from bench.runtime import CpuClock, load_average, usable_cpus
+from bench.runtime import CpuClock, load_average, machine_id, usable_cpus
 
 
 class ComputeTracker:
@@ -234,7 +234,8 @@ class MachineLoad(pl.Callback):
     def timings(self, earlier: dict | None = None) -> dict:
         """``load_avg_mean``/``load_avg_max``/``load_samples``/``cpus`` and ``cpu_seconds``/
         ``cpu_thread_seconds`` (wall x threads)/``threads``/``cpu_share``, each pooled with a resumed run's earlier
-        segments (``earlier``: its record's timings); empty before training started."""
+        segments (``earlier``: its record's timings), and ``machines`` (``machine_id`` of every segment);
+        empty before training started."""
         earlier = earlier or {}
         out: dict = {}
         n0 = int(earlier.get("load_samples") or 0)
@@ -248,6 +249,10 @@ class MachineLoad(pl.Callback):
             capacity = float(earlier.get("cpu_thread_seconds") or 0.0) + self.clock.thread_seconds()
             out.update(cpu_seconds=cpu, cpu_thread_seconds=capacity, threads=self.clock.threads,
                        cpu_share=cpu / capacity if capacity > 0 else None)
+            # every machine (boot) the run trained on: a resumed run may have moved
+            machines = sorted({*(earlier.get("machines") or []), *([machine_id()] if machine_id() else [])})
+            if machines:
+                out["machines"] = machines
         return out
 
 

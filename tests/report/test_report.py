@@ -279,6 +279,27 @@ def test_a_runs_cpu_share_decides_whether_it_shared_the_machine_where_it_has_one
                     "Their tokens/s are slower than a quiet machine's; losses and step counts do not depend on it.")
 
 
+def test_runs_on_several_machines_are_counted_and_split_equal_time_pairs_named():
+    from bench.report.sections import build_section
+
+    def on(r, *machines):
+        r.timings["machines"] = list(machines)
+        return r
+
+    plan = load_plan("switch-vs-dense")  # has the curve-based equal-time claim
+    one = [on(rec("dense", 0, 2.3, family="dense"), "aaaa0001"), on(rec("switch cf=1.25", 0, 2.2), "aaaa0001")]
+    assert not [n for n in build_section(plan, "tiny", one, plot_dir=None).notes if n.startswith("Machines:")]
+    runs = [*one, on(rec("dense", 1, 2.3, family="dense"), "aaaa0001"),
+            on(rec("switch cf=1.25", 1, 2.2), "aaaa0001", "bbbb0002"),  # resumed on another machine
+            rec("dense", 2, 2.3, family="dense")]  # older: no machine recorded
+    (note,) = [n for n in build_section(plan, "tiny", runs, plot_dir=None).notes if n.startswith("Machines:")]
+    assert note == ("Machines: 4 runs trained on 2 machines (boots), 1 older runs did not record theirs; look-alike "
+                    "machines have differed 1.6x in speed here, so the table's tokens/s mixes machines (speed claims "
+                    "use the quiet `--throughput` measurement, one process with the arms interleaved); the "
+                    "curve-based equal-time estimate reads each run's clock, and the arms of seed(s) 1 trained on "
+                    "different machines.")
+
+
 def test_cli_report_and_reproduce_list(tmp_path, capsys):
     from bench.cli import main
 

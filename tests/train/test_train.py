@@ -54,6 +54,9 @@ def test_steps_budget_record_and_offline_wandb(run_env):
     # and the process's CPU share over training: CPU seconds / (wall x threads), pooled as thread-seconds
     assert t["threads"] >= 1 and t["cpu_seconds"] > 0 and t["cpu_thread_seconds"] > 0
     assert t["cpu_share"] == pytest.approx(t["cpu_seconds"] / t["cpu_thread_seconds"]) and 0 < t["cpu_share"] < 1.5
+    from bench.runtime import machine_id
+
+    assert t.get("machines") == ([machine_id()] if machine_id() else None)  # where it trained
     import csv
 
     with open(record.paths["csv_file"]) as f:
@@ -492,6 +495,7 @@ def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_r
     # this segment: 45 CPU seconds over 30 s on 2 threads (60 thread-seconds)
     cpu = SimpleNamespace(threads=2, cpu_seconds=lambda: 45.0, thread_seconds=lambda: 60.0)
     monkeypatch.setattr(callbacks, "CpuClock", lambda: cpu)
+    monkeypatch.setattr(callbacks, "machine_id", lambda: "bbbb0002")
     load = MachineLoad(every_s=15.0)
     assert load.timings() == {}  # nothing sampled: nothing claimed
     load.on_train_start(None, None)  # sample 2.0 at t=100
@@ -499,20 +503,42 @@ def test_machine_load_samples_at_start_then_every_interval_and_pools_a_resumed_r
         clock[0] = t
         load.on_train_batch_end(None, None, None, None, 0)
     assert load.samples == [2.0, 4.0, 3.0]
-    share = {"cpu_seconds": 45.0, "cpu_thread_seconds": 60.0, "threads": 2, "cpu_share": 0.75}
+    share = {"cpu_seconds": 45.0, "cpu_thread_seconds": 60.0, "threads": 2, "cpu_share": 0.75, "machines": ["bbbb0002"]}
     assert load.timings() == {"load_avg_mean": 3.0, "load_avg_max": 4.0, "load_samples": 3, "cpus": 2, **share}
     # a resumed run: 1 earlier sample of 6.0 -> mean (6 + 9) / 4, max 6; an earlier 15 CPU s of 40 thread-s
     # (20 s on 2 threads) -> share (45 + 15) / (60 + 40)
     earlier = {"wall_seconds": 20.0, "load_avg_mean": 6.0, "load_avg_max": 6.0, "load_samples": 1, "cpus": 2,
-               "cpu_seconds": 15.0, "cpu_thread_seconds": 40.0, "threads": 2, "cpu_share": 0.375}
+               "cpu_seconds": 15.0, "cpu_thread_seconds": 40.0, "threads": 2, "cpu_share": 0.375,
+               "machines": ["aaaa0001"]}  # ... on another machine: the run moved
     assert load.timings(earlier) == {"load_avg_mean": 3.75, "load_avg_max": 6.0, "load_samples": 4, "cpus": 2,
-                                     "cpu_seconds": 60.0, "cpu_thread_seconds": 100.0, "threads": 2, "cpu_share": 0.6}
+                                     "cpu_seconds": 60.0, "cpu_thread_seconds": 100.0, "threads": 2, "cpu_share": 0.6,
+                                     "machines": ["aaaa0001", "bbbb0002"]}
     old = {k: earlier[k] for k in ("wall_seconds", "load_avg_mean", "load_avg_max", "load_samples", "cpus")}
     assert load.timings(old)["cpu_share"] == 0.75  # a record made before the share: this segment's alone
     monkeypatch.setattr(callbacks, "load_average", lambda: None)  # an OS without a load average
     bare = MachineLoad()
     bare.on_train_start(None, None)
     assert bare.timings() == share and bare.timings(earlier)["load_samples"] == 1
+
+
+def test_machine_id_is_a_stable_hash_of_the_boot(monkeypatch, tmp_path):
+    import builtins
+    import hashlib
+    import os
+
+    from bench.runtime import machine_id
+
+    if os.path.exists("/proc/sys/kernel/random/boot_id"):  # Linux: the same id all boot long
+        assert machine_id() == machine_id() and len(machine_id()) == 8
+        int(machine_id(), 16)
+    boot = tmp_path / "boot_id"
+    boot.write_text("bef5461b-d8c7-4e99-9f07-27adbc3f2cb7\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        boot if str(path) == "/proc/sys/kernel/random/boot_id" else path, *a, **k))
+    assert machine_id() == hashlib.sha256(b"bef5461b-d8c7-4e99-9f07-27adbc3f2cb7").hexdigest()[:8]
+    boot.unlink()  # an OS without a boot id
+    assert machine_id() is None
 
 
 def test_cpu_clock_measures_the_share_of_its_threads_this_process_used(monkeypatch):
