@@ -55,7 +55,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
         cfg, rc = resolve_configs(task, arm.model, preset, settings, None)  # the budget does not change speed
         if cfg.is_sparse:  # dropless: the full cost of a balanced router (see the module docstring)
             cfg, _ = resolve_configs(task, arm.model, preset, {**settings, "capacity_factor": None}, None)
-        setups[arm.label] = (arm, cfg, rc, {"model": to_dict(cfg), "run": to_dict(rc)})
+        setups[arm.label] = (arm, cfg, rc, {"model": to_dict(cfg), "run": to_dict(rc)})  # as timed (dropless)
     timed: dict[str, list[str]] = {}
     for label, (_, cfg, _, _) in setups.items():
         timed.setdefault(repr(to_dict(cfg)), []).append(label)
@@ -71,7 +71,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     batches = [next(it) for _ in range(steps + warmup)]
     records = []
     for repeat in range(repeats):
-        for label, (arm, cfg, rc, planned) in setups.items():
+        for label, (arm, cfg, rc, timed_config) in setups.items():
             torch.manual_seed(repeat)
             bf16 = _precision(rc.train.precision) == "bf16-mixed"
             clock = CpuClock()
@@ -80,7 +80,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
             record = RunRecord(
                 run_id=new_run_id(f"{plan.name}-throughput-{arm.model}"), name=f"{plan.name}: {label} throughput",
                 group=plan.group(tier), task=task.name, family=arm.model, preset=preset, seed=repeat,
-                git_commit=git_commit(), config=planned, steps=steps, tokens_seen=steps * batches[0][0].numel(),
+                git_commit=git_commit(), config=timed_config, steps=steps, tokens_seen=steps * batches[0][0].numel(),
                 metrics={"tokens_per_second": tps},
                 # the load right after the timed steps (near the thread count when the machine was quiet)
                 # and the process's CPU share over them (near 1 when nothing took part of its cores)

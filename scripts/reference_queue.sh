@@ -5,13 +5,19 @@
 # skipped, so the same command continues a queue a lost machine stopped.
 #   bash scripts/reference_queue.sh [PLAN ...]      (default: the order below)
 #   tail -f ../refrun.log;  moe-bench reproduce PLAN --tier ref --status --storage sqlite:///results/reference/moe-bench.db
-# Commit what finished with scripts/commit_reference.sh "message".
+# Commit what finished with scripts/commit_reference.sh "message"; stop with scripts/stop_reference_queue.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN=$PWD
 PLANS=("$@")
 [ ${#PLANS[@]} -gt 0 ] || PLANS=(switch-experts moe-rnn capacity translation switch-lr granularity balancing shared-experts
                                 expert-choice upcycling)
+PIDFILE=${REFRUN_PIDFILE:-$MAIN/../refrun.pid}
+# Two queues would share the 2 cores, and the checkout below would change the code under a running one.
+if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    echo "a reference queue is already running (pid $(cat "$PIDFILE")): stop it first with scripts/stop_reference_queue.sh" >&2
+    exit 1
+fi
 WT=${REFRUN_WORKTREE:-$MAIN/../refrun}
 if [ -d "$WT" ]; then
     git -C "$WT" checkout -q --detach "$(git rev-parse HEAD)"
@@ -30,4 +36,5 @@ for plan in plans:  # one after another; a plan that fails (e.g. a missing datas
                           "--storage", f"sqlite:///{store}"])
     print(f"reference queue: {plan} exited {rc}", flush=True)
 PY
+echo $! > "$PIDFILE"
 echo "reference queue started (pid $!) at $(git rev-parse --short HEAD) in $WT; log $LOG; plans: ${PLANS[*]}"
