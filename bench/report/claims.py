@@ -200,7 +200,7 @@ class ClaimResult:
                 "arms": c.arms(), "headline": c.headline, "estimate": finite(e.estimate), "ci_low": finite(e.ci_low),
                 "ci_high": finite(e.ci_high), "n_seeds": e.n_seeds, "delta": c.effect_delta,
                 "detectable_effect": finite(e.detectable), "seeds_to_decide": self.seeds_to_decide,
-                "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()},
+                "p_value": e.p_value, "per_seed": {str(k): finite(v) for k, v in e.per_seed.items()},
                 # claims.json keeps the four verdicts of its contract: a claim with no paired data is
                 # undecided (inconclusive, n_seeds 0); "has_data" and "evidence" say why.
                 "verdict": stats.INCONCLUSIVE if self.verdict == stats.NO_DATA else self.verdict,
@@ -270,7 +270,10 @@ def evaluate_claim(claim: Claim, arms: dict[str, ArmStats], speed_arms: dict[str
         interval = (f"95% CI [{_num(effect.ci_low, '+')}, {_num(effect.ci_high, '+')}]"
                     if effect.ci_low is not None and math.isfinite(effect.ci_low) else "no interval from one seed")
         evidence += (f"; effect in the paper's direction {_num(effect.estimate, '+')}, {interval} over "
-                     f"{effect.n_seeds} {pairs}; delta {delta:g}")
+                     f"{effect.n_seeds} {pairs}")
+        if effect.p_value is not None:
+            evidence += f" (two-sided p {effect.p_value:.2g})"
+        evidence += f"; delta {delta:g}"
         if effect.detectable is not None:
             evidence += f"; smallest effect detectable at this n {_num(effect.detectable)}"
         if verdict == stats.INCONCLUSIVE and effect.sd is not None:

@@ -54,6 +54,7 @@ class Effect:
     per_seed: dict[int, float] = field(default_factory=dict)
     sd: float | None = None
     detectable: float | None = None  # smallest |effect| this n detects with 80% power at 5%
+    p_value: float | None = None  # two-sided one-sample t-test of the per-seed effects against 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +106,23 @@ def seeds_to_decide(effect: Effect, delta: float, kind: str = "better", max_seed
     return None
 
 
+def p_value(mean: float, sd: float | None, n: int) -> float | None:
+    """Two-sided p of a one-sample t-test of mean 0 (the interval excludes 0 exactly when p < 0.05);
+    None from one value or without spread."""
+    if sd is None or n < 2 or sd == 0:
+        return None
+    from scipy.stats import t
+
+    return float(2 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
 def effect_from(per_seed: dict[int, float]) -> Effect:
     if not per_seed:
         return Effect(None, None, None, 0)
     vals = [per_seed[s] for s in sorted(per_seed)]
     mean, low, high, sd = mean_interval(vals)
-    return Effect(mean, low, high, len(vals), dict(sorted(per_seed.items())), sd, detectable_effect(sd, len(vals)))
+    return Effect(mean, low, high, len(vals), dict(sorted(per_seed.items())), sd, detectable_effect(sd, len(vals)),
+                  p_value(mean, sd, len(vals)))
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], higher_better: bool) -> Effect:

@@ -35,7 +35,9 @@ def test_better_claims_are_judged_on_paired_seeds():
     claim = Claim(text="a beats b", a="a", b="b", metric="val_loss", direction="lower")
     result = evaluate_claim(claim, arms)
     assert result.verdict == "reproduced" and result.effect.n_seeds == 3
-    assert "effect in the paper's direction +0.1167, 95% CI [+0.0650, +0.1684] over 3 paired seed(s)" in result.evidence
+    assert ("effect in the paper's direction +0.1167, 95% CI [+0.0650, +0.1684] over 3 paired seed(s) (two-sided p "
+            "0.01); delta") in result.evidence
+    assert result.as_json("plan", "tiny", 1e12)["p_value"] == pytest.approx(result.effect.p_value)
     backwards = Claim(text="b beats a", a="b", b="a", metric="val_loss", direction="lower")
     assert evaluate_claim(backwards, arms).verdict == "refuted"
     ghost = Claim(text="a beats zzz", a="a", b="zzz", metric="val_loss")

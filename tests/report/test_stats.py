@@ -31,6 +31,20 @@ def test_paired_difference_is_a_t_interval_over_seed_pairs():
     assert e.detectable == pytest.approx((4.302653 + t_quantile(0.8, 2)) * sd / math.sqrt(3))
     assert verdict(e, delta=0.01) == "reproduced"
     assert verdict(paired_difference(b, a, higher_better=False), 0.01) == "refuted"
+    # two-sided t-test p with 2 df, closed form: 1 - t / sqrt(t^2 + 2), t = mean / (sd / sqrt(3))
+    t = (0.35 / 3) / (sd / math.sqrt(3))
+    assert e.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2)) and e.p_value < 0.05  # the CI excludes 0
+
+
+def test_p_value_is_below_5_percent_exactly_when_the_interval_excludes_zero():
+    from bench.report.stats import p_value
+
+    t = 2 / (1 / math.sqrt(3))  # values 1, 2, 3: mean 2, sd 1
+    assert p_value(2.0, 1.0, 3) == pytest.approx(1 - t / math.sqrt(t * t + 2))  # 0.0742
+    for values in ([0.1, 0.2, 0.3], [0.1, -0.05, 0.2, 0.02], [1.0, 1.1, 0.9, 1.05, 0.97], [-0.3, 0.1, -0.2]):
+        mean, low, high, sd = mean_interval(values)
+        assert (p_value(mean, sd, len(values)) < 0.05) == (low > 0 or high < 0)
+    assert p_value(1.0, None, 1) is None and p_value(1.0, 0.0, 3) is None  # no spread, no test
 
 
 def test_paired_pairs_remove_shared_seed_noise():
