@@ -65,7 +65,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [f"{status['plan']} tier {status['tier']} (group {status['group']}): {status['finished']} of "
              f"{status['total']} runs finished, {status['hours_spent']:.1f} h of wall time"
              + ("" if status["finished"] == status["total"] else
-                f"; ~{status['hours_left']:.1f} h left at this machine's pace so far" if status["hours_left"] is not None
+                f"; ~{status['hours_left']:.1f} h left at the pace of the runs so far" if status["hours_left"] is not None
                 else "; time left unknown (no run finished yet)")]
     width = max([len(p["arm"]) for p in status["pairs"]] + [3])
     lines.append(f"{'arm':<{width}}  seed  {'state':<10} {'val_loss':>8}  {'hours':>5}  run / by")
@@ -116,7 +116,7 @@ def format_overview(overview: dict[str, Any]) -> str:
     width = max([len(r["plan"]) for r in overview["plans"]] + [4])
     lines = [f"tier {overview['tier']}: {overview['finished']} of {overview['total']} runs finished, "
              f"{overview['hours_spent']:.1f} h of wall time"
-             + (f"; ~{overview['hours_left']:.1f} h left at this machine's pace so far" if overview["hours_left"] is not None
+             + (f"; ~{overview['hours_left']:.1f} h left at the pace of the runs so far" if overview["hours_left"] is not None
                 else "; time left unknown (no run of this tier finished yet)"),
              f"{'plan':<{width}}  {'runs':>7}  {'hours':>5}  {'left':>6}  running / waiting"]
     for r in overview["plans"]:
