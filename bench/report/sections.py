@@ -274,7 +274,7 @@ def _speed_note(s: Section) -> str | None:
             "are less reliable than the loss and step-count claims, which do not depend on timing.")
 
 
-BUSY_SHARE = 0.75  # a run's CPU share of its threads below this: other work took part of its cores
+BUSY_SHARE = 0.85  # CPU share of its threads below this: other work took >~10% of a run's time (alone: 0.95-0.97)
 BUSY_LOAD = 1.25  # records without a CPU share: mean 1-minute load above this many times the cores
 
 

@@ -270,13 +270,13 @@ def test_a_runs_cpu_share_decides_whether_it_shared_the_machine_where_it_has_one
     (note,) = [n for n in build_section(plan, "tiny", [niced, alone], plot_dir=None).notes
                if n.startswith("Machine load:")]
     assert note == ("Machine load: all 2 runs that recorded it ran alone (CPU share of their threads at least "
-                    "0.75), so their tokens/s are a quiet machine's.")
+                    "0.85), so their tokens/s are a quiet machine's.")
     halved = measured(rec("switch cf=0.5", 0, 2.3), 2.0, share=0.52)  # an equal-priority job took a core
     older = measured(rec("switch cf=1.0", 0, 2.3), 4.0)  # recorded before the share: judged by its load
     (note,) = [n for n in build_section(plan, "tiny", [niced, alone, halved, older], plot_dir=None).notes
                if n.startswith("Machine load:")]
     assert note == ("Machine load: 2 of 4 runs shared the machine with other work (CPU share of their threads "
-                    "below 0.75; records made before the share was measured: mean 1-minute load above 1.25x the "
+                    "below 0.85; records made before the share was measured: mean 1-minute load above 1.25x the "
                     "cores): switch cf=0.5 seed 0 (CPU share 0.52), switch cf=1.0 seed 0 (load 4.0 on 2 cores). "
                     "Their tokens/s are slower than a quiet machine's; losses and step counts do not depend on it.")
 
