@@ -14,11 +14,41 @@ from collections import Counter
 from pathlib import Path
 
 from bench.plans import Plan, all_plans
+from bench.report import stats
 from bench.tracking.records import ResultsStore, RunRecord, is_throughput, reading_store
 
 VERDICT_MARK = {"reproduced": "**reproduced**", "refuted": "**refuted**", "no-effect": "**no effect beyond delta**",
                 "inconclusive": "inconclusive", "no-data": "no data"}
 TIER_ORDER = ("tiny", "ref", "small", "base")
+
+
+def add_q_values(claims_json: list[dict]) -> None:
+    """Each claim's Benjamini-Hochberg q (``q_value``) over the tested claims of its tier."""
+    for tier in dict.fromkeys(c["tier"] for c in claims_json):
+        members = [c for c in claims_json if c["tier"] == tier]
+        for c, q in zip(members, stats.bh_q_values([c.get("p_value") for c in members])):
+            c["q_value"] = q
+
+
+def fdr_notes(claims_json: list[dict]) -> list[str]:
+    """Per tier, whether its reproduced / refuted verdicts survive a 5% false-discovery rate."""
+    notes = []
+    for tier in dict.fromkeys(c["tier"] for c in claims_json):
+        members = [c for c in claims_json if c["tier"] == tier]
+        tested = sum(c.get("p_value") is not None for c in members)
+        decided = [c for c in members if c["verdict"] in (stats.REPRODUCED, stats.REFUTED)]
+        if not decided:
+            continue
+        weak = [c for c in decided if c.get("q_value") is None or c["q_value"] >= 0.05]
+        text = (f"Many claims, one tier: at tier `{tier}`, {len(decided) - len(weak)} of {len(decided)} reproduced / "
+                f"refuted verdicts keep a Benjamini-Hochberg q below 0.05 over the tier's {tested} tested claims "
+                "(`q_value` in claims.json), i.e. survive a 5% false-discovery rate")
+        if weak:
+            text += "; these do not, so read them as weaker evidence: " + "; ".join(
+                f"{c['reproduction']}: {c['claim']} (q {c['q_value']:.2g})" if c.get("q_value") is not None
+                else f"{c['reproduction']}: {c['claim']} (no test)" for c in weak)
+        notes.append(text + ".")
+    return notes
 
 
 def verdict_cell(verdict: str, seeds_to_decide: int | None = None, metric: str = "") -> str:
@@ -148,6 +178,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
     add_cross_budget_notes(sections)
 
     claims_json = [c.as_json(s.plan.name, s.tier, section_budget(s)) for s in sections for c in s.claims]
+    add_q_values(claims_json)
     (out_dir / "claims.json").write_text(json.dumps(claims_json, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
     commits = Counter((r.git_commit or "unknown")[:12] for recs in found.values() for r in recs)
@@ -178,7 +209,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
                 lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
                              f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
                              f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric)} |")
-        lines.append("")
+        lines += ["", *fdr_notes(claims_json), ""]
         present = {name for name, _, _ in found}
         missing = [n for n in plans if n not in present]
         if missing:

@@ -116,6 +116,19 @@ def p_value(mean: float, sd: float | None, n: int) -> float | None:
     return float(2 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
 
 
+def bh_q_values(p_values: Sequence[float | None]) -> list[float | None]:
+    """Benjamini-Hochberg adjusted p values (q) over the tests given (None, no test, stays None):
+    a verdict with q < 0.05 survives a 5% false-discovery rate across all of them."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    q: list[float | None] = [None] * len(p_values)
+    running = 1.0
+    for rank in range(len(tested), 0, -1):  # from the largest p down: q_(k) = min_{j>=k} p_(j) m / j
+        p, i = tested[rank - 1]
+        running = min(running, p * len(tested) / rank)
+        q[i] = running
+    return q
+
+
 def effect_from(per_seed: dict[int, float]) -> Effect:
     if not per_seed:
         return Effect(None, None, None, 0)

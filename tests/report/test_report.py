@@ -302,6 +302,29 @@ def test_runs_on_several_machines_are_counted_and_split_equal_time_pairs_named()
                     "different machines.")
 
 
+def test_q_values_per_tier_and_the_note_on_verdicts_that_do_not_survive_a_5_percent_fdr():
+    from bench.report import add_q_values, fdr_notes
+
+    def c(tier, name, verdict, p):
+        return {"tier": tier, "reproduction": "plan", "claim": name, "verdict": verdict, "p_value": p}
+
+    claims = [c("ref", "a", "reproduced", 0.001), c("ref", "b", "refuted", 0.03), c("ref", "d", "no-effect", 0.5),
+              c("ref", "e", "inconclusive", None), c("tiny", "f", "reproduced", 0.04)]
+    add_q_values(claims)
+    # ref: 3 tests, p 0.001 / 0.03 / 0.5 -> q 0.003 / 0.045 / 0.5; tiny alone: q = p
+    assert [x["q_value"] for x in claims] == pytest.approx([0.003, 0.045, 0.5, None, 0.04])
+    assert fdr_notes(claims) == [
+        "Many claims, one tier: at tier `ref`, 2 of 2 reproduced / refuted verdicts keep a Benjamini-Hochberg q below "
+        "0.05 over the tier's 3 tested claims (`q_value` in claims.json), i.e. survive a 5% false-discovery rate.",
+        "Many claims, one tier: at tier `tiny`, 1 of 1 reproduced / refuted verdicts keep a Benjamini-Hochberg q below "
+        "0.05 over the tier's 1 tested claims (`q_value` in claims.json), i.e. survive a 5% false-discovery rate."]
+    claims.append(c("ref", "g", "reproduced", 0.04))  # now q of b and g: 0.04 x 4 / 3 = 0.0533 -> not below 0.05
+    add_q_values(claims)
+    (ref, _) = fdr_notes(claims)
+    assert ref.startswith("Many claims, one tier: at tier `ref`, 1 of 3 reproduced / refuted verdicts keep")
+    assert ref.endswith("these do not, so read them as weaker evidence: plan: b (q 0.053); plan: g (q 0.053).")
+
+
 def test_cli_report_and_reproduce_list(tmp_path, capsys):
     from bench.cli import main
 

@@ -213,3 +213,13 @@ def test_curve_band_is_a_t_interval_at_the_x_values_every_seed_has():
     flat = lambda curve: [v for point in curve for v in point]  # noqa: E731
     assert flat(mean_curve(seeds)) == pytest.approx([1.0, 2.1, 2.0, 1.2])
     assert flat(mean_curve(seeds, interpolate=True)) == pytest.approx([1.0, 2.1, 2.0, 1.2])  # the range both cover
+
+
+def test_benjamini_hochberg_q_values_by_hand():
+    from bench.report.stats import bh_q_values
+
+    # m = 4 tests: p sorted 0.01, 0.02, 0.03, 0.5 -> p m / rank 0.04, 0.04, 0.04, 0.5 (already monotone)
+    assert bh_q_values([0.03, None, 0.5, 0.01, 0.02]) == pytest.approx([0.04, None, 0.5, 0.04, 0.04])
+    # monotone from the top: p 0.001, 0.04, 0.041 (m 3) -> 0.003, min(0.06, 0.041) = 0.041, 0.041
+    assert bh_q_values([0.041, 0.001, 0.04]) == pytest.approx([0.041, 0.003, 0.041])
+    assert bh_q_values([None, None]) == [None, None] and bh_q_values([]) == []
