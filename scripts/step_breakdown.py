@@ -1,0 +1,97 @@
+"""Where a training step's time goes, per arm of a plan's tier: forward, backward, gradient
+clipping and the optimizer step, timed separately on the plan's real batches (bf16 autocast as
+the runs train, the fused AdamW of bench.train.module.adamw). For questions such as "why does the
+FLOP-matched Switch train at 0.6x dense's tokens/s on translation but 0.88x on the LM?".
+
+    .venv/bin/python scripts/step_breakdown.py translation ref dense switch   # ~1 min on 2 cores
+    .venv/bin/python scripts/step_breakdown.py switch-vs-dense ref dense "switch cf=1.25"
+
+Run it on a quiet machine (pause a reference queue with `kill -STOP`, then `kill -CONT`); phases
+are medians over --steps timed steps after --warmup untimed ones, arms interleaved step by step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("plan")
+    ap.add_argument("tier")
+    ap.add_argument("arms", nargs="+")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args()
+
+    from bench.data.datamodules import build_datamodule
+    from bench.data.tasks import load_task
+    from bench.models import build_model
+    from bench.models.expert_parallel import clip_grad_norm
+    from bench.plans import load_plan
+    from bench.runtime import tune_cpu_allocator
+    from bench.train.loss import output_cross_entropy
+    from bench.train.module import LMModule, TranslationModule, adamw
+    from bench.train.run import resolve_configs
+
+    tune_cpu_allocator()
+    plan = load_plan(args.plan)
+    task = load_task(plan.task)
+    setups, batches = {}, None
+    for label in args.arms:
+        arm = plan.arm(label)
+        cfg, rc = resolve_configs(task, arm.model, plan.tier(args.tier).preset, plan.arm_settings(arm, args.tier), None)
+        if batches is None:
+            dm = build_datamodule(task, batch_size=rc.train.batch_size, seed=0, allow_download=False)
+            dm.prepare_data()
+            dm.setup("fit")
+            it = iter(dm.train_dataloader())
+            batches = [next(it) for _ in range(args.warmup + args.steps)]
+        torch.manual_seed(0)
+        model = build_model(cfg, task.type)
+        module = (LMModule if task.type == "lm" else TranslationModule)(model, rc.optim, active_params=1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        setups[label] = (module, adamw(params, lr=rc.optim.lr), params, rc.optim.grad_clip,
+                         sum(p.numel() for p in params))
+
+    def timed_step(label: str, batch) -> dict[str, float]:
+        module, opt, params, clip, _ = setups[label]
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, targets = module.forward_batch(batch)
+            loss = output_cross_entropy(out.hidden, out.head, targets, module.ignore_index) + out.aux_loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if clip:
+            clip_grad_norm(params, clip, module.model)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0}
+
+    times: dict[str, list[dict[str, float]]] = {label: [] for label in setups}
+    for i, batch in enumerate(batches):
+        for label in setups:  # interleaved: drift hits every arm alike
+            t = timed_step(label, batch)
+            if i >= args.warmup:
+                times[label].append(t)
+    phases = ("forward", "backward", "clip", "optimizer", "step")
+    tokens = statistics.median(float(module.batch_tokens(b)) for b in batches for module in [setups[args.arms[0]][0]])
+    print(f"{args.plan} tier {args.tier}: median ms per phase over {args.steps} steps, ~{tokens:,.0f} tokens per step, "
+          f"{torch.get_num_threads()} threads, bf16 autocast")
+    print(f"{'arm':<16} {'params':>11} " + " ".join(f"{p:>9}" for p in phases) + "  x first")
+    first = None
+    for label, rows in times.items():
+        med = {p: 1e3 * statistics.median(r[p] for r in rows) for p in phases}
+        first = first or med["step"]
+        print(f"{label:<16} {setups[label][4]:>11,} " + " ".join(f"{med[p]:>9.1f}" for p in phases)
+              + f"  {med['step'] / first:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
