@@ -250,7 +250,8 @@ class MachineLoad(pl.Callback):
             out.update(cpu_seconds=cpu, cpu_thread_seconds=capacity, threads=self.clock.threads,
                        cpu_share=cpu / capacity if capacity > 0 else None)
             # every machine (boot) the run trained on: a resumed run may have moved
-            machines = sorted({*(earlier.get("machines") or []), *([machine_id()] if machine_id() else [])})
+            here = machine_id()
+            machines = sorted({*(earlier.get("machines") or []), *([here] if here else [])})
             if machines:
                 out["machines"] = machines
         return out
