@@ -34,6 +34,7 @@ from bench.data.tasks import TaskConfig
 from bench.data.text import prepare_text, split_lines
 from bench.data.tokenizers import get_tokenizer
 from bench.flops import model_cost
+from bench.runtime import skip_uninitialized_fill
 from bench.models import build_model
 from bench.models.config import ModelConfig
 from bench.tracking.liveness import live_owner
@@ -115,9 +116,11 @@ def _trainer(run: LoadedRun) -> pl.Trainer:
     with several devices each scored the whole split and the ranks' means agree; one device gives
     the same numbers without starting a process group or scoring everything N times."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    return pl.Trainer(accelerator="auto", devices=1, precision=_precision(run.rc.train.precision), logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(run.run_dir), deterministic="warn", use_distributed_sampler=False)
+    trainer = pl.Trainer(accelerator="auto", devices=1, precision=_precision(run.rc.train.precision), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(run.run_dir), deterministic="warn", use_distributed_sampler=False)
+    skip_uninitialized_fill()
+    return trainer
 
 
 def read_lines(path: str | Path, what: str, context: str) -> list[str]:

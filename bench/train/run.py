@@ -33,7 +33,7 @@ from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig, task_problems
 from bench.models.moe import use_frequency_hash
-from bench.runtime import device_name, tune_cpu_allocator
+from bench.runtime import device_name, skip_uninitialized_fill, tune_cpu_allocator
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
@@ -413,6 +413,7 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=str(run_dir),
         log_every_n_steps=1, deterministic="warn", use_distributed_sampler=False,
     )
+    skip_uninitialized_fill()  # after the Trainer turned deterministic algorithms on
     start = time.perf_counter()
     status, error = "finished", None
     try:
