@@ -319,8 +319,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
     if not worker:
         (run_dir / LOCK_NAME).write_text(str(os.getpid()))
         os.environ[RUN_ID_ENV] = record.run_id  # inherited by the ranks strategy=ddp launches
-    # A resumed run adds this segment to the wall time of the segments before it (a run killed
-    # with -9 never recorded its own, so its time is missing from the sum).
+    # A resumed run adds this segment to the wall time of the segments before it (as saved at its
+    # last evaluation when it was killed outright).
     earlier_timings = dict(record.timings) if ckpt_path else {}  # also pools the load samples below
     earlier_wall = float(earlier_timings.get("wall_seconds") or 0.0)
 
@@ -386,9 +386,20 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         callbacks.insert(callbacks.index(curve) + 1,
                          CurveBLEU(curve, dm, tr.curve_bleu_batches, tr.max_decode_len or task.tgt_len))
 
+    def timings() -> dict:
+        """Wall time and the rest of ``record.timings`` so far, with a resumed run's earlier segments."""
+        return {"wall_seconds": earlier_wall + time.perf_counter() - start, "train_seconds": budget.spent["seconds"],
+                "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
+                # what the speed was measured on (GPU tiers name their device)
+                "device": device_name(trainer.strategy.root_device), "processes": trainer.world_size,
+                "precision": str(trainer.precision), **load.timings(earlier_timings)}
+
     def save_progress() -> None:
         record.steps, record.tokens_seen = int(budget.spent["steps"]), int(budget.spent["tokens"])
         record.train_flops, record.curve = float(budget.spent["flops"]), list(curve.points)
+        # Timings too: a run killed outright (-9, a lost machine) then keeps the time it spent up to
+        # its last checkpoint, which its resumed segment adds to (it used to start again from 0).
+        record.timings = timings()
         store.save(record)
 
     if not worker:
@@ -445,15 +456,10 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
         record.train_flops = float(budget.spent["flops"])
         if inherited:  # this run's training FLOPs above; with its dense run's here
             record.extra["total_train_flops"] = inherited + record.train_flops
-        wall = earlier_wall + time.perf_counter() - start
         if not worker:
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
             _restore_env(RUN_ID_ENV, launched_id)  # the next run of this process gets its own id
-        record.timings = {"wall_seconds": wall, "train_seconds": budget.spent["seconds"],
-                          "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
-                          # what the speed was measured on (GPU tiers name their device)
-                          "device": device_name(trainer.strategy.root_device), "processes": trainer.world_size,
-                          "precision": str(trainer.precision), **load.timings(earlier_timings)}
+        record.timings = timings()
         record.expert_stats = health.merge_into(summarize_moe_stats(module.last_moe_stats))
         record.curve = list(curve.points)
         record.finish(status, error)

@@ -150,6 +150,10 @@ def test_progress_is_in_the_store_while_the_run_trains(run_env):
     assert seen.status == "running" and seen.steps == 10 and seen.tokens_seen == done.tokens_seen * 10 // 15
     assert [p["step"] for p in seen.curve] == [5, 10] and seen.curve == done.curve[:2]
     assert seen.train_flops == pytest.approx(done.train_flops * 10 / 15)
+    # timings up to that evaluation: what a run killed outright keeps, and its resumed segment adds to
+    assert 0 < seen.timings["wall_seconds"] < done.timings["wall_seconds"]
+    assert 0 < seen.timings["train_seconds"] < done.timings["train_seconds"]
+    assert seen.timings["load_samples"] >= 1 and seen.timings["cpu_seconds"] > 0
 
 
 def test_progress_saving_survives_the_pickling_of_ddp_spawn():
