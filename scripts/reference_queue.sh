@@ -5,7 +5,8 @@
 # skipped, so the same command continues a queue a lost machine stopped.
 #   bash scripts/reference_queue.sh [PLAN ...]      (default: the order below)
 #   tail -f ../refrun.log;  moe-bench reproduce PLAN --tier ref --status --storage sqlite:///results/reference/moe-bench.db
-# Commit what finished with scripts/commit_reference.sh "message"; stop with scripts/stop_reference_queue.sh.
+# Commit what finished with scripts/commit_reference.sh "message"; stop with scripts/stop_reference_queue.sh
+# (--after-run: once the current run is recorded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN=$PWD
@@ -35,6 +36,9 @@ for plan in plans:  # one after another; a plan that fails (e.g. a missing datas
     rc = subprocess.call([sys.executable, "-m", "bench.cli", "reproduce", plan, "--tier", "ref",
                           "--storage", f"sqlite:///{store}"])
     print(f"reference queue: {plan} exited {rc}", flush=True)
+    if rc == 130:  # interrupted, or asked to stop after its run (stop_reference_queue.sh --after-run)
+        print("reference queue: stopped; scripts/reference_queue.sh continues it", flush=True)
+        break
 PY
 echo $! > "$PIDFILE"
 echo "reference queue started (pid $!) at $(git rev-parse --short HEAD) in $WT; log $LOG; plans: ${PLANS[*]}"

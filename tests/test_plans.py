@@ -605,6 +605,38 @@ def test_one_failure_policy_a_fatal_error_stops_the_plan_an_ordinary_one_does_no
     assert attempts == ["dense", "switch"][:trained]
 
 
+def test_sigusr1_lets_the_current_run_finish_then_stops_the_plan(run_env, monkeypatch):
+    """``kill -USR1`` (scripts/stop_reference_queue.sh --after-run): the run being trained finishes
+    and is recorded, no other pair starts, and SIGUSR1's handler is put back afterwards."""
+    import os
+    import signal
+
+    import bench.train.run as run_module
+
+    attempts, store = [], ResultsStore(run_env["storage"])
+
+    def train_then_get_asked(task, family, preset, overrides, *, run_id, seed, **kw):
+        attempts.append(family)
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the run trains
+        record = RunRecord(run_id=run_id, task=task, family=family, preset=preset, seed=seed, group=kw["group"],
+                           budget=kw["budget"], extra=dict(kw["tags"]))
+        record.finish("finished")
+        store.save(record)
+        return record
+
+    monkeypatch.setattr(run_module, "train", train_then_get_asked)
+    before = signal.getsignal(signal.SIGUSR1)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        run_plan("switch-vs-dense", seeds=1, storage=run_env["storage"], overrides=SMALL,
+                 arms=["dense", "switch cf=1.25"], budget_flops=2e9, progress=False, announce=said.append)
+    assert attempts == ["dense"]
+    assert [r.status for r in store.list()] == ["finished"]
+    assert ("stopped before [2/2] switch cf=1.25 (seed 0), as asked (SIGUSR1): 1 of 2 runs left; run the same "
+            "command again to continue (finished runs are kept)") in said
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_run_file_runs_a_users_plan_and_a_search_space_through_the_one_runner(run_env, tmp_path):
     from bench.runner import experiment_kind, run_file
 

@@ -22,6 +22,14 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+def _kill(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def test_stop_ends_the_queue_and_its_run_then_a_new_queue_may_start(tmp_path):
     # a stand-in queue: a shell whose child "run" sleeps; the real queue waits on its run the same way
     queue = subprocess.Popen(["bash", "-c", "sleep 300 & wait"], start_new_session=True)
@@ -48,8 +56,60 @@ def test_stop_ends_the_queue_and_its_run_then_a_new_queue_may_start(tmp_path):
                                capture_output=True, text=True, check=True).stdout
         assert again.startswith("no reference queue is running")
     finally:
-        for pid in (queue.pid, run_pid):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        _kill(queue.pid, run_pid)
+
+
+def _caught_usr1(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) & (1 << 9))
+
+
+def _queue_with_run(run_cmd: str) -> tuple[subprocess.Popen, int]:
+    """A stand-in queue (a shell that stops when its run exits with 130, as the real queue's loop
+    does) and the pid of its run."""
+    queue = subprocess.Popen(["bash", "-c", f"{run_cmd}; [ $? = 130 ] || sleep 300"], start_new_session=True)
+    for _ in range(200):
+        run = subprocess.run(["pgrep", "-P", str(queue.pid)], capture_output=True, text=True).stdout.split()
+        if run:
+            return queue, int(run[0])
+        time.sleep(0.05)
+    raise AssertionError("the stand-in run did not start")
+
+
+def test_stop_after_run_asks_the_run_to_finish_and_waits_for_the_queue(tmp_path):
+    # the run's stand-in handles SIGUSR1 as `moe-bench reproduce` does: it ends once its run is recorded (130)
+    queue, run_pid = _queue_with_run(
+        "python3 -c 'import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(130)); time.sleep(300)'")
+    pidfile = tmp_path / "refrun.pid"
+    pidfile.write_text(f"{queue.pid}\n")
+    env = {**os.environ, "REFRUN_PIDFILE": str(pidfile)}
+    try:
+        for _ in range(200):  # the handler is installed once the interpreter has started
+            if _caught_usr1(run_pid):
+                break
+            time.sleep(0.05)
+        out = subprocess.run(["bash", str(ROOT / "scripts/stop_reference_queue.sh"), "--after-run"], env=env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+        assert f"asked run process(es) {run_pid} to stop after the current run" in out
+        assert f"reference queue stopped (queue pid {queue.pid}, run pid(s) {run_pid})" in out
+        assert queue.wait(timeout=10) == 0 and not _alive(run_pid) and not pidfile.exists()
+    finally:
+        _kill(queue.pid, run_pid)
+
+
+def test_stop_after_run_refuses_a_run_that_would_be_killed_by_sigusr1(tmp_path):
+    queue, run_pid = _queue_with_run("sleep 300")  # no handler: SIGUSR1 would kill it mid-run
+    pidfile = tmp_path / "refrun.pid"
+    pidfile.write_text(f"{queue.pid}\n")
+    env = {**os.environ, "REFRUN_PIDFILE": str(pidfile)}
+    try:
+        res = subprocess.run(["bash", str(ROOT / "scripts/stop_reference_queue.sh"), "--after-run"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and f"run process {run_pid} does not handle SIGUSR1" in res.stderr
+        assert _alive(run_pid) and _alive(queue.pid) and pidfile.exists()  # untouched
+        bad = subprocess.run(["bash", str(ROOT / "scripts/stop_reference_queue.sh"), "--now"], env=env,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "usage:" in bad.stderr
+    finally:
+        _kill(queue.pid, run_pid)
