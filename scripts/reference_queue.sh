@@ -3,13 +3,23 @@
 # separate worktree of the current commit (editing this checkout never changes the code under the
 # runs), into this checkout's results/reference/moe-bench.db. Resumable: finished pairs are
 # skipped, so the same command continues a queue a lost machine stopped.
-#   bash scripts/reference_queue.sh [PLAN ...]      (default: the order below)
+#   bash scripts/reference_queue.sh [--workers N] [PLAN ...]      (default: 1 worker, the order below)
+# --workers N: N runs at once, each with cores/N torch threads (scripts/queue_loop.py). On 2 cores,
+# two 1-thread runs trained 1.09-1.18x the tokens per second of one 2-thread run (docs/performance.md);
+# each run takes ~1.7x longer. Wall-clock claims use --throughput, not these runs; keep one plan's
+# runs at one thread count, as float rounding differs between them.
 #   tail -f ../refrun.log;  moe-bench reproduce PLAN --tier ref --status --storage sqlite:///results/reference/moe-bench.db
 # Commit what finished with scripts/commit_reference.sh "message"; stop with scripts/stop_reference_queue.sh
 # (--after-run: once the current run is recorded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN=$PWD
+WORKERS=1
+if [ "${1:-}" = "--workers" ]; then
+    WORKERS=${2:?--workers needs a number}
+    shift 2
+fi
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || { echo "--workers must be a positive integer, got '$WORKERS'" >&2; exit 2; }
 PLANS=("$@")
 [ ${#PLANS[@]} -gt 0 ] || PLANS=(switch-experts moe-rnn capacity translation switch-lr granularity balancing shared-experts
                                 expert-choice upcycling)
@@ -29,16 +39,7 @@ PY=${PYTHON:-$MAIN/.venv/bin/python}
 DATA=${MOE_BENCH_DATA:-$(cd "$MAIN/../shared/data" && pwd)}
 LOG=${REFRUN_LOG:-$MAIN/../refrun.log}
 cd "$WT"
-PYTHONPATH=$WT MOE_BENCH_DATA=$DATA nohup "$PY" - "$MAIN/results/reference/moe-bench.db" "${PLANS[@]}" > "$LOG" 2>&1 <<'PY' &
-import subprocess, sys
-store, plans = sys.argv[1], sys.argv[2:]
-for plan in plans:  # one after another; a plan that fails (e.g. a missing dataset) does not stop the rest
-    rc = subprocess.call([sys.executable, "-m", "bench.cli", "reproduce", plan, "--tier", "ref",
-                          "--storage", f"sqlite:///{store}"])
-    print(f"reference queue: {plan} exited {rc}", flush=True)
-    if rc == 130:  # interrupted, or asked to stop after its run (stop_reference_queue.sh --after-run)
-        print("reference queue: stopped; scripts/reference_queue.sh continues it", flush=True)
-        break
-PY
+PYTHONPATH=$WT MOE_BENCH_DATA=$DATA nohup "$PY" scripts/queue_loop.py "$MAIN/results/reference/moe-bench.db" "$WORKERS" \
+    "${PLANS[@]}" > "$LOG" 2>&1 &
 echo $! > "$PIDFILE"
-echo "reference queue started (pid $!) at $(git rev-parse --short HEAD) in $WT; log $LOG; plans: ${PLANS[*]}"
+echo "reference queue started (pid $!, $WORKERS worker(s)) at $(git rev-parse --short HEAD) in $WT; log $LOG; plans: ${PLANS[*]}"

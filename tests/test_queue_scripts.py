@@ -113,3 +113,47 @@ def test_stop_after_run_refuses_a_run_that_would_be_killed_by_sigusr1(tmp_path):
         assert bad.returncode == 2 and "usage:" in bad.stderr
     finally:
         _kill(queue.pid, run_pid)
+
+
+def _queue_loop():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("queue_loop", ROOT / "scripts/queue_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_queue_loop_workers_split_the_cores_and_an_interrupted_plan_ends_its_worker(monkeypatch):
+    loop = _queue_loop()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    calls, said = [], []
+    interrupted = {"done": False}
+
+    def fake_call(cmd, env):
+        plan = cmd[cmd.index("reproduce") + 1]
+        assert cmd[-2:] == ["--storage", "sqlite:///store.db"] and cmd[cmd.index("--tier") + 1] == "ref"
+        calls.append((plan, env.get("OMP_NUM_THREADS")))
+        if plan == "b" and not interrupted["done"]:  # the first worker to reach plan b is asked to stop
+            interrupted["done"] = True
+            return 130
+        return 0
+
+    loop.run_queue("store.db", 2, ["a", "b", "c"], call=fake_call, log=said.append)
+    assert sorted(calls) == [("a", "2"), ("a", "2"), ("b", "2"), ("b", "2"), ("c", "2")]  # 4 cores / 2 workers
+    assert sum("stopped; scripts/reference_queue.sh continues it" in m for m in said) == 1
+    assert {m.split(":")[0] for m in said} == {"reference queue worker 0", "reference queue worker 1"}
+
+    calls.clear()
+    loop.run_queue("store.db", 1, ["a"], call=fake_call, log=said.append)
+    assert calls == [("a", None)]  # one worker: torch's own thread count
+
+
+@pytest.mark.parametrize("workers", ["0", "two"])
+def test_reference_queue_refuses_a_bad_worker_count(tmp_path, workers):
+    env = {**os.environ, "REFRUN_PIDFILE": str(tmp_path / "refrun.pid"), "REFRUN_WORKTREE": str(tmp_path / "wt")}
+    res = subprocess.run(["bash", str(ROOT / "scripts/reference_queue.sh"), "--workers", workers, "capacity"], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and f"--workers must be a positive integer, got '{workers}'" in res.stderr
+    assert not (tmp_path / "wt").exists() and not (tmp_path / "refrun.pid").exists()
