@@ -749,11 +749,24 @@ def test_status_without_a_name_gives_every_plans_progress_at_the_tier(monkeypatc
     assert overview["hours_left"] == pytest.approx(0.0 + 1.5 + 0.375 + 1.0)
     assert (overview["finished"], overview["total"]) == (3, 9)
     text = status_mod.format_overview(overview)
-    assert text.startswith("tier ref: 3 of 9 runs finished, 1.5 h of wall time; ~2.9 h left")
+    assert text.startswith("tier ref: 3 of 9 runs finished, 1.5 h of machine time; ~2.9 h left")
     assert "switch-experts     1/3      0.8    ~1.5  switch E=4 seed 0" in text
     assert "moe-rnn            0/2      0.0   ~0.4*" in text and "switch-vs-dense    2/2      0.8    done" in text
     assert ("* no run of the plan finished yet: estimated at the tier's pace so far, 0.38 h per 1e14 training "
             "FLOPs (times the plan's budget)") in text
+
+
+def test_status_counts_machine_hours_so_parallel_one_thread_runs_are_not_double_counted():
+    from bench.runner.status import _hours
+
+    def rec(**timings):
+        return RunRecord(run_id="r", task="t", family="dense", preset="tiny", seed=0, timings=timings)
+
+    assert _hours(rec(wall_seconds=7200.0, threads=1, cpus=2)) == pytest.approx(1.0)  # half the cores for 2 h
+    assert _hours(rec(wall_seconds=3600.0, threads=2, cpus=2)) == pytest.approx(1.0)
+    assert _hours(rec(wall_seconds=3600.0, threads=8, cpus=2)) == pytest.approx(1.0)  # oversubscribed: the machine
+    assert _hours(rec(wall_seconds=3600.0)) == pytest.approx(1.0)  # older records: whole machine
+    assert _hours(rec()) is None
 
 
 def test_status_without_a_name_from_the_cli_on_an_empty_store(tmp_path, capsys):
@@ -763,5 +776,5 @@ def test_status_without_a_name_from_the_cli_on_an_empty_store(tmp_path, capsys):
     planned = sum(len(p.tier_arms("ref")) * p.tier("ref").seeds for p in all_plans().values() if "ref" in p.tiers)
     assert main(["reproduce", "--status", "--tier", "ref", "--storage", f"sqlite:///{tmp_path / 'r.db'}"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"tier ref: 0 of {planned} runs finished, 0.0 h of wall time; time left unknown")
+    assert out.startswith(f"tier ref: 0 of {planned} runs finished, 0.0 h of machine time; time left unknown")
     assert "switch-experts     0/20     0.0       -" in out

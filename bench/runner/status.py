@@ -1,8 +1,8 @@
 """Where a plan's tier stands, without training anything: ``moe-bench reproduce NAME --status``.
 
 Every (arm, seed) pair as ``reproduce`` would see it now (finished, being trained by a live
-process, resumable from a checkpoint, or still to do), the compute its finished runs took and an
-estimate of what the rest will take (each arm's mean wall time so far, or the mean over all arms
+process, resumable from a checkpoint, or still to do), the machine time its finished runs took
+(``_hours``) and an estimate of what the rest will take (each arm's mean so far, or the mean over all arms
 for an arm with no finished run yet), for long reference queues that span several sessions. The
 tier overview estimates a plan with no finished run from the tier's pace in hours per training FLOP,
 so a plan with a smaller budget (the RNN plans) is not charged a Transformer plan's hours per run.
@@ -17,8 +17,16 @@ from bench.tracking.records import ResultsStore
 
 
 def _hours(record) -> float | None:
-    wall = (record.timings or {}).get("wall_seconds")
-    return wall / 3600 if isinstance(wall, (int, float)) else None
+    """Machine hours: wall time x the share of the machine's cores the run's torch threads used, so
+    two 1-thread runs side by side on 2 cores (scripts/reference_queue.sh --workers 2) count as the
+    machine time they took together, not twice it. Records without threads/cpus count whole."""
+    timings = record.timings or {}
+    wall = timings.get("wall_seconds")
+    if not isinstance(wall, (int, float)):
+        return None
+    threads, cpus = timings.get("threads"), timings.get("cpus")
+    share = min(1.0, threads / cpus) if isinstance(threads, int) and isinstance(cpus, int) and cpus > 0 else 1.0
+    return wall * share / 3600
 
 
 def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
@@ -63,7 +71,7 @@ def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = 
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"{status['plan']} tier {status['tier']} (group {status['group']}): {status['finished']} of "
-             f"{status['total']} runs finished, {status['hours_spent']:.1f} h of wall time"
+             f"{status['total']} runs finished, {status['hours_spent']:.1f} h of machine time"
              + ("" if status["finished"] == status["total"] else
                 f"; ~{status['hours_left']:.1f} h left at the pace of the runs so far" if status["hours_left"] is not None
                 else "; time left unknown (no run finished yet)")]
@@ -115,7 +123,7 @@ def tier_overview(tier: str, store: ResultsStore) -> dict[str, Any]:
 def format_overview(overview: dict[str, Any]) -> str:
     width = max([len(r["plan"]) for r in overview["plans"]] + [4])
     lines = [f"tier {overview['tier']}: {overview['finished']} of {overview['total']} runs finished, "
-             f"{overview['hours_spent']:.1f} h of wall time"
+             f"{overview['hours_spent']:.1f} h of machine time"
              + (f"; ~{overview['hours_left']:.1f} h left at the pace of the runs so far" if overview["hours_left"] is not None
                 else "; time left unknown (no run of this tier finished yet)"),
              f"{'plan':<{width}}  {'runs':>7}  {'hours':>5}  {'left':>6}  running / waiting"]
