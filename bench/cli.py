@@ -699,11 +699,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train, evaluate or time models (the rest need not pay for importing torch).
+_COMPUTE_COMMANDS = {"train", "compare", "evaluate", "translate", "sweep", "run", "reproduce", "perf"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.data.sources import DataError
+    from bench.runtime import flush_denormals
     from bench.tracking.records import StorageError
 
     args = build_parser().parse_args(argv)
+    if args.command in _COMPUTE_COMMANDS:  # before torch starts its thread pool: its threads inherit it
+        flush_denormals()
     try:
         return args.func(args)
     except (ConfigError, DataError, StorageError) as e:  # user-fixable: message, no traceback

@@ -32,7 +32,7 @@ import torch
 from bench.models.config import MoEConfig
 from bench.models.experts import grouped_expert_ffn
 from bench.models.moe import FeedForward, MoELayer
-from bench.runtime import best_time_ms, tune_cpu_allocator
+from bench.runtime import apply_cpu_settings, best_time_ms
 
 D_MODEL, D_FF, CAPACITY_FACTOR, SEQ_LEN = 256, 1024, 1.25, 256
 
@@ -123,7 +123,7 @@ def layer_benchmark(tokens_list=(2048, 8192), experts_list=(8, 32, 128), repeats
             raise ConfigError([f"--tokens {' '.join(map(str, bad))}: the HF peer runs sequences of {SEQ_LEN}, so "
                                f"token counts must be multiples of {SEQ_LEN} (or leave the peer out: --no-peer)"],
                               "perf")
-    tune_cpu_allocator()
+    apply_cpu_settings()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs()
     rows: list[LayerRow] = []
@@ -308,7 +308,7 @@ def training_benchmark(steps: int = 12, warmup: int = 20, batch: int = 16, seq: 
     from bench.flops import model_cost
     from bench.models import build_model, model_config
 
-    tune_cpu_allocator()
+    apply_cpu_settings()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     text = _text_batches(batch, seq, steps + warmup)
@@ -440,7 +440,7 @@ def memory_worker(spec: dict) -> dict:
     Returns the mean loss, the seconds, and the peak RSS above what model and data held before."""
     from bench.models import build_model, model_config
 
-    tune_cpu_allocator()
+    apply_cpu_settings()
     torch.manual_seed(0)
     cfg = model_config("dense", "tiny", {"d_model": spec["d_model"], "n_layers": spec["n_layers"]},
                        vocab_size=spec["vocab"], max_seq_len=spec["seq"])

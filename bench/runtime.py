@@ -58,6 +58,44 @@ def skip_uninitialized_fill() -> bool:
     return True
 
 
+_denormals_flushed: bool | None = None
+
+
+def flush_denormals() -> bool:
+    """Treat float32 denormals (0 < |x| < 1.2e-38) as zero on the CPU (FTZ/DAZ), unless
+    MOE_BENCH_FLUSH_DENORMALS=0. Returns whether they are flushed.
+
+    Adam's moment estimates of rarely-updated parameters (experts that get few tokens, embedding
+    rows of rare tokens) decay geometrically into the denormal range, and x86 CPUs compute on
+    denormals through a slow microcode path: a Switch translation run slowed from ~2,600 to ~1,650
+    tokens/s between step 0 and 1,000 while 5.4M of its optimizer-state entries were denormal
+    (docs/performance.md). Flushing changes only values below 1.2e-38, far under any update
+    Adam makes (eps 1e-8), so results change at the level of float rounding, not systematically.
+    The setting is per thread and a thread copies it when it is created: call this before torch
+    starts its intra-op thread pool (its first parallel op), as the CLI does first thing."""
+    global _denormals_flushed
+    import torch
+
+    if os.environ.get("MOE_BENCH_FLUSH_DENORMALS", "1") == "0":
+        torch.set_flush_denormal(False)
+        _denormals_flushed = False
+    else:
+        _denormals_flushed = bool(torch.set_flush_denormal(True))  # False where the CPU lacks FTZ/DAZ
+    return _denormals_flushed
+
+
+def denormals_flushed() -> bool | None:
+    """What the last ``flush_denormals()`` set (None: not called in this process)."""
+    return _denormals_flushed
+
+
+def apply_cpu_settings() -> None:
+    """The process-level CPU settings of every trained or timed path: the heap kept for reuse and
+    denormals flushed (so timings and training see the same arithmetic)."""
+    tune_cpu_allocator()
+    flush_denormals()
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -35,7 +35,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runtime import CpuClock, load_average, machine_id, tune_cpu_allocator, usable_cpus
+    from bench.runtime import CpuClock, apply_cpu_settings, load_average, machine_id, usable_cpus
     from bench.train.run import _precision, resolve_configs
 
     announce = announce or (lambda msg: None)
@@ -44,7 +44,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
         raise ConfigError([f"--throughput measures language-model plans; {plan.name!r} is a {task.type} task"],
                           "reproduce")
     chosen = [a for a in plan.tier_arms(tier) if not arms or a.label in arms]
-    tune_cpu_allocator()
+    apply_cpu_settings()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     store = ResultsStore(storage)

@@ -33,12 +33,12 @@ def main() -> None:
     from bench.models import build_model
     from bench.models.expert_parallel import clip_grad_norm
     from bench.plans import load_plan
-    from bench.runtime import tune_cpu_allocator
+    from bench.runtime import apply_cpu_settings
     from bench.train.loss import output_cross_entropy
     from bench.train.module import LMModule, TranslationModule, adamw
     from bench.train.run import resolve_configs
 
-    tune_cpu_allocator()
+    apply_cpu_settings()
     plan = load_plan(args.plan)
     task = load_task(plan.task)
     arm = plan.arm(args.arm)

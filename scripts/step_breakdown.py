@@ -5,6 +5,13 @@ FLOP-matched Switch train at 0.6x dense's tokens/s on translation but 0.88x on t
 
     .venv/bin/python scripts/step_breakdown.py translation ref dense switch   # ~1 min on 2 cores
     .venv/bin/python scripts/step_breakdown.py switch-vs-dense ref dense "switch cf=1.25"
+    .venv/bin/python scripts/step_breakdown.py translation ref switch --checkpoint switch=runs/ID/checkpoints/last.ckpt --denormals keep
+
+--checkpoint ARM=PATH times an arm from a run's checkpoint (weights and optimizer state) instead
+of a fresh init: late in training, what the optimizer state holds (e.g. denormals) can matter.
+--denormals keep computes on float32 denormals as PyTorch does by default (training flushes them:
+bench.runtime.flush_denormals). Compare the two in separate runs: a flushed step writes zeros into
+the optimizer state, so alternating the setting within one process would time a cleaned state.
 
 Run it on a quiet machine (pause a reference queue with `kill -STOP`, then `kill -CONT`); phases
 are medians over --steps timed steps after --warmup untimed ones, arms interleaved step by step.
@@ -12,6 +19,7 @@ are medians over --steps timed steps after --warmup untimed ones, arms interleav
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,6 +33,10 @@ def main() -> None:
     ap.add_argument("arms", nargs="+")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="ARM=PATH",
+                    help="start ARM from this Lightning checkpoint (weights and optimizer state)")
+    ap.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                    help="float32 denormals flushed to zero (as training runs) or kept (PyTorch's default)")
     args = ap.parse_args()
 
     from bench.data.datamodules import build_datamodule
@@ -32,12 +44,15 @@ def main() -> None:
     from bench.models import build_model
     from bench.models.expert_parallel import clip_grad_norm
     from bench.plans import load_plan
-    from bench.runtime import tune_cpu_allocator
+    from bench.runtime import apply_cpu_settings
     from bench.train.loss import output_cross_entropy
-    from bench.train.module import LMModule, TranslationModule, adamw
+    from bench.train.module import LMModule, TranslationModule, adamw, param_groups
     from bench.train.run import resolve_configs
 
-    tune_cpu_allocator()
+    if args.denormals == "keep":
+        os.environ["MOE_BENCH_FLUSH_DENORMALS"] = "0"
+    apply_cpu_settings()  # before the first parallel op: intra-op threads copy the setting
+    checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
     plan = load_plan(args.plan)
     task = load_task(plan.task)
     setups, batches = {}, None
@@ -54,8 +69,15 @@ def main() -> None:
         model = build_model(cfg, task.type)
         module = (LMModule if task.type == "lm" else TranslationModule)(model, rc.optim, active_params=1)
         params = [p for p in model.parameters() if p.requires_grad]
-        setups[label] = (module, adamw(params, lr=rc.optim.lr), params, rc.optim.grad_clip,
-                         sum(p.numel() for p in params))
+        opt = adamw(param_groups(model, rc.optim.weight_decay), lr=rc.optim.lr)
+        if label in checkpoints:
+            ckpt = torch.load(checkpoints.pop(label), map_location="cpu", weights_only=False)
+            module.load_state_dict(ckpt["state_dict"])
+            opt.load_state_dict(ckpt["optimizer_states"][0])
+            print(f"{label}: from {ckpt.get('global_step')} steps of training")
+        setups[label] = (module, opt, params, rc.optim.grad_clip, sum(p.numel() for p in params))
+    if checkpoints:
+        raise SystemExit(f"--checkpoint names arms not timed here: {sorted(checkpoints)}")
 
     def timed_step(label: str, batch) -> dict[str, float]:
         module, opt, params, clip, _ = setups[label]
@@ -83,7 +105,7 @@ def main() -> None:
     phases = ("forward", "backward", "clip", "optimizer", "step")
     tokens = statistics.median(float(module.batch_tokens(b)) for b in batches for module in [setups[args.arms[0]][0]])
     print(f"{args.plan} tier {args.tier}: median ms per phase over {args.steps} steps, ~{tokens:,.0f} tokens per step, "
-          f"{torch.get_num_threads()} threads, bf16 autocast")
+          f"{torch.get_num_threads()} threads, bf16 autocast, denormals {'kept' if args.denormals == 'keep' else 'flushed'}")
     print(f"{'arm':<16} {'params':>11} " + " ".join(f"{p:>9}" for p in phases) + "  x first")
     first = None
     for label, rows in times.items():

@@ -1,9 +1,15 @@
-"""bench.runtime: the deterministic-mode fill of uninitialized memory that training turns off."""
+"""bench.runtime: the deterministic-mode fill of uninitialized memory that training turns off, and
+the flushing of float32 denormals."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
-from bench.runtime import skip_uninitialized_fill
+from bench.runtime import denormals_flushed, flush_denormals, skip_uninitialized_fill
 from bench.train.loss import output_cross_entropy
 
 
@@ -50,3 +56,27 @@ def test_training_step_is_bit_identical_with_and_without_the_fill(tiny_cfg, monk
             assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off)), family
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def test_flush_denormals_turns_values_below_the_normal_range_into_zero_unless_the_environment_keeps_them(monkeypatch):
+    tiny = torch.tensor([1e-39, 1e-30])  # a float32 denormal and a small normal number
+    try:
+        monkeypatch.setenv("MOE_BENCH_FLUSH_DENORMALS", "0")
+        assert flush_denormals() is False and denormals_flushed() is False
+        assert (tiny * 1.0).tolist() == pytest.approx([1e-39, 1e-30], rel=1e-3)
+        monkeypatch.delenv("MOE_BENCH_FLUSH_DENORMALS")
+        assert flush_denormals() is True and denormals_flushed() is True
+        out = tiny * 1.0
+        assert out[0].item() == 0.0 and out[1].item() == pytest.approx(1e-30, rel=1e-6)
+    finally:  # the setting is per thread and outlives the test
+        torch.set_flush_denormal(False)
+
+
+def test_flushing_before_the_thread_pool_starts_reaches_every_intra_op_thread(tmp_path):
+    """The CLI flushes first thing because threads copy the setting when torch creates them; a
+    fresh process checks that a 2-thread elementwise op then flushes every element."""
+    code = ("import torch\nfrom bench.runtime import apply_cpu_settings\napply_cpu_settings()\n"
+            "torch.set_num_threads(2)\nx = torch.full((1 << 20,), 1e-39)\nprint(int((x * 1.0 != 0).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MOE_BENCH_FLUSH_DENORMALS": "1"})
+    assert out.stdout.strip() == "0"

@@ -144,18 +144,21 @@ class BenchModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay = [], []
-        seen = set()
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            # Weight decay on matrices and expert banks; not on norms, biases or embeddings.
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-        opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        opt = adamw(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, self.budget_fraction(), cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's two groups, in the order checkpoints store them: weight decay on matrices and
+    expert banks; none on norms, biases or embeddings."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

@@ -33,7 +33,7 @@ from bench.flops import model_cost
 from bench.models import build_model, model_config
 from bench.models.config import ModelConfig, task_problems
 from bench.models.moe import use_frequency_hash
-from bench.runtime import device_name, skip_uninitialized_fill, tune_cpu_allocator
+from bench.runtime import apply_cpu_settings, denormals_flushed, device_name, skip_uninitialized_fill
 from bench.tracking.liveness import LOCK_NAME, live_owner
 from bench.tracking.records import ResultsStore, RunRecord, git_commit, new_run_id, runs_dir, sqlite_file
 from bench.train.callbacks import (BudgetBar, BudgetStop, ComputeTracker, CurveBLEU, EvalCurve, ExpertStats,
@@ -309,7 +309,7 @@ def stored_record(run_id: str, storage: str | None, context: str) -> RunRecord:
 def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfig, storage: str | None,
              data_dir: str | None, progress: bool, extra_callbacks, ckpt_path: str | None,
              keep_checkpoints: bool = False, init=None) -> RunRecord:
-    tune_cpu_allocator()
+    apply_cpu_settings()
     pl.seed_everything(record.seed, workers=True, verbose=False)
     worker = launched_worker()  # rank > 0 of a launched DDP job: no record, lock or W&B of its own
     store = _NoStore() if worker else ResultsStore(storage)
@@ -392,7 +392,8 @@ def _execute(record: RunRecord, task: TaskConfig, cfg: ModelConfig, rc: RunConfi
                 "tokens_per_second": budget.spent["tokens"] / max(budget.spent["seconds"], 1e-9),
                 # what the speed was measured on (GPU tiers name their device)
                 "device": device_name(trainer.strategy.root_device), "processes": trainer.world_size,
-                "precision": str(trainer.precision), **load.timings(earlier_timings)}
+                "precision": str(trainer.precision), "denormals_flushed": denormals_flushed(),
+                **load.timings(earlier_timings)}
 
     def save_progress() -> None:
         record.steps, record.tokens_seen = int(budget.spent["steps"]), int(budget.spent["tokens"])

@@ -246,7 +246,7 @@ def test_cli_train_summary_is_formatted(run_env, capsys):
     assert re.search(r"val_loss\s+\d\.\d{4}\n", out) and re.search(r"active_params\s+\d{1,3}(,\d{3})+\n", out)
     (record,) = ResultsStore(run_env["storage"]).list()  # the speed says what it was measured on
     assert record.timings["device"].startswith("cpu (") and record.timings["processes"] == 1
-    assert record.timings["precision"] == "32-true"
+    assert record.timings["precision"] == "32-true" and record.timings["denormals_flushed"] is True
 
 
 def test_cli_train_json_and_runs_table(run_env):
