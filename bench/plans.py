@@ -81,6 +81,9 @@ class Tier:
     settings: dict[str, Any] = field(default_factory=dict)  # every arm at this tier
     arms: Optional[list[str]] = None  # the arms run at this tier (default: all)
     note: str = ""  # why this tier is sized as it is (shown by --list and in the report)
+    # Seed counts at which this tier's claims were judged when an undecided look raised the count,
+    # e.g. [5, 10]; the last is `seeds`. The report gives the false-verdict rate of that rule.
+    looks: list[int] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         p = []
@@ -103,6 +106,10 @@ class Tier:
             p.append(f"seeds={self.seeds} is not allowed: must be >= 1")
         if self.first_seed < 0:
             p.append(f"first_seed={self.first_seed} is not allowed: must be >= 0")
+        if self.looks and (not all(isinstance(n, int) and n >= 2 for n in self.looks)
+                           or any(a >= b for a, b in zip(self.looks, self.looks[1:])) or self.looks[-1] != self.seeds):
+            p.append(f"looks={self.looks} is not allowed: increasing seed counts of at least 2 that end at "
+                     f"seeds={self.seeds}, e.g. [5, 10]")
         return p
 
     def budget_spec(self) -> dict[str, Any]:

@@ -778,3 +778,12 @@ def test_status_without_a_name_from_the_cli_on_an_empty_store(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"tier ref: 0 of {planned} runs finished, 0.0 h of machine time; time left unknown")
     assert "switch-experts     0/20     0.0       -" in out
+
+
+def test_a_tiers_looks_are_increasing_seed_counts_that_end_at_its_seeds():
+    from bench.plans import Tier
+
+    assert Tier(budget_flops=1e12, seeds=10, looks=[5, 10]).problems() == []
+    for bad in ([5, 8], [10, 5, 10], [1, 10], [5, 5, 10]):
+        (problem,) = Tier(budget_flops=1e12, seeds=10, looks=bad).problems()
+        assert problem.startswith(f"looks={bad} is not allowed: increasing seed counts of at least 2 that end at seeds=10")

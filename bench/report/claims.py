@@ -186,6 +186,24 @@ class ClaimResult:
     verdict: str
     evidence: str
     seeds_to_decide: int | None = None  # inconclusive claims: paired seeds that would decide it (stats.seeds_to_decide)
+    looks: list[int] = field(default_factory=list)  # the tier's sequential looks (Tier.looks), if any
+
+    @property
+    def false_verdict_rate(self) -> float | None:
+        """Under no effect, the chance of a verdict from the tier's looks (None: one planned look)."""
+        return stats.sequential_false_verdict_rate(tuple(self.looks)) if len(self.looks) > 1 else None
+
+    def add_looks(self, looks: list[int]) -> None:
+        """Say that the tier's seed count was raised after undecided looks, and what that costs."""
+        self.looks = list(looks)
+        if len(looks) < 2 or not self.effect.n_seeds:
+            return
+        n, last = self.effect.n_seeds, looks[-1]
+        self.evidence += (f"; the tier's seeds were raised after an undecided look (looks at "
+                          f"{', '.join(map(str, looks))} seeds), so under no effect a verdict comes out "
+                          f"~{self.false_verdict_rate:.1%} of the time, not 5%")
+        if n < last:
+            self.evidence += f"; interim: {n} of the {last} seeds"
 
     def as_json(self, reproduction: str, tier: str, budget: float) -> dict[str, Any]:
         """One object of claims.json. Strict JSON: a bound that does not exist (one seed gives no
@@ -204,7 +222,8 @@ class ClaimResult:
                 # claims.json keeps the four verdicts of its contract: a claim with no paired data is
                 # undecided (inconclusive, n_seeds 0); "has_data" and "evidence" say why.
                 "verdict": stats.INCONCLUSIVE if self.verdict == stats.NO_DATA else self.verdict,
-                "has_data": self.verdict != stats.NO_DATA, "evidence": self.evidence}
+                "has_data": self.verdict != stats.NO_DATA, "evidence": self.evidence,
+                "looks": self.looks or None, "false_verdict_rate": self.false_verdict_rate}
 
 
 def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[int, float]:

@@ -44,6 +44,9 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     in_tier = {a.label for a in plan.tier_arms(tier)} | set(arms)
     tested = [c for c in plan.claims if _testable(c, in_tier)]
     section.claims = [evaluate_claim(c, arms, speed_arms) for c in tested]
+    if tier in plan.tiers:
+        for result in section.claims:
+            result.add_looks(plan.tiers[tier].looks)
     untested = [c for c in plan.claims if c not in tested]
     section.notes.append(_budget_note(section))
     if untested:

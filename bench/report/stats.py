@@ -20,14 +20,16 @@ The report also states the smallest effect detectable at that n (two-sided 5% te
 given the observed seed-to-seed standard deviation of the paired differences, and for an
 inconclusive claim how many paired seeds would decide it if the observed mean and spread held
 (``seeds_to_decide``): a planning figure, not a promise. Adding seeds *because* a claim was
-inconclusive is optional stopping, which raises the false-reproduction rate; the reference notes
-say when a tier's seeds were extended and why.
+inconclusive is optional stopping, which raises the false-verdict rate: a plan tier that did so
+lists its ``looks`` (e.g. [5, 10]) and the report states that rule's rate under no effect
+(``sequential_false_verdict_rate``).
 """
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from itertools import pairwise
 from typing import Any, Sequence
 
@@ -41,6 +43,22 @@ def t_quantile(p: float, df: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(p, df))
+
+
+@lru_cache(maxsize=None)
+def sequential_false_verdict_rate(looks: tuple[int, ...], trials: int = 200_000, seed: int = 0) -> float:
+    """Under no effect, the chance that a claim judged at ``looks[0]`` paired seeds, and again at each
+    later count while its 95% t interval still holds 0, excludes 0 at some look (simulated with
+    normal per-seed effects; the interval's scale does not matter). One look: 0.05."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).standard_normal((trials, max(looks)))
+    decided = np.zeros(trials, bool)
+    for n in looks:
+        head = x[:, :n]
+        half = t_quantile(1 - (1 - CONFIDENCE) / 2, n - 1) * head.std(1, ddof=1) / math.sqrt(n)
+        decided |= np.abs(head.mean(1)) > half
+    return float(decided.mean())
 
 
 @dataclass

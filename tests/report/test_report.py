@@ -462,3 +462,33 @@ def test_a_trend_is_judged_over_the_arms_its_tier_trains(tmp_path):
     trend = next(c for c in claims if c["tier"] == "ref" and c["claim"].startswith("Validation loss falls as experts"))
     # log2 x = 0, 2, 4, 6 against losses falling 0.04 per step of 2: slope -0.02 per doubling, +0.02 in the paper's direction
     assert trend["has_data"] and trend["n_seeds"] == 2 and trend["estimate"] == pytest.approx(0.02)
+
+
+def test_sequential_looks_raise_the_false_verdict_rate_under_no_effect():
+    from bench.report.stats import sequential_false_verdict_rate as rate
+
+    assert rate((5,)) == pytest.approx(0.05, abs=0.003)  # one look: the nominal 5%
+    assert rate((10,)) == pytest.approx(0.05, abs=0.003)
+    assert rate((3, 5)) == pytest.approx(0.086, abs=0.004)  # the ref tier's 3-then-5 rule
+    assert rate((5, 10)) == pytest.approx(0.086, abs=0.004)
+    assert rate((3, 5, 10)) > rate((5, 10)) + 0.02  # every extra look costs
+
+
+def test_a_tier_whose_seeds_were_raised_after_a_look_says_so_in_the_report_and_claims_json():
+    from bench.plans import load_plan
+    from bench.report.sections import build_section
+
+    plan = load_plan("capacity")
+    assert plan.tiers["ref"].looks == [3, 5]
+    arms = ["switch cf=0.5", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0"]
+    records = [rec(arm, seed, 2.0 - 0.01 * i + 0.003 * seed, repro="capacity", dropped=0.1 / (i + 1))
+               for i, arm in enumerate(arms) for seed in range(4)]
+    section = build_section(plan, "ref", records, None)
+    result = next(c for c in section.claims if c.claim.metric == "val_loss")
+    assert result.looks == [3, 5] and result.false_verdict_rate == pytest.approx(0.086, abs=0.004)
+    assert ("the tier's seeds were raised after an undecided look (looks at 3, 5 seeds), so under no effect a "
+            "verdict comes out ~8.") in result.evidence and result.evidence.endswith("; interim: 4 of the 5 seeds")
+    out = result.as_json("capacity", "ref", 1.5e14)
+    assert out["looks"] == [3, 5] and out["false_verdict_rate"] == pytest.approx(0.086, abs=0.004)
+    tiny = build_section(plan, "tiny", [rec(arm, s, 2.0, repro="capacity") for arm in arms for s in range(2)], None)
+    assert all(c.looks == [] and c.as_json("capacity", "tiny", 1.0)["false_verdict_rate"] is None for c in tiny.claims)
