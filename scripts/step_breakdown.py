@@ -15,6 +15,8 @@ the optimizer state, so alternating the setting within one process would time a 
 
 Run it on a quiet machine (pause a reference queue with `kill -STOP`, then `kill -CONT`); phases
 are medians over --steps timed steps after --warmup untimed ones, arms interleaved step by step.
+"last loss" is the training loss of the last step: two settings that should train alike (e.g.
+--denormals) can be compared on it, since every run takes the same batches in the same order.
 """
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0}
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3, "step": t4 - t0,
+                "loss": float(loss.detach())}
 
     times: dict[str, list[dict[str, float]]] = {label: [] for label in setups}
     for i, batch in enumerate(batches):
@@ -106,13 +109,13 @@ def main() -> None:
     tokens = statistics.median(float(module.batch_tokens(b)) for b in batches for module in [setups[args.arms[0]][0]])
     print(f"{args.plan} tier {args.tier}: median ms per phase over {args.steps} steps, ~{tokens:,.0f} tokens per step, "
           f"{torch.get_num_threads()} threads, bf16 autocast, denormals {'kept' if args.denormals == 'keep' else 'flushed'}")
-    print(f"{'arm':<16} {'params':>11} " + " ".join(f"{p:>9}" for p in phases) + "  x first")
+    print(f"{'arm':<16} {'params':>11} " + " ".join(f"{p:>9}" for p in phases) + "  x first  last loss")
     first = None
     for label, rows in times.items():
         med = {p: 1e3 * statistics.median(r[p] for r in rows) for p in phases}
         first = first or med["step"]
         print(f"{label:<16} {setups[label][4]:>11,} " + " ".join(f"{med[p]:>9.1f}" for p in phases)
-              + f"  {med['step'] / first:>6.2f}")
+              + f"  {med['step'] / first:>6.2f}  {rows[-1]['loss']:.6f}")
 
 
 if __name__ == "__main__":
