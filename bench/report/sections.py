@@ -52,7 +52,7 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     if untested:
         section.notes.append(_untested_note(tier, untested, in_tier))
     for note in (_gap_trend_note(section), _speed_note(section), _busy_machine_note(plan, records, throughput or []),
-                 _machines_note(plan, records), _bleu_settled_note(section)):
+                 _machines_note(plan, records), _denormals_note(records), _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
     if plot_dir is not None:
@@ -329,6 +329,20 @@ def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[Ru
                      f"({_bound({c[0] for _, c in busy_speed}, True)}): re-measure with `--throughput` on a "
                      "quiet one.")
     return "Machine load: " + " ".join(parts)
+
+
+def _denormals_note(records: list[RunRecord]) -> str | None:
+    """CPU runs that computed on float32 denormals (before bench.runtime.flush_denormals; their
+    records lack ``timings.denormals_flushed``) slowed as Adam's state decayed into them."""
+    cpu = [r for r in records if r.status == "finished" and str(r.timings.get("device", "cpu")).startswith("cpu")]
+    kept = [r for r in cpu if not r.timings.get("denormals_flushed")]
+    if not kept:
+        return None
+    share = "All" if len(kept) == len(cpu) else f"{len(kept)} of {len(cpu)}"
+    return (f"Denormals: {share} runs trained with float32 denormals kept (before they were flushed, "
+            "docs/performance.md): late in training their steps were slower, sparse models' most (a Switch "
+            "translation step up to ~1.65x, dense ~1.2x), so the table's tokens/s understates sparse arms "
+            "there; losses are unaffected beyond float rounding.")
 
 
 def _machines_note(plan: Plan, records: list[RunRecord]) -> str | None:

@@ -492,3 +492,16 @@ def test_a_tier_whose_seeds_were_raised_after_a_look_says_so_in_the_report_and_c
     assert out["looks"] == [3, 5] and out["false_verdict_rate"] == pytest.approx(0.086, abs=0.004)
     tiny = build_section(plan, "tiny", [rec(arm, s, 2.0, repro="capacity") for arm in arms for s in range(2)], None)
     assert all(c.looks == [] and c.as_json("capacity", "tiny", 1.0)["false_verdict_rate"] is None for c in tiny.claims)
+
+
+def test_runs_that_kept_float32_denormals_are_counted_in_a_note():
+    from bench.report.sections import _denormals_note
+
+    old, new = rec("dense", 0, 2.0), rec("dense", 1, 2.0)
+    old.timings.update(device="cpu (x86_64, 1 threads)")
+    new.timings.update(device="cpu (x86_64, 1 threads)", denormals_flushed=True)
+    gpu = rec("dense", 2, 2.0)
+    gpu.timings.update(device="NVIDIA H200")
+    assert _denormals_note([new, gpu]) is None  # flushed, or not a CPU: nothing to say
+    assert _denormals_note([old, new, gpu]).startswith("Denormals: 1 of 2 runs trained with float32 denormals kept")
+    assert _denormals_note([old]).startswith("Denormals: All runs trained")
