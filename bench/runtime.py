@@ -67,10 +67,9 @@ def flush_denormals() -> bool:
 
     Adam's moment estimates of rarely-updated parameters (experts that get few tokens, embedding
     rows of rare tokens) decay geometrically into the denormal range, and x86 CPUs compute on
-    denormals through a slow microcode path: a Switch translation run slowed from ~2,600 to ~1,650
-    tokens/s between step 0 and 1,000 while 5.4M of its optimizer-state entries were denormal
-    (docs/performance.md). Flushing changes only values below 1.2e-38, far under any update
-    Adam makes (eps 1e-8), so results change at the level of float rounding, not systematically.
+    denormals through a slow microcode path, so sparse models slowed as they trained (measurements
+    in docs/performance.md). Flushing changes only values below 1.2e-38, far under any update Adam
+    makes (eps 1e-8): results change at the level of float rounding, not systematically.
     The setting is per thread and a thread copies it when it is created: call this before torch
     starts its intra-op thread pool (its first parallel op), as the CLI does first thing."""
     global _denormals_flushed
