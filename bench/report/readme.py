@@ -38,8 +38,9 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
                 plan += f" at {c.get('budget_flops'):.3g} FLOPs"
             claim = str(c["claim"]).replace("|", "\\|")
             effect = format_effect(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
-            lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} "
-                         f"| {verdict_cell(c['verdict'], c.get('seeds_to_decide'), c.get('metric', ''))} |")
+            verdict = verdict_cell(c["verdict"], c.get("seeds_to_decide"), c.get("metric", ""), c.get("looks"),
+                                   c.get("n_seeds", 0))
+            lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} | {verdict} |")
     else:
         lines.append(f"No claim of tier `{tier}` has runs yet.")
     decided = {c["reproduction"] for c in rows}

@@ -505,3 +505,12 @@ def test_runs_that_kept_float32_denormals_are_counted_in_a_note():
     assert _denormals_note([new, gpu]) is None  # flushed, or not a CPU: nothing to say
     assert _denormals_note([old, new, gpu]).startswith("Denormals: 1 of 2 runs trained with float32 denormals kept")
     assert _denormals_note([old]).startswith("Denormals: All runs trained")
+
+
+def test_a_verdict_before_the_tiers_last_look_is_marked_interim_in_the_tables():
+    from bench.report import verdict_cell
+
+    assert verdict_cell("reproduced", None, "val_bleu", [5, 10], 7) == "**reproduced** (interim: 7 of 10 seeds)"
+    assert verdict_cell("inconclusive", 11, "val_bleu", [5, 10], 5) == "inconclusive (interim: 5 of 10 seeds)"
+    assert verdict_cell("inconclusive", 11, "val_bleu", [5, 10], 10) == "inconclusive (~11 seeds to decide)"
+    assert verdict_cell("refuted", None, "val_loss", None, 3) == "**refuted**"
