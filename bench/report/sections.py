@@ -340,9 +340,9 @@ def _denormals_note(records: list[RunRecord]) -> str | None:
         return None
     share = "All" if len(kept) == len(cpu) else f"{len(kept)} of {len(cpu)}"
     return (f"Denormals: {share} runs trained with float32 denormals kept (before they were flushed, "
-            "docs/performance.md): late in training their steps were slower, sparse models' most (a Switch "
-            "translation step up to ~1.65x, dense ~1.2x), so the table's tokens/s understates sparse arms "
-            "there; losses are unaffected beyond float rounding.")
+            "docs/performance.md): late in training sparse models' steps were slower (a Switch translation "
+            "step up to ~1.65x; whole dense runs took about as long), so the table's tokens/s understates "
+            "sparse arms there; losses are unaffected beyond float rounding.")
 
 
 def _machines_note(plan: Plan, records: list[RunRecord]) -> str | None:
