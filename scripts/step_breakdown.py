@@ -46,7 +46,7 @@ def main() -> None:
     from bench.models import build_model
     from bench.models.expert_parallel import clip_grad_norm
     from bench.plans import load_plan
-    from bench.runtime import apply_cpu_settings
+    from bench.runtime import apply_cpu_settings, denormals_flushed
     from bench.train.loss import output_cross_entropy
     from bench.train.module import LMModule, TranslationModule, adamw, param_groups
     from bench.train.run import resolve_configs
@@ -108,7 +108,7 @@ def main() -> None:
     phases = ("forward", "backward", "clip", "optimizer", "step")
     tokens = statistics.median(float(module.batch_tokens(b)) for b in batches for module in [setups[args.arms[0]][0]])
     print(f"{args.plan} tier {args.tier}: median ms per phase over {args.steps} steps, ~{tokens:,.0f} tokens per step, "
-          f"{torch.get_num_threads()} threads, bf16 autocast, denormals {'kept' if args.denormals == 'keep' else 'flushed'}")
+          f"{torch.get_num_threads()} threads, bf16 autocast, denormals {'flushed' if denormals_flushed() else 'kept'}")
     print(f"{'arm':<16} {'params':>11} " + " ".join(f"{p:>9}" for p in phases) + "  x first  last loss")
     first = None
     for label, rows in times.items():
