@@ -259,38 +259,54 @@ def _plain_loop_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float
     return n * batches[0][0].numel() / (time.perf_counter() - start), None
 
 
-def lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int) -> float:
+def lightning_tokens_per_sec(model, batches, bf16: bool, warmup: int, device="cpu") -> tuple[float, float | None]:
+    """tokens/s of moe-bench's training step (LMModule in a Lightning Trainer) on ``device``, after
+    ``warmup`` untimed steps, and the mean fraction of tokens dropped over the timed steps. On a GPU
+    the clock reads after a device sync, and the dropped fractions are read only after the last step
+    (a host sync per step would slow what is timed)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from bench.train.config import OptimConfig
     from bench.train.module import LMModule
 
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     class Clock(pl.Callback):
-        start = None
-        dropped: list[float] = []
+        start = end = None
+        dropped: list = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == warmup:
+                sync()
                 self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             stats = pl_module.last_moe_stats
             if batch_idx >= warmup and stats:
-                self.dropped.append(sum(float(s["fraction_dropped"]) for s in stats) / len(stats))
+                self.dropped.append([s["fraction_dropped"] for s in stats])
+            if batch_idx == len(batches) - 1:
+                sync()
+                self.end = time.perf_counter()
 
     clock = Clock()
+    clock.dropped = []
     module = LMModule(model, OptimConfig(warmup_steps=0, schedule="constant"), active_params=1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), precision="bf16-mixed" if bf16 else "32",
+    trainer = pl.Trainer(accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1,
+                         max_steps=len(batches), precision="bf16-mixed" if bf16 else "32",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[clock])
-    loader = DataLoader(batches, batch_size=None, shuffle=False)
-    trainer.fit(module, train_dataloaders=loader)
-    end = time.perf_counter()
+    cpu_batches = [(x.cpu(), y.cpu()) for x, y in batches]  # Lightning moves each batch, as in a real run
+    trainer.fit(module, train_dataloaders=DataLoader(cpu_batches, batch_size=None, shuffle=False))
     n = len(batches) - warmup
-    dropped = sum(clock.dropped) / len(clock.dropped) if clock.dropped else None
-    return n * batches[0][0].numel() / (end - clock.start), dropped
+    per_step = [sum(float(f) for f in step) / len(step) for step in clock.dropped]
+    dropped = sum(per_step) / len(per_step) if per_step else None
+    return n * batches[0][0].numel() / (clock.end - clock.start), dropped
 
 
 def training_benchmark(steps: int = 12, warmup: int = 20, batch: int = 16, seq: int = 256, vocab: int = 65,

@@ -221,35 +221,9 @@ def plain_step_runner(model, batches, precision: str, device: torch.device, warm
 
 def lightning_step_runner(model, batches, precision: str, device: torch.device, warmup: int) -> float:
     """tokens/s of moe-bench's own training step (LMModule in a Lightning Trainer)."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
+    from bench.perf import lightning_tokens_per_sec
 
-    from bench.train.config import OptimConfig
-    from bench.train.module import LMModule
-
-    class Clock(pl.Callback):
-        start = end = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == warmup:
-                synchronize(device)
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == len(batches) - 1:
-                synchronize(device)
-                self.end = time.perf_counter()
-
-    clock = Clock()
-    module = LMModule(model, OptimConfig(warmup_steps=0, schedule="constant", lr=1e-4), active_params=1)
-    trainer = pl.Trainer(accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1,
-                         max_steps=len(batches), precision="bf16-mixed" if precision == "bf16" else "32",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[clock])
-    cpu_batches = [(x.cpu(), y.cpu()) for x, y in batches]  # Lightning moves each batch, as in a real run
-    trainer.fit(module, train_dataloaders=DataLoader(cpu_batches, batch_size=None, shuffle=False))
-    return (len(batches) - warmup) * batches[0][0].numel() / (clock.end - clock.start)
+    return lightning_tokens_per_sec(model, batches, precision == "bf16", warmup, device)[0]
 
 
 RUNNERS = {"moe-bench": lightning_step_runner, "plain loop": plain_step_runner}

@@ -35,7 +35,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
     from bench.data.tasks import load_task
     from bench.models import build_model
     from bench.perf import lightning_tokens_per_sec
-    from bench.runtime import CpuClock, apply_cpu_settings, load_average, machine_id, usable_cpus
+    from bench.runtime import CpuClock, apply_cpu_settings, device_name, load_average, machine_id, usable_cpus
     from bench.train.run import _precision, resolve_configs
 
     announce = announce or (lambda msg: None)
@@ -45,6 +45,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
                           "reproduce")
     chosen = [a for a in plan.tier_arms(tier) if not arms or a.label in arms]
     apply_cpu_settings()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training runs (accelerator="auto")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     store = ResultsStore(storage)
@@ -75,7 +76,7 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
             torch.manual_seed(repeat)
             bf16 = _precision(rc.train.precision) == "bf16-mixed"
             clock = CpuClock()
-            tps, _ = lightning_tokens_per_sec(build_model(cfg, "lm"), batches, bf16, warmup)
+            tps, _ = lightning_tokens_per_sec(build_model(cfg, "lm"), batches, bf16, warmup, device)
             announce(f"  {label} (repeat {repeat}): {tps:,.0f} tokens/s")
             record = RunRecord(
                 run_id=new_run_id(f"{plan.name}-throughput-{arm.model}"), name=f"{plan.name}: {label} throughput",
@@ -84,8 +85,8 @@ def measure_throughput(plan: Plan, tier: str, storage: str | None = None, arms: 
                 metrics={"tokens_per_second": tps},
                 # the load right after the timed steps (near the thread count when the machine was quiet)
                 # and the process's CPU share over them (near 1 when nothing took part of its cores)
-                timings={"tokens_per_second": tps, "load_avg": load_average(), "cpus": usable_cpus(),
-                         "cpu_share": clock.share(), "machines": [m for m in [machine_id()] if m]},
+                timings={"tokens_per_second": tps, "device": device_name(device), "load_avg": load_average(),
+                         "cpus": usable_cpus(), "cpu_share": clock.share(), "machines": [m for m in [machine_id()] if m]},
                 extra={"reproduction": plan.name, "arm": label, "tier": tier, "kind": THROUGHPUT_KIND, "dropless": cfg.is_sparse,
                        "warmup_steps": warmup, "precision": "bf16-mixed" if bf16 else "32"})
             store.save(record.finish("finished"))

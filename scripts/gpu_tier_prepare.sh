@@ -3,7 +3,8 @@
 # git-ignored, what scripts/gpu_tier.sh needs on the GPU machine, which reaches no network and
 # has PyTorch, Lightning, tokenizers and sacrebleu but not SQLAlchemy:
 #   .whl/       SQLAlchemy's wheel for the GPU machine's Python (3.12, x86-64)
-#   .gpu-data/  the Tiny Shakespeare corpus from $MOE_BENCH_DATA (default ../shared/data)
+#   .gpu-data/  the Tiny Shakespeare corpus from $MOE_BENCH_DATA (default ../shared/data), and COMMIT:
+#               the commit the copied tree is (records name it; the copy there has no .git)
 # Then, with the device tool: run `bash scripts/gpu_tier.sh` with carry [".whl", ".gpu-data"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +20,7 @@ rm -rf .whl && mkdir -p .whl
     -d .whl "sqlalchemy==$SQLA"
 rm -rf .gpu-data && mkdir -p .gpu-data
 cp -r "$DATA/tinyshakespeare" .gpu-data/
+"$PY" -c "from bench.tracking.records import git_commit; print(git_commit() or '')" > .gpu-data/COMMIT
+echo "commit: $(cat .gpu-data/COMMIT) (run this again after committing, so the records name a commit)"
 du -sh .whl .gpu-data
 echo "gpu_tier_prepare: ready; carry .whl and .gpu-data"

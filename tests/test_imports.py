@@ -1,6 +1,6 @@
 """The package's import graph, function-local imports included: no cycle, and no upward arrow.
 
-Layers (DESIGN.md): cli -> {runner, throughput, dashboard} -> {sweep, perf, report} -> train ->
+Layers (DESIGN.md): cli -> {runner, throughput, dashboard} -> perf_device -> {sweep, perf, report} -> train ->
 {flops, decoding, plans} -> {models, data, tracking} -> {config, runtime, metrics}. The report and the
 dashboard read plans and records only: they never import the runner, the trainer or a sweep.
 """
@@ -16,7 +16,8 @@ LAYER = {
     "models": 1, "data": 1, "tracking": 1,
     "flops": 2, "decoding": 2, "plans": 2,  # use model configs and models
     "train": 3,
-    "sweep": 4, "perf": 4, "perf_device": 4, "report": 4,
+    "sweep": 4, "perf": 4, "report": 4,
+    "perf_device": 4.5,  # the GPU benchmarks time training with perf's Lightning step timer
     "runner": 5,  # runs plans (arms) and search spaces (sweep specs and studies)
     "dashboard": 5,  # shows what the report computes, with bench.report's statistics
     "throughput": 5,  # times a plan's arms with perf's training step

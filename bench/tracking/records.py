@@ -89,8 +89,8 @@ def new_run_id(label: str, when: _dt.datetime | None = None) -> str:
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """``git rev-parse HEAD`` of the checkout containing ``path`` (default: this package's repo),
-    with ``+dirty`` appended when tracked files outside ``results/`` have uncommitted changes. None outside a git
-    checkout or when git is not installed."""
+    with ``+dirty`` appended when tracked files outside ``results/`` have uncommitted changes. Outside a git
+    checkout (a copy of the tree sent to a GPU machine) ``$MOE_BENCH_GIT_COMMIT`` if set, else None."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parents[2]
     if cwd.is_file():
         cwd = cwd.parent
@@ -105,7 +105,7 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
 
     commit = git("rev-parse", "HEAD")
     if not commit:
-        return None
+        return os.environ.get("MOE_BENCH_GIT_COMMIT") or None
     # results/ holds the stores runs write into while they run: changes there are not code changes.
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return commit + "+dirty" if status else commit
