@@ -52,17 +52,24 @@ def fdr_notes(claims_json: list[dict]) -> list[str]:
 
 
 def verdict_cell(verdict: str, seeds_to_decide: int | None = None, metric: str = "",
-                 looks: list[int] | None = None, n_seeds: int = 0) -> str:
+                 looks: list[int] | None = None, n_seeds: int = 0, spread_known: bool = False) -> str:
     """A verdict for a table; an inconclusive one says how many paired seeds (speed claims: repeats
     of the throughput measurement) would decide it at the observed mean and spread (a projection,
-    see bench.report.stats.seeds_to_decide). A tier with sequential ``looks`` that has not reached
-    its last one marks the verdict interim: the claim is judged at the last look."""
+    see bench.report.stats.seeds_to_decide), or, when the claim has a spread (``spread_known``) but
+    no count up to stats.MAX_SEEDS_TO_DECIDE would do, that more would be needed. A tier with
+    sequential ``looks`` that has not reached its last one marks the verdict interim: the claim is
+    judged at the last look."""
     mark = VERDICT_MARK[verdict]
     if looks and 0 < n_seeds < looks[-1]:
         return f"{mark} (interim: {n_seeds} of {looks[-1]} seeds)"
-    if verdict != "inconclusive" or not seeds_to_decide:
+    if verdict != "inconclusive":
         return mark
-    return f"{mark} (~{seeds_to_decide} {'repeats' if metric == 'tokens_per_second' else 'seeds'} to decide)"
+    unit = "repeats" if metric == "tokens_per_second" else "seeds"
+    if seeds_to_decide:
+        return f"{mark} (~{seeds_to_decide} {unit} to decide)"
+    if spread_known and n_seeds >= 2:
+        return f"{mark} (over {stats.MAX_SEEDS_TO_DECIDE} {unit} to decide)"
+    return mark
 
 
 def _tagged_budget(r: RunRecord) -> float | None:
@@ -212,7 +219,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
             for c in s.claims:
                 lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
                              f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
-                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric, c.looks, c.effect.n_seeds)} |")
+                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric, c.looks, c.effect.n_seeds, c.effect.sd is not None)} |")
         lines += ["", *fdr_notes(claims_json), ""]
         present = {name for name, _, _ in found}
         missing = [n for n in plans if n not in present]

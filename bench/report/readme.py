@@ -39,7 +39,7 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
             claim = str(c["claim"]).replace("|", "\\|")
             effect = format_effect(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
             verdict = verdict_cell(c["verdict"], c.get("seeds_to_decide"), c.get("metric", ""), c.get("looks"),
-                                   c.get("n_seeds", 0))
+                                   c.get("n_seeds", 0), c.get("detectable_effect") is not None)
             lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} | {verdict} |")
     else:
         lines.append(f"No claim of tier `{tier}` has runs yet.")

@@ -514,3 +514,16 @@ def test_a_verdict_before_the_tiers_last_look_is_marked_interim_in_the_tables():
     assert verdict_cell("inconclusive", 11, "val_bleu", [5, 10], 5) == "inconclusive (interim: 5 of 10 seeds)"
     assert verdict_cell("inconclusive", 11, "val_bleu", [5, 10], 10) == "inconclusive (~11 seeds to decide)"
     assert verdict_cell("refuted", None, "val_loss", None, 3) == "**refuted**"
+
+
+def test_an_inconclusive_verdict_that_no_affordable_seed_count_decides_says_so():
+    from bench.report import verdict_cell
+    from bench.report.stats import Effect, seeds_to_decide
+
+    # a mean of +0.2 BLEU with a paired sd of 5: an interval inside +-1 needs a half-width under 0.8,
+    # i.e. n ~ (1.98 * 5 / 0.8)^2 ~ 153 seeds
+    effect = Effect(0.2, -3.4, 3.8, 10, sd=5.0)
+    assert seeds_to_decide(effect, 1.0) is None
+    assert verdict_cell("inconclusive", None, "val_bleu", [5, 10], 10, True) == "inconclusive (over 100 seeds to decide)"
+    assert verdict_cell("inconclusive", None, "val_bleu", None, 1, True) == "inconclusive"  # one seed: no spread
+    assert verdict_cell("inconclusive", None, "val_bleu", None, 4, False) == "inconclusive"
