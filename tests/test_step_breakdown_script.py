@@ -1,4 +1,4 @@
-"""scripts/step_breakdown.py and scripts/init_scale_pilot.py: their tables, on real batches."""
+"""scripts/step_breakdown.py, settings_pilot.py and init_scale_pilot.py: their tables, on real batches."""
 from __future__ import annotations
 
 import os
@@ -71,3 +71,34 @@ def test_init_scale_pilot_prints_a_loss_per_scale_at_three_points(run_env):
         losses = [float(part.split()[-1]) for part in line.split(": validation loss ")[1].rsplit(" (", 1)[0].split(", ")]
         assert len(losses) == 3 and all(0 < v < 10 for v in losses)
     assert out[0] != out[1]  # the scale changed the model
+
+
+def test_settings_pilot_compares_variants_over_paired_seeds(run_env):
+    def pilot(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts/settings_pilot.py"), "switch-vs-dense", "dense",
+                               "--tier", "tiny", "--steps", "3", "--val-batches", "1", *args], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+    done = pilot("--variant", "", "--variant", "warmup_steps=2 lr=1e-2", "--seeds", "3", "4")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    runs = [line for line in out if line.startswith("switch-vs-dense dense ")]
+    assert [r.split(" (lr ")[0] for r in runs] == ["switch-vs-dense dense as planned", "switch-vs-dense dense warmup_steps 2 lr 0.01"] * 2
+    assert "(lr 0.01, seed 4)" in runs[3] and ", seed 3)" in runs[0]
+    last = {r: float(r.split(", step 3 ")[1].split()[0]) for r in runs}
+    assert out[4] == "at step 3, over seeds 3 4:"
+    planned = [last[r] for r in runs[0::2]]
+    diffs = [last[b] - last[a] for a, b in zip(runs[0::2], runs[1::2])]
+
+    def mean_sd(line):  # "... <mean> +- <sd>" at the end of a summary line
+        mean, _, sd = line.rsplit(" ", 3)[1:]
+        return float(mean), float(sd)
+
+    # printed losses are rounded to 3 decimals: compare within rounding
+    assert out[5].startswith("  as planned: validation loss ")
+    assert mean_sd(out[5]) == pytest.approx((sum(planned) / 2, abs(planned[0] - planned[1]) / 2 ** 0.5), abs=2e-3)
+    assert out[6].startswith("  warmup_steps 2 lr 0.01: validation loss ") and ("minus as planned, paired: " in out[6])
+    assert mean_sd(out[6]) == pytest.approx((sum(diffs) / 2, abs(diffs[0] - diffs[1]) / 2 ** 0.5), abs=2e-3)
+    assert runs[0] != runs[1] and runs[0] != runs[2]  # the variant and the seed change the model
+    bad = pilot("--variant", "lr")
+    assert bad.returncode != 0 and "--variant takes KEY=VALUE pairs separated by spaces, got 'lr'" in bad.stderr
