@@ -51,7 +51,8 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     section.notes.append(_budget_note(section))
     if untested:
         section.notes.append(_untested_note(tier, untested, in_tier))
-    for note in (_gap_trend_note(section), _speed_note(section), _busy_machine_note(plan, records, throughput or []),
+    for note in (mixed_design_note(records), _gap_trend_note(section), _speed_note(section),
+                 _busy_machine_note(plan, records, throughput or []),
                  _machines_note(plan, records), _denormals_note(records), _bleu_settled_note(section)):
         if note:
             section.notes.append(note)
@@ -329,6 +330,44 @@ def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[Ru
                      f"({_bound({c[0] for _, c in busy_speed}, True)}): re-measure with `--throughput` on a "
                      "quiet one.")
     return "Machine load: " + " ".join(parts)
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def mixed_design_note(records: list[RunRecord]) -> str | None:
+    """Arms whose finished runs trained with different settings, e.g. runs of a plan's earlier
+    design left in the store after an edit: the statistics would pool them. A setting only some
+    records have (added to the configs after the older runs) is not a difference."""
+    by_arm: dict[str, list[dict[str, object]]] = {}
+    for r in records:
+        if r.status == "finished":
+            by_arm.setdefault(r.extra.get("arm") or r.family, []).append(_flat(r.config))
+    parts = []
+    for arm, configs in by_arm.items():
+        keys = sorted({k for c in configs for k in c})
+        diffs = []
+        for key in keys:
+            values = [repr(c[key]) for c in configs if key in c]
+            counts = {v: values.count(v) for v in dict.fromkeys(values)}
+            if len(counts) > 1:
+                diffs.append(f"{key} " + ", ".join(f"{v} in {n} run{'s' if n > 1 else ''}" for v, n in counts.items()))
+        if diffs:
+            parts.append(f"`{arm}` ({'; '.join(diffs)})")
+    if not parts:
+        return None
+    group = next((r.group for r in records if r.group), "repro-PLAN-TIER")
+    return ("**Mixed designs**: runs of one arm trained with different settings, and the figures above pool them: "
+            + "; ".join(parts) + ". A plan edit leaves its earlier runs in the store: move the ones that no longer "
+            f"match out with `scripts/archive_runs.py {group} --arm ARM --into sqlite:///archive.db` (the runner "
+            "re-trains the pairs whose finished run does not match the plan).")
 
 
 def _denormals_note(records: list[RunRecord]) -> str | None:

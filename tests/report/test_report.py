@@ -527,3 +527,23 @@ def test_an_inconclusive_verdict_that_no_affordable_seed_count_decides_says_so()
     assert verdict_cell("inconclusive", None, "val_bleu", [5, 10], 10, True) == "inconclusive (over 100 seeds to decide)"
     assert verdict_cell("inconclusive", None, "val_bleu", None, 1, True) == "inconclusive"  # one seed: no spread
     assert verdict_cell("inconclusive", None, "val_bleu", None, 4, False) == "inconclusive"
+
+
+def test_an_arm_whose_runs_trained_with_different_settings_is_named_with_each_value():
+    from bench.report.sections import build_section, mixed_design_note
+
+    def optim(r, warmup, **extra):
+        r.config["run"] = {"optim": {"lr": 2e-3, "warmup_steps": warmup}, **extra}
+        return r
+
+    plan = load_plan("switch-vs-dense")
+    same = [optim(rec("dense", s, 2.3, family="dense"), 40) for s in range(3)]
+    # A setting added after the older runs (missing from their records) is no difference.
+    same.append(optim(rec("dense", 3, 2.3, family="dense"), 40, train={"curve_bleu_batches": 0}))
+    assert mixed_design_note(same) is None
+    assert not [n for n in build_section(plan, "tiny", same, plot_dir=None).notes if "Mixed designs" in n]
+    mixed = [*same, optim(rec("dense", 4, 2.0, family="dense"), 400), optim(rec("switch cf=1.25", 0, 2.2), 40)]
+    (note,) = [n for n in build_section(plan, "tiny", mixed, plot_dir=None).notes if "Mixed designs" in n]
+    assert note.startswith("**Mixed designs**: runs of one arm trained with different settings, and the figures "
+                           "above pool them: `dense` (run.optim.warmup_steps 40 in 4 runs, 400 in 1 run). ")
+    assert "`scripts/archive_runs.py repro-switch-vs-dense-tiny --arm ARM --into sqlite:///archive.db`" in note
