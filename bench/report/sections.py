@@ -332,11 +332,11 @@ def _busy_machine_note(plan: Plan, records: list[RunRecord], throughput: list[Ru
     return "Machine load: " + " ".join(parts)
 
 
-def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -349,7 +349,7 @@ def mixed_design_note(records: list[RunRecord]) -> str | None:
     by_arm: dict[str, list[dict[str, object]]] = {}
     for r in records:
         if r.status == "finished":
-            by_arm.setdefault(r.extra.get("arm") or r.family, []).append(_flat(r.config))
+            by_arm.setdefault(r.extra.get("arm") or r.family, []).append(flat_config(r.config))
     parts = []
     for arm, configs in by_arm.items():
         keys = sorted({k for c in configs for k in c})
