@@ -773,7 +773,9 @@ def test_status_without_a_name_from_the_cli_on_an_empty_store(tmp_path, capsys):
     from bench.cli import main
     from bench.plans import all_plans
 
-    planned = sum(len(p.tier_arms("ref")) * p.tier("ref").seeds for p in all_plans().values() if "ref" in p.tiers)
+    # a tier with sequential looks plans its first look's seeds until that look is in
+    planned = sum(len(p.tier_arms("ref")) * (p.tier("ref").looks or [p.tier("ref").seeds])[0]
+                  for p in all_plans().values() if "ref" in p.tiers)
     assert main(["reproduce", "--status", "--tier", "ref", "--storage", f"sqlite:///{tmp_path / 'r.db'}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"tier ref: 0 of {planned} runs finished, 0.0 h of machine time; time left unknown")
@@ -787,3 +789,83 @@ def test_a_tiers_looks_are_increasing_seed_counts_that_end_at_its_seeds():
     for bad in ([5, 8], [10, 5, 10], [1, 10], [5, 5, 10]):
         (problem,) = Tier(budget_flops=1e12, seeds=10, looks=bad).problems()
         assert problem.startswith(f"looks={bad} is not allowed: increasing seed counts of at least 2 that end at seeds=10")
+
+
+LOOKS_PLAN = """
+name: looks-demo
+title: Switch vs dense, seeds in two looks
+paper: test
+task: tinyshakespeare-char
+baseline: dense
+tiers:
+  ref: {preset: tiny, budget_flops: 2.0e9, seeds: 4, looks: [2, 4], first_seed: 10}
+arms:
+  - {label: dense, model: dense}
+  - {label: switch, model: switch}
+claims:
+  - {text: Switch beats dense, kind: better, a: switch, b: dense, metric: val_loss, direction: lower, headline: true}
+"""
+
+
+@pytest.mark.parametrize("gap, trained_seeds", [((0.1, 0.1001), [10, 11]), ((0.05, -0.05), [10, 11, 12, 13])])
+def test_a_tier_with_looks_stops_at_the_first_look_that_decides_every_headline_claim(
+        run_env, monkeypatch, tmp_path, gap, trained_seeds):
+    """bench.runner.looks: looks [2, 4]; switch ahead of dense by 0.1 in both seeds of the first look is
+    decided there (2 of 4 seeds trained); +-0.05 is not, so seeds 12-13 follow. --status says which."""
+    import bench.train.run as run_module
+    from bench.runner.arms import planned_config
+    from bench.runner.status import format_status, plan_status
+
+    path = tmp_path / "looks-demo.yaml"
+    path.write_text(LOOKS_PLAN)
+    plan = load_plan(str(path))
+    store = ResultsStore(run_env["storage"])
+
+    def fake_train(task, family, preset, overrides, *, run_id, seed, **kw):
+        arm = next(a for a in plan.arms if a.label == kw["tags"]["arm"])
+        loss = 2.0 - (gap[seed % 2] if arm.label == "switch" else 0.0)
+        record = RunRecord(run_id=run_id, task=task, family=family, preset=preset, seed=seed, group=kw["group"],
+                           budget=kw["budget"], extra=dict(kw["tags"]), metrics={"val_loss": loss},
+                           config=planned_config(plan, arm, "ref", kw["budget"]))
+        record.finish("finished")
+        store.save(record)
+        return record
+
+    monkeypatch.setattr(run_module, "train", fake_train)
+    said = []
+    records = run_plan(str(path), tier="ref", storage=run_env["storage"], progress=False, announce=said.append)
+    assert sorted({r.seed for r in records}) == trained_seeds and len(records) == 2 * len(trained_seeds)
+    assert said[0] == ("looks at 2, 4 seeds: look 1 (seeds 10-11) first; more seeds only if a headline claim is "
+                       "undecided there")
+    status = format_status(plan_status(plan, "ref", store))
+    if len(trained_seeds) == 2:
+        stop = ("look 1 of 2: every headline claim is decided at 2 paired seeds, so the tier stops there (2 of its "
+                "4 seeds not trained)")
+        assert said[-1] == stop and status.startswith("looks-demo tier ref (group repro-looks-demo-ref): 4 of 4 runs")
+        assert status.endswith(stop)
+    else:
+        assert ("look 1 of 2 (2 seeds) left 1 headline claim(s) undecided (Switch beats dense (inconclusive)): "
+                "training up to 4 seeds (seeds 10-13)") in said
+        assert status.startswith("looks-demo tier ref (group repro-looks-demo-ref): 8 of 8 runs")
+    # run again: nothing to train, the same seeds
+    again = run_plan(str(path), tier="ref", storage=run_env["storage"], progress=False, announce=said.append)
+    assert sorted(r.run_id for r in again) == sorted(r.run_id for r in records)
+
+
+def test_a_look_whose_last_runs_other_processes_train_is_left_to_them(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.runner.looks import look_seeds
+
+    path = tmp_path / "looks-demo.yaml"
+    path.write_text(LOOKS_PLAN)
+    plan = load_plan(str(path))
+    done = SimpleNamespace(done=object(), busy=None)
+    held = SimpleNamespace(done=None, busy="process 7 on host (run x)")
+    free = SimpleNamespace(done=None, busy=None)
+    store = ResultsStore(f"sqlite:///{tmp_path}/s.db")
+    n, why = look_seeds(plan, "ref", store, lambda n: [done, done, done, held])
+    assert n == 2 and why == ("look 1 (seeds 10-11) waits for 1 run(s) other processes are training; the one that "
+                              "completes the look decides whether the tier goes on")
+    n, why = look_seeds(plan, "ref", store, lambda n: [done, free, done, held])
+    assert n == 2 and why.startswith("looks at 2, 4 seeds: look 1 (seeds 10-11) first")

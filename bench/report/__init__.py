@@ -219,7 +219,7 @@ def write_report(storage: str | None = None, out_dir: str | Path = "results", pl
             for c in s.claims:
                 lines.append(f"| {s.plan.name} | {s.tier} | {section_budget(s):.3g} | "
                              f"{sum(a.n for a in s.arms.values())} | {c.claim.text} | {_interval(c)} | "
-                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric, c.looks, c.effect.n_seeds, c.effect.sd is not None)} |")
+                             f"{c.effect.n_seeds} | {verdict_cell(c.verdict, c.seeds_to_decide, c.claim.metric, c.looks_run, c.effect.n_seeds, c.effect.sd is not None)} |")
         lines += ["", *fdr_notes(claims_json), ""]
         present = {name for name, _, _ in found}
         missing = [n for n in plans if n not in present]

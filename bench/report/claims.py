@@ -187,22 +187,30 @@ class ClaimResult:
     evidence: str
     seeds_to_decide: int | None = None  # inconclusive claims: paired seeds that would decide it (stats.seeds_to_decide)
     looks: list[int] = field(default_factory=list)  # the tier's sequential looks (Tier.looks), if any
+    stopped_at: int | None = None  # the look before the last at which the tier stopped (every deciding claim decided)
 
     @property
     def false_verdict_rate(self) -> float | None:
         """Under no effect, the chance of a verdict from the tier's looks (None: one planned look)."""
         return stats.sequential_false_verdict_rate(tuple(self.looks)) if len(self.looks) > 1 else None
 
-    def add_looks(self, looks: list[int]) -> None:
-        """Say that the tier's seed count was raised after undecided looks, and what that costs."""
-        self.looks = list(looks)
+    @property
+    def looks_run(self) -> list[int]:
+        """The looks the tier takes: all of them, or those up to the one it stopped at."""
+        return self.looks[:self.looks.index(self.stopped_at) + 1] if self.stopped_at in self.looks else self.looks
+
+    def add_looks(self, looks: list[int], stopped_at: int | None = None) -> None:
+        """Say that the tier's seeds come in sequential looks, what that costs, and where it stands."""
+        self.looks, self.stopped_at = list(looks), stopped_at
         if len(looks) < 2 or not self.effect.n_seeds:
             return
-        n, last = self.effect.n_seeds, looks[-1]
-        self.evidence += (f"; the tier's seeds were raised after an undecided look (looks at "
-                          f"{', '.join(map(str, looks))} seeds), so under no effect a verdict comes out "
+        n, last = self.effect.n_seeds, self.looks_run[-1]
+        self.evidence += (f"; the tier's seeds come in looks (at {', '.join(map(str, looks))} seeds: more only while "
+                          f"a headline claim is undecided), so under no effect a verdict comes out "
                           f"~{self.false_verdict_rate:.1%} of the time, not 5%")
-        if n < last:
+        if stopped_at is not None:
+            self.evidence += f"; every headline claim was decided at {stopped_at} seeds, so the tier stopped there"
+        elif n < last:
             self.evidence += f"; interim: {n} of the {last} seeds"
 
     def as_json(self, reproduction: str, tier: str, budget: float) -> dict[str, Any]:
@@ -223,7 +231,20 @@ class ClaimResult:
                 # undecided (inconclusive, n_seeds 0); "has_data" and "evidence" say why.
                 "verdict": stats.INCONCLUSIVE if self.verdict == stats.NO_DATA else self.verdict,
                 "has_data": self.verdict != stats.NO_DATA, "evidence": self.evidence,
-                "looks": self.looks or None, "false_verdict_rate": self.false_verdict_rate}
+                "looks": self.looks or None, "stopped_at_look": self.stopped_at,
+                "false_verdict_rate": self.false_verdict_rate}
+
+
+def deciding_claims(results: list[ClaimResult]) -> list[ClaimResult]:
+    """The claims whose verdicts decide whether a tier with sequential looks goes on: its headline
+    claims, or every claim where none is marked headline."""
+    headline = [r for r in results if r.claim.headline]
+    return headline or list(results)
+
+
+def undecided(results: list[ClaimResult]) -> list[ClaimResult]:
+    """The deciding claims not yet reproduced, refuted or bounded within delta (no data counts as undecided)."""
+    return [r for r in deciding_claims(results) if r.verdict not in (stats.REPRODUCED, stats.REFUTED, stats.NO_EFFECT)]
 
 
 def _relative(per_seed: dict[int, float], reference: dict[int, float]) -> dict[int, float]:

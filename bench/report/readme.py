@@ -38,7 +38,10 @@ def results_table(claims: list[dict], tier: str, planned: list[str] = ()) -> lis
                 plan += f" at {c.get('budget_flops'):.3g} FLOPs"
             claim = str(c["claim"]).replace("|", "\\|")
             effect = format_effect(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
-            verdict = verdict_cell(c["verdict"], c.get("seeds_to_decide"), c.get("metric", ""), c.get("looks"),
+            looks = c.get("looks") or []
+            if c.get("stopped_at_look") in looks:  # the tier stopped at that look: its verdicts are final
+                looks = looks[:looks.index(c["stopped_at_look"]) + 1]
+            verdict = verdict_cell(c["verdict"], c.get("seeds_to_decide"), c.get("metric", ""), looks or None,
                                    c.get("n_seeds", 0), c.get("detectable_effect") is not None)
             lines.append(f"| {plan} | {claim} | `{c.get('metric')}` | {effect} | {c.get('n_seeds', 0)} | {verdict} |")
     else:

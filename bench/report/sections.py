@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.plans import PLANS_DIR, Claim, Plan
 from bench.report.claims import (ArmStats, ClaimResult, add_paired_metrics, arm_stats, evaluate_claim, fmt,
-                                 throughput_arms)
+                                 throughput_arms, undecided)
 from bench.report.stats import interp
 from bench.tracking.records import RunRecord, throughput_by_arm
 
@@ -45,8 +45,11 @@ def build_section(plan: Plan, tier: str, records: list[RunRecord], plot_dir: Pat
     tested = [c for c in plan.claims if _testable(c, in_tier)]
     section.claims = [evaluate_claim(c, arms, speed_arms) for c in tested]
     if tier in plan.tiers:
+        looks = plan.tiers[tier].looks
+        seeds = max((c.effect.n_seeds for c in section.claims), default=0)
+        stopped = seeds if seeds in looks[:-1] and not undecided(section.claims) else None
         for result in section.claims:
-            result.add_looks(plan.tiers[tier].looks)
+            result.add_looks(looks, stopped)
     untested = [c for c in plan.claims if c not in tested]
     section.notes.append(_budget_note(section))
     if untested:

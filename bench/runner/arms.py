@@ -26,6 +26,7 @@ from typing import Any, Callable
 from bench.config import ConfigError, override_pairs
 from bench.plans import Arm, Plan, is_shipped, load_plan, parse_plan
 from bench.runner.failures import CONTINUE_HINT, is_fatal, one_line
+from bench.runner.looks import look_seeds
 from bench.runner.stopping import StopAfterRun
 from bench.tracking.claims import HOST, Claims, Heartbeat, holder_alive
 from bench.tracking.liveness import UNFINISHED, live_owner, resumable_checkpoint
@@ -247,103 +248,118 @@ def run_plan(name_or_path: str | Plan, tier: str = "tiny", seeds: int | None = N
     if problems:
         raise ConfigError(problems, "reproduce --set")
     group = group or plan.group(tier)
-    runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra, group)
-    todo = [r for r in runs if r.done is None and r.busy is None]
-    for label, why in runs.waiting:
-        announce(f"skipping {label}: {why}")
-    for r in runs:
-        if r.busy is not None:
-            announce(f"skipping {r.arm.label} (seed {r.seed}): {r.busy} is training it now")
-    spec = {"kind": "flops", "value": float(budget_flops)} if budget_flops else plan.tier(tier).budget_spec()
-    preset = plan.tier(tier).preset
-    what = "training FLOPs" if spec["kind"] == "flops" else spec["kind"]
-    resumed = sum(r.resume is not None for r in todo)
-    announce(f"{plan.title}: {len(runs)} runs ({sum(r.done is not None for r in runs)} already finished"
-             + (f", {resumed} to resume" if resumed else "") + f"), tier {tier} "
-             f"(preset {preset}), budget {spec['value']:.3g} {what} per run, group {group}")
-    records = [r.done for r in runs if r.done is not None]
-    claims = Claims(store)
-    with StopAfterRun() as stop:  # SIGUSR1: finish the current run, then start no other
-        for i, run in enumerate(todo, 1):
-            if stop.asked:
-                announce(f"stopped before [{i}/{len(todo)}] {run.arm.label} (seed {run.seed}), as asked (SIGUSR1): "
-                         f"{len(todo) - i + 1} of {len(todo)} runs left; {CONTINUE_HINT}")
-                raise KeyboardInterrupt
-            b = run.budget
-            # Another process may have taken or finished this pair since the plan was made (two
-            # commands sharing a plan): claim it, then look again at its records while holding it.
-            run_id = new_run_id(f"{plan.name}-{run.arm.model}")
-            holder = claims.acquire(run.key, run_id)
-            if holder is not None:
-                announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, "
-                         f"{holder.describe()} is training it now")
-                continue
-            if claims.taken_over is not None:
-                mark_lost(store, claims.taken_over, announce)
-            now = scan_pairs(store, group, {run.arm.label: runs.wanted[run.arm.label]})
-            pair = (run.arm.label, run.seed)
-            if pair in now.finished or pair in now.busy:
-                claims.release(run.key)
-                if pair in now.finished:
-                    announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): finished meanwhile by another "
-                             f"process (run {now.finished[pair].run_id})")
-                    records.append(now.finished[pair])
-                else:
-                    announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, "
-                             f"{now.busy[pair]} is training it now")
-                continue
-            run.resume = now.unfinished.get(pair)
-            if run.resume is not None:
-                run_id = run.resume.run_id
-                claims.acquire(run.key, run_id)  # ours: now names the run it continues
-            with Heartbeat(claims, run.key):  # held while it trains; released however it ends
-                if run.resume is not None:
-                    announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): resuming {run.resume.run_id} "
-                             f"from its last checkpoint")
-                else:
-                    announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): "
-                             f"{b['kind']} budget {b['value']:.4g}")
-                if tags is not None:
-                    run_tags = {**tags, "arm": run.arm.label}
-                else:
-                    run_tags = {"reproduction": plan.name, "arm": run.arm.label}
-                    if spec["kind"] == "flops":
-                        run_tags["budget_flops"] = spec["value"]  # the report keeps each budget of a plan apart
-                    if tier != preset:  # tiers named after their preset keep the records of earlier versions
-                        run_tags["tier"] = tier
-                    if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
-                        run_tags["plan_file"] = plan.source
-                init_from = None
-                if run.resume is None and run.arm.init_from is not None:
-                    source = source_run(plan, tier, run.arm, run.seed, store, group, budget_flops, extra)
-                    if source is None:
-                        announce(f"  skipping {run.arm.label} (seed {run.seed}): it starts from {run.arm.init_from!r} "
-                                 f"(seed {run.seed}), which has no finished run; run that arm first")
-                        continue
-                    from bench.train.upcycling import from_dense_run
-
-                    init_from = from_dense_run(source.run_id, storage)
-                try:
-                    if run.resume is not None:
-                        record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
-                                            keep_checkpoints=keep_checkpoints)
-                    else:
-                        record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra),
-                                       budget=b, seed=run.seed, storage=storage, data_dir=data_dir, group=group,
-                                       name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
-                                       tags=run_tags, keep_checkpoints=keep_checkpoints, init_from=init_from)
-                except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
-                    failed = store.get(run_id)
-                    if failed is None or is_fatal(e):
-                        raise
-                    announce(f"  {run.arm.label} (seed {run.seed}) failed: {one_line(e)}; the other runs go on")
-                    if include_failed:
-                        records.append(failed)
-                    continue
-                if record.status == "interrupted":
-                    announce(f"interrupted: {CONTINUE_HINT}")
+    # A tier with sequential looks, run as planned, trains look by look (bench.runner.looks).
+    by_looks = (seeds is None and not (arms or budget_flops or extra) and group == plan.group(tier)
+                and len(plan.tier(tier).looks) > 1)
+    trained_up_to, said = None, None
+    while True:
+        if by_looks:
+            seeds, why = look_seeds(plan, tier, store, lambda n: plan_runs(plan, tier, store, n, group=group))
+            if why != said:
+                announce(why)
+                said = why
+            if seeds == trained_up_to:  # nothing new: the tier stopped, or waits on runs others train
+                break
+        runs = plan_runs(plan, tier, store, seeds, arms, budget_flops, extra, group)
+        todo = [r for r in runs if r.done is None and r.busy is None]
+        for label, why in runs.waiting:
+            announce(f"skipping {label}: {why}")
+        for r in runs:
+            if r.busy is not None:
+                announce(f"skipping {r.arm.label} (seed {r.seed}): {r.busy} is training it now")
+        spec = {"kind": "flops", "value": float(budget_flops)} if budget_flops else plan.tier(tier).budget_spec()
+        preset = plan.tier(tier).preset
+        what = "training FLOPs" if spec["kind"] == "flops" else spec["kind"]
+        resumed = sum(r.resume is not None for r in todo)
+        announce(f"{plan.title}: {len(runs)} runs ({sum(r.done is not None for r in runs)} already finished"
+                 + (f", {resumed} to resume" if resumed else "") + f"), tier {tier} "
+                 f"(preset {preset}), budget {spec['value']:.3g} {what} per run, group {group}")
+        records = [r.done for r in runs if r.done is not None]
+        claims = Claims(store)
+        with StopAfterRun() as stop:  # SIGUSR1: finish the current run, then start no other
+            for i, run in enumerate(todo, 1):
+                if stop.asked:
+                    announce(f"stopped before [{i}/{len(todo)}] {run.arm.label} (seed {run.seed}), as asked (SIGUSR1): "
+                             f"{len(todo) - i + 1} of {len(todo)} runs left; {CONTINUE_HINT}")
                     raise KeyboardInterrupt
-                records.append(record)
+                b = run.budget
+                # Another process may have taken or finished this pair since the plan was made (two
+                # commands sharing a plan): claim it, then look again at its records while holding it.
+                run_id = new_run_id(f"{plan.name}-{run.arm.model}")
+                holder = claims.acquire(run.key, run_id)
+                if holder is not None:
+                    announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, "
+                             f"{holder.describe()} is training it now")
+                    continue
+                if claims.taken_over is not None:
+                    mark_lost(store, claims.taken_over, announce)
+                now = scan_pairs(store, group, {run.arm.label: runs.wanted[run.arm.label]})
+                pair = (run.arm.label, run.seed)
+                if pair in now.finished or pair in now.busy:
+                    claims.release(run.key)
+                    if pair in now.finished:
+                        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): finished meanwhile by another "
+                                 f"process (run {now.finished[pair].run_id})")
+                        records.append(now.finished[pair])
+                    else:
+                        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): skipped, "
+                                 f"{now.busy[pair]} is training it now")
+                    continue
+                run.resume = now.unfinished.get(pair)
+                if run.resume is not None:
+                    run_id = run.resume.run_id
+                    claims.acquire(run.key, run_id)  # ours: now names the run it continues
+                with Heartbeat(claims, run.key):  # held while it trains; released however it ends
+                    if run.resume is not None:
+                        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): resuming {run.resume.run_id} "
+                                 f"from its last checkpoint")
+                    else:
+                        announce(f"[{i}/{len(todo)}] {run.arm.label} (seed {run.seed}): "
+                                 f"{b['kind']} budget {b['value']:.4g}")
+                    if tags is not None:
+                        run_tags = {**tags, "arm": run.arm.label}
+                    else:
+                        run_tags = {"reproduction": plan.name, "arm": run.arm.label}
+                        if spec["kind"] == "flops":
+                            run_tags["budget_flops"] = spec["value"]  # the report keeps each budget of a plan apart
+                        if tier != preset:  # tiers named after their preset keep the records of earlier versions
+                            run_tags["tier"] = tier
+                        if not is_shipped(plan):  # lets `moe-bench report` find a user's own plan again
+                            run_tags["plan_file"] = plan.source
+                    init_from = None
+                    if run.resume is None and run.arm.init_from is not None:
+                        source = source_run(plan, tier, run.arm, run.seed, store, group, budget_flops, extra)
+                        if source is None:
+                            announce(f"  skipping {run.arm.label} (seed {run.seed}): it starts from {run.arm.init_from!r} "
+                                     f"(seed {run.seed}), which has no finished run; run that arm first")
+                            continue
+                        from bench.train.upcycling import from_dense_run
+
+                        init_from = from_dense_run(source.run_id, storage)
+                    try:
+                        if run.resume is not None:
+                            record = resume_run(run_id, storage=storage, data_dir=data_dir, progress=progress,
+                                                keep_checkpoints=keep_checkpoints)
+                        else:
+                            record = train(plan.task, run.arm.model, preset, plan.arm_settings(run.arm, tier, extra),
+                                           budget=b, seed=run.seed, storage=storage, data_dir=data_dir, group=group,
+                                           name=f"{plan.name}: {run.arm.label}", progress=progress, run_id=run_id,
+                                           tags=run_tags, keep_checkpoints=keep_checkpoints, init_from=init_from)
+                    except Exception as e:  # train() recorded it as failed (bench.runner.failures: the policy)
+                        failed = store.get(run_id)
+                        if failed is None or is_fatal(e):
+                            raise
+                        announce(f"  {run.arm.label} (seed {run.seed}) failed: {one_line(e)}; the other runs go on")
+                        if include_failed:
+                            records.append(failed)
+                        continue
+                    if record.status == "interrupted":
+                        announce(f"interrupted: {CONTINUE_HINT}")
+                        raise KeyboardInterrupt
+                    records.append(record)
+        if not by_looks:
+            break
+        trained_up_to = seeds
     return records
 
 

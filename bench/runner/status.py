@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.plans import Plan, all_plans
 from bench.runner.arms import plan_runs
+from bench.runner.looks import look_seeds
 from bench.tracking.records import ResultsStore
 
 
@@ -31,6 +32,9 @@ def _hours(record) -> float | None:
 
 def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = None, arms: list[str] | None = None,
                 flops: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    look = ""
+    if seeds is None and not (arms or flops or extra) and len(plan.tier(tier).looks) > 1:
+        seeds, look = look_seeds(plan, tier, store, lambda n: plan_runs(plan, tier, store, n))
     runs = plan_runs(plan, tier, store, seeds, arms, flops, extra)
     training: dict[tuple[str, int], Any] = {}  # the newest running record of each pair: its saved progress
     for r in sorted(store.list(group=plan.group(tier)), key=lambda r: r.started_at):
@@ -60,7 +64,7 @@ def plan_status(plan: Plan, tier: str, store: ResultsStore, seeds: int | None = 
     overall = sum(every) / len(every) if every else None
     left = [sum(spent[p["arm"]]) / len(spent[p["arm"]]) if p["arm"] in spent else overall
             for p in pairs if p["state"] != "finished"]
-    return {"plan": plan.name, "tier": tier, "group": plan.group(tier), "pairs": pairs,
+    return {"plan": plan.name, "tier": tier, "group": plan.group(tier), "pairs": pairs, "looks": look,
             "waiting": [{"arm": a, "why": why} for a, why in runs.waiting],
             "finished": sum(p["state"] == "finished" for p in pairs), "total": len(pairs),
             # with the pairs of arms waiting for an input (a throughput measurement): the tier's whole plan
@@ -89,6 +93,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{p['arm']:<{width}}  {p['seed']:>4}  {p['state']:<10} {loss:>8}  {hours:>5}  {who}")
     for w in status["waiting"]:
         lines.append(f"waiting: {w['arm']}: {w['why']}")
+    if status.get("looks"):
+        lines.append(status["looks"])
     return "\n".join(lines)
 
 

@@ -486,10 +486,12 @@ def test_a_tier_whose_seeds_were_raised_after_a_look_says_so_in_the_report_and_c
     section = build_section(plan, "ref", records, None)
     result = next(c for c in section.claims if c.claim.metric == "val_loss")
     assert result.looks == [3, 5] and result.false_verdict_rate == pytest.approx(0.086, abs=0.004)
-    assert ("the tier's seeds were raised after an undecided look (looks at 3, 5 seeds), so under no effect a "
-            "verdict comes out ~8.") in result.evidence and result.evidence.endswith("; interim: 4 of the 5 seeds")
+    assert ("the tier's seeds come in looks (at 3, 5 seeds: more only while a headline claim is undecided), so "
+            "under no effect a verdict comes out ~8.") in result.evidence
+    assert result.evidence.endswith("; interim: 4 of the 5 seeds") and result.stopped_at is None
     out = result.as_json("capacity", "ref", 1.5e14)
     assert out["looks"] == [3, 5] and out["false_verdict_rate"] == pytest.approx(0.086, abs=0.004)
+    assert out["stopped_at_look"] is None
     tiny = build_section(plan, "tiny", [rec(arm, s, 2.0, repro="capacity") for arm in arms for s in range(2)], None)
     assert all(c.looks == [] and c.as_json("capacity", "tiny", 1.0)["false_verdict_rate"] is None for c in tiny.claims)
 
@@ -547,3 +549,30 @@ def test_an_arm_whose_runs_trained_with_different_settings_is_named_with_each_va
     assert note.startswith("**Mixed designs**: runs of one arm trained with different settings, and the figures "
                            "above pool them: `dense` (run.optim.warmup_steps 40 in 4 runs, 400 in 1 run). ")
     assert "`scripts/archive_runs.py repro-switch-vs-dense-tiny --arm ARM --into sqlite:///archive.db`" in note
+
+
+def test_a_tier_stops_at_a_look_that_decides_every_headline_claim_and_its_verdicts_are_final():
+    from bench.report import verdict_cell
+    from bench.report.claims import undecided
+    from bench.report.sections import build_section
+
+    plan = load_plan("capacity")  # ref looks [3, 5]; the quality slope is its headline claim
+    arms = ["switch cf=0.5", "switch cf=1.0", "switch cf=1.25", "switch cf=2.0"]
+
+    def runs(noise):  # loss falls 0.01 per arm step (cf up); `noise` scrambles the slope by seed
+        return [rec(arm, seed, 2.0 - 0.01 * i + noise * ((i * 7 + seed * 5) % 3), repro="capacity",
+                    dropped=0.1 / (i + 1)) for i, arm in enumerate(arms) for seed in range(3)]
+
+    section = build_section(plan, "ref", runs(0.001), None)
+    assert not undecided(section.claims)
+    headline = next(c for c in section.claims if c.claim.headline)
+    assert headline.verdict == "reproduced" and headline.stopped_at == 3
+    assert headline.evidence.endswith("; every headline claim was decided at 3 seeds, so the tier stopped there")
+    assert "interim" not in headline.evidence
+    assert headline.looks_run == [3] and headline.as_json("capacity", "ref", 1.5e14)["stopped_at_look"] == 3
+    assert verdict_cell(headline.verdict, None, "val_loss", headline.looks_run, 3) == "**reproduced**"
+    # the same seeds with a slope buried in noise: the headline claim is open, so 3 seeds are interim
+    open_section = build_section(plan, "ref", runs(0.05), None)
+    (still,) = undecided(open_section.claims)
+    assert still.claim.headline and still.verdict == "inconclusive" and still.stopped_at is None
+    assert still.evidence.endswith("; interim: 3 of the 5 seeds") and still.looks_run == [3, 5]
