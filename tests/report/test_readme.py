@@ -113,3 +113,13 @@ def test_report_cli_refuses_a_readme_without_markers_before_writing_anything(tmp
                "--readme", str(readme)])
     assert rc != 0 and not out.exists()
     assert "needs exactly one line '<!-- moe-bench:results begin -->'" in capsys.readouterr().err
+
+
+def test_a_verdict_before_the_last_look_is_interim_unless_the_tier_stopped_at_that_look():
+    early = claim("translation", "Switch beats dense", "reproduced", seeds=5)
+    early["looks"] = [5, 10]
+    (row,) = [line for line in results_table([early], "ref") if line.startswith("| `")]
+    assert row.endswith("| 5 | **reproduced** (interim: 5 of 10 seeds) |")
+    early["stopped_at_look"] = 5  # every headline claim decided at 5: the tier stopped, the verdict is final
+    (row,) = [line for line in results_table([early], "ref") if line.startswith("| `")]
+    assert row.endswith("| 5 | **reproduced** |")
