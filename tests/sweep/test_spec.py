@@ -86,7 +86,7 @@ def test_shipped_studies_validate(name):
 
 
 def test_plans_in_sweeps_are_not_studies():
-    assert shipped_studies() == ["pareto", "switch-tpe"]
+    assert shipped_studies() == ["moe-designs", "pareto", "switch-tpe"]
     with pytest.raises(ConfigError, match="is a plan of fixed arms.*moe-bench reproduce capacity"):
         load_spec("capacity")
 
@@ -94,10 +94,12 @@ def test_plans_in_sweeps_are_not_studies():
 def test_shipped_studies_name_their_objectives():
     assert load_spec("pareto").directions == ["maximize", "minimize"]
     assert load_spec("switch-tpe").pruning_monitor() == "val/mean_token_prob"
+    designs = load_spec("moe-designs")
+    assert designs.directions == ["minimize", "minimize"] and designs.target_trials() == 4 * 2 * 3
 
 
 def test_unknown_spec_names_the_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped: pareto, switch-tpe\\)"):
+    with pytest.raises(ConfigError, match="shipped: moe-designs, pareto, switch-tpe\\)"):
         find_spec("no-such-study")
 
 
